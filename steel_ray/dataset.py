@@ -1,0 +1,146 @@
+"""Torch dataset of Severstal images and masks, albumentations pipelines and a class-balancing sampler."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from . import rle
+from .data import N_CLASSES, DataError
+
+__all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "read_image", "SAMPLER_MODES"]
+
+SAMPLER_MODES = ("none", "upsample", "downsample", "weighted")
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def read_image(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB; an unreadable or wrongly sized file names itself."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(f"{path}: unreadable or corrupt image")
+    if shape is not None and img.shape[:2] != tuple(shape):
+        raise DataError(f"{path}: image is {img.shape[0]}x{img.shape[1]}, expected {shape[0]}x{shape[1]}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def build_transforms(
+    train: bool,
+    crop: tuple[int, int] | None = None,
+    resize: tuple[int, int] | None = None,
+    hflip: float = 0.5,
+    vflip: float = 0.5,
+    brightness_contrast: float = 0.5,
+) -> A.Compose:
+    """Image+mask pipeline. Train: resize, crop preferring a defect, flips, brightness/contrast.
+
+    Validation and inference: resize only (full image). Both end with ImageNet normalisation.
+    """
+    ops = []
+    if resize:
+        ops.append(A.Resize(height=int(resize[0]), width=int(resize[1])))
+    if train:
+        if crop:
+            ops.append(A.CropNonEmptyMaskIfExists(height=int(crop[0]), width=int(crop[1])))
+        ops += [
+            A.HorizontalFlip(p=hflip),
+            A.VerticalFlip(p=vflip),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=brightness_contrast),
+        ]
+    ops.append(A.Normalize(mean=MEAN, std=STD))
+    return A.Compose(ops)
+
+
+class SteelDataset(Dataset):
+    """Items: ``{"image": (3,H,W) float, "mask": (4,H,W) float, "presence": (4,) float, "index": int}``.
+
+    ``rles`` is an (N, 4) array of RLE strings (``None`` for unlabeled test images: the mask is
+    then all zeros). Presence labels are computed after the transform, so a crop that misses a
+    defect says "absent".
+    """
+
+    def __init__(self, images_dir, image_ids, rles=None, shape=None, transform=None):
+        self.images_dir = Path(images_dir)
+        self.image_ids = list(image_ids)
+        self.rles = rles
+        self.shape = tuple(shape) if shape is not None else None
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        img = read_image(self.images_dir / self.image_ids[i], self.shape)
+        h, w = img.shape[:2]
+        mask = np.zeros((h, w, N_CLASSES), np.uint8)
+        if self.rles is not None:
+            for c in range(N_CLASSES):
+                s = self.rles[i][c]
+                if s:
+                    mask[..., c] = rle.decode(s, (h, w))
+        if self.transform is not None:
+            out = self.transform(image=img, mask=mask)
+            img, mask = out["image"], out["mask"]
+        else:
+            img = img.astype(np.float32) / 255.0
+        image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
+        m = torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 0, 1))).float()
+        return {"image": image, "mask": m, "presence": (m.amax(dim=(1, 2)) > 0).float(), "index": i}
+
+
+class BalancedSampler(Sampler):
+    """Balances images by their rarest present class (group 0 = no defect).
+
+    Modes (as catalyst's BalanceClassSampler, extended to multi-label images):
+    ``upsample``: every group drawn as often as the largest; ``downsample``: as the smallest;
+    ``weighted``: an epoch of N draws with equal expected share per group. Deterministic for
+    ``seed`` and the epoch set with :meth:`set_epoch`.
+    """
+
+    def __init__(self, presence: np.ndarray, mode: str = "upsample", seed: int = 0):
+        if mode not in SAMPLER_MODES or mode == "none":
+            raise ValueError(f"sampler mode {mode!r} is not one of {list(SAMPLER_MODES[1:])}")
+        presence = np.asarray(presence, dtype=bool)
+        freq = presence.sum(axis=0)
+        # rarest present class wins; images with no defect form group 0
+        order = np.argsort(freq, kind="stable")
+        group = np.zeros(len(presence), dtype=np.int64)
+        for c in order[::-1]:
+            group[presence[:, c]] = c + 1
+        self.groups = [np.flatnonzero(group == g) for g in range(N_CLASSES + 1)]
+        self.groups = [g for g in self.groups if g.size]
+        self.mode, self.seed, self.epoch, self.n = mode, seed, 0, len(presence)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _per_group(self) -> int:
+        sizes = [g.size for g in self.groups]
+        if self.mode == "upsample":
+            return max(sizes)
+        if self.mode == "downsample":
+            return min(sizes)
+        return int(np.ceil(self.n / len(self.groups)))
+
+    def __len__(self) -> int:
+        return self._per_group() * len(self.groups)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        k = self._per_group()
+        picks = []
+        for g in self.groups:
+            if self.mode == "upsample":  # every member at least once, the rest drawn with replacement
+                extra = rng.choice(g, k - g.size, replace=True) if k > g.size else g[:0]
+                picks.append(np.concatenate([g, extra]))
+            elif self.mode == "downsample":
+                picks.append(rng.choice(g, k, replace=False))
+            else:
+                picks.append(rng.choice(g, k, replace=True))
+        idx = np.concatenate(picks)
+        return iter(rng.permutation(idx).tolist())

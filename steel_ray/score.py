@@ -1,0 +1,107 @@
+"""Score a submission CSV against labels with the competition metric.
+
+Usage::
+
+    python -m steel_ray.score --truth data/synth/test_labels.csv --pred submission.csv \
+        [--images data/synth/test_images]
+
+Either CSV format is accepted for both files. Pairs missing from the submission count as
+empty predictions; a submission naming an image outside the truth set is an error. The image
+list comes from ``--images`` (required when the truth is in the new format, which lists only
+defective images); without it the shape is ``--height`` x ``--width`` (default 256x1600).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import rle
+from .data import N_CLASSES, DataError, Labels, check_shapes, list_images, read_labels
+from .metric import dice_from_counts
+
+__all__ = ["score_labels", "pair_rles"]
+
+log = logging.getLogger(__name__)
+
+
+def pair_rles(labels: Labels, image_ids: list[str]) -> np.ndarray:
+    """(N, 4) array of RLE strings for ``image_ids``; an image outside the list is an error."""
+    idx = {k: i for i, k in enumerate(image_ids)}
+    out = np.full((len(image_ids), N_CLASSES), "", dtype=object)
+    for img, c, s, r in labels.table[["ImageId", "ClassId", "EncodedPixels", "row"]].itertuples(index=False):
+        if img not in idx:
+            raise DataError(f"{labels.path}, line {r}: image {img} is not in the truth set")
+        out[idx[img], c - 1] = s
+    unknown = [x for x in labels.image_ids if x not in idx]
+    if unknown:
+        raise DataError(f"{labels.path}: image {unknown[0]} is not in the truth set")
+    return out
+
+
+def pair_dice(truth: np.ndarray, pred: np.ndarray, shape, truth_name="truth", pred_name="pred") -> np.ndarray:
+    """Dice of every pair of two (N, 4) RLE arrays; only pairs with a mask are decoded."""
+    dice = np.ones(truth.shape, dtype=np.float64)
+    for i, c in zip(*np.nonzero((truth != "") | (pred != ""))):
+        try:
+            t = rle.decode(truth[i, c], shape)
+        except ValueError as e:
+            raise DataError(f"{truth_name}: pair ({i}, class {c + 1}): {e}") from None
+        try:
+            p = rle.decode(pred[i, c], shape)
+        except ValueError as e:
+            raise DataError(f"{pred_name}: pair ({i}, class {c + 1}): {e}") from None
+        dice[i, c] = dice_from_counts((t & p).sum(), p.sum(), t.sum())
+    return dice
+
+
+def score_labels(truth: Labels, pred: Labels, image_ids: list[str], shape) -> np.ndarray:
+    """Per-pair Dice ``(N, 4)`` of a submission against the truth over ``image_ids``."""
+    t = pair_rles(truth, image_ids)
+    p = pair_rles(pred, image_ids)
+    return pair_dice(t, p, shape, str(truth.path), str(pred.path))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m steel_ray.score", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--truth", required=True, help="label CSV (old or new format)")
+    ap.add_argument("--pred", required=True, help="submission CSV (old or new format)")
+    ap.add_argument("--images", help="folder of the truth images: gives the image list and size")
+    ap.add_argument("--height", type=int, default=256, help="image height when --images is not given")
+    ap.add_argument("--width", type=int, default=1600, help="image width when --images is not given")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        truth = read_labels(a.truth)
+        pred = read_labels(a.pred)
+        if a.images:
+            folder = Path(a.images)
+            image_ids = list_images(folder)
+            known = set(image_ids)
+            for img, r in zip(truth.table["ImageId"], truth.table["row"]):
+                if img not in known:
+                    raise DataError(f"{truth.path}, line {r}: image {img} is not in {folder}")
+            shape = check_shapes(folder, image_ids)
+        elif truth.format == "new":
+            raise DataError(
+                f"{truth.path} is in the new format, which lists only defective images; "
+                "pass --images DIR so that defect-free images are counted"
+            )
+        else:
+            image_ids, shape = list(truth.image_ids), (a.height, a.width)
+        dice = score_labels(truth, pred, image_ids, shape)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"score {dice.mean():.6f}  ({dice.shape[0]} images x {N_CLASSES} classes)")
+    truth_pos = pair_rles(truth, image_ids) != ""
+    for c in range(N_CLASSES):
+        print(f"class {c + 1}: dice {dice[:, c].mean():.6f}  ({int(truth_pos[:, c].sum())} true masks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
