@@ -61,10 +61,12 @@ class SteelDataset(Dataset):
 
     ``rles`` is an (N, 4) array of RLE strings (``None`` for unlabeled test images: the mask is
     then all zeros). Presence labels are computed after the transform, so a crop that misses a
-    defect says "absent".
+    defect says "absent". ``full_size_mask=True`` (validation): the transform touches the image
+    only and the mask stays at the original resolution, where the metric is computed.
     """
 
-    def __init__(self, images_dir, image_ids, rles=None, shape=None, transform=None):
+    def __init__(self, images_dir, image_ids, rles=None, shape=None, transform=None, full_size_mask=False):
+        self.full_size_mask = full_size_mask
         self.images_dir = Path(images_dir)
         self.image_ids = list(image_ids)
         self.rles = rles
@@ -83,7 +85,9 @@ class SteelDataset(Dataset):
                 s = self.rles[i][c]
                 if s:
                     mask[..., c] = rle.decode(s, (h, w))
-        if self.transform is not None:
+        if self.transform is not None and self.full_size_mask:
+            img = self.transform(image=img)["image"]  # image-only (resize/normalise) transform
+        elif self.transform is not None:
             out = self.transform(image=img, mask=mask)
             img, mask = out["image"], out["mask"]
         else:

@@ -1,0 +1,222 @@
+"""Trial configuration: a flat dict (YAML, CLI ``--set``, a Tune sample) -> frozen dataclasses.
+
+Config flows one way: the flat dict is validated here, once, and only the typed
+:class:`TrialConfig` goes further. Unknown keys and invalid values are errors that name the
+key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "LossConfig",
+    "OptimConfig",
+    "DataConfig",
+    "TrainConfig",
+    "TrialConfig",
+    "ARCHS",
+    "LOSSES",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "parse_set",
+]
+
+ARCHS = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "Linknet", "DeepLabV3Plus", "DeepLabV3", "MAnet", "PAN")
+LOSSES = ("bce", "dice", "bce_dice", "lovasz", "focal")
+OPTIMIZERS = ("adam", "adamw", "radam", "sgd")
+SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
+ATTENTIONS = ("none", "scse")
+SAMPLERS = ("none", "upsample", "downsample", "weighted")
+TTAS = ("none", "hflip", "vflip", "hflip_vflip")
+ENCODER_WEIGHTS = (None, "imagenet")
+
+
+class ConfigError(ValueError):
+    """An invalid trial config; the message names the key, the value and the valid choices."""
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _number(key, value, kind, low=None, high=None, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if kind is int and float(value) != int(value):
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    value = kind(value)
+    if low is not None and (value < low or (low_open and value == low)):
+        op = ">" if low_open else ">="
+        raise ConfigError(f"{key} {op} {low} must hold, but got {key}={value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key} <= {high} must hold, but got {key}={value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "Unet"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    attention: str = "none"
+    aux_weight: float = 0.0  # 0 = no auxiliary classification head
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    loss: str = "bce_dice"
+    focal_gamma: float = 2.0
+    bce_weight: float = 0.75
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    encoder_lr_mult: float = 1.0
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    batch_size: int = 8
+    crop_height: int | None = None
+    crop_width: int | None = None
+    resize_height: int | None = None
+    resize_width: int | None = None
+    sampler: str = "none"
+    num_workers: int = 0
+
+    @property
+    def crop(self):
+        return (self.crop_height, self.crop_width) if self.crop_height else None
+
+    @property
+    def resize(self):
+        return (self.resize_height, self.resize_width) if self.resize_height else None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    tta: str = "hflip"  # test-time augmentation for the out-of-fold predictions
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
+    grad_clip: float = 0.0  # max gradient norm, 0 = off
+
+
+_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
+# keys that change neither the model nor its predictions (not part of the model id)
+_RUNTIME_KEYS = {"num_workers"}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @staticmethod
+    def keys() -> list[str]:
+        return [f.name for cls in _SECTIONS.values() for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, flat: dict[str, Any] | None = None) -> "TrialConfig":
+        """Build and validate from a flat dict; missing keys take their defaults."""
+        flat = dict(flat or {})
+        if str(flat.get("encoder_weights")).lower() in ("none", "null"):
+            flat["encoder_weights"] = None
+        valid = cls.keys()
+        unknown = sorted(set(flat) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys are {valid}")
+        parts = {}
+        for name, sec in _SECTIONS.items():
+            kw = {f.name: flat[f.name] for f in fields(sec) if f.name in flat}
+            parts[name] = sec(**kw)
+        cfg = cls(**parts)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for name in _SECTIONS:
+            out.update(asdict(getattr(self, name)))
+        return out
+
+    def replace(self, **changes) -> "TrialConfig":
+        return TrialConfig.from_dict({**self.to_dict(), **changes})
+
+    def model_id(self) -> str:
+        """Stable, readable id of the model this config trains (same config -> same id)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_KEYS}
+        h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+        enc = self.model.encoder.replace("/", "_")
+        return f"{self.model.arch.lower()}-{enc}-{self.loss.loss}-{h}"
+
+    def validate(self) -> None:
+        m, lo, op, da, tr = self.model, self.loss, self.optim, self.data, self.train
+        _choice("arch", m.arch, ARCHS)
+        if not isinstance(m.encoder, str) or not m.encoder:
+            raise ConfigError(f"encoder={m.encoder!r} must be an encoder name such as 'resnet34' or 'tu-resnet34'")
+        _choice("encoder_weights", m.encoder_weights, ENCODER_WEIGHTS)
+        _choice("attention", m.attention, ATTENTIONS)
+        _number("aux_weight", m.aux_weight, float, 0)
+        _choice("loss", lo.loss, LOSSES)
+        _number("focal_gamma", lo.focal_gamma, float, 0)
+        _number("bce_weight", lo.bce_weight, float, 0, 1)
+        _choice("optimizer", op.optimizer, OPTIMIZERS)
+        _number("lr", op.lr, float, 0, low_open=True)
+        _number("encoder_lr_mult", op.encoder_lr_mult, float, 0)
+        _number("weight_decay", op.weight_decay, float, 0)
+        _choice("scheduler", op.scheduler, SCHEDULERS)
+        _number("epochs", tr.epochs, int, 1)
+        _number("seed", tr.seed, int, 0)
+        _choice("tta", tr.tta, TTAS)
+        if not isinstance(tr.amp, bool):
+            raise ConfigError(f"amp={tr.amp!r} must be true or false")
+        _number("grad_clip", tr.grad_clip, float, 0)
+        _number("batch_size", da.batch_size, int, 1)
+        _number("num_workers", da.num_workers, int, 0)
+        _choice("sampler", da.sampler, SAMPLERS)
+        for a, b in (("crop_height", "crop_width"), ("resize_height", "resize_width")):
+            va, vb = getattr(da, a), getattr(da, b)
+            if (va is None) != (vb is None):
+                raise ConfigError(f"{a} and {b} must be set together, but got {a}={va}, {b}={vb}")
+            if va is not None:
+                for k, v in ((a, va), (b, vb)):
+                    v = _number(k, v, int, 32)
+                    if v % 32:
+                        raise ConfigError(f"{k}={v} must be a multiple of 32 (encoder stride)")
+        if da.crop and da.resize and (da.crop[0] > da.resize[0] or da.crop[1] > da.resize[1]):
+            raise ConfigError(
+                f"crop {da.crop[0]}x{da.crop[1]} must fit in resize {da.resize[0]}x{da.resize[1]}"
+            )
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-3", "arch=FPN"]`` -> ``{"lr": 0.001, "arch": "FPN"}`` (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        val = yaml.safe_load(v) if v.strip() else None
+        if isinstance(val, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                val = float(val)
+            except ValueError:
+                pass
+        out[k.strip()] = val
+    return out

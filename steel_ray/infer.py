@@ -1,0 +1,70 @@
+"""Model inference shared by out-of-fold prediction and submission: TTA, upsampling, presence.
+
+One code path turns a batch of images into full-resolution probabilities and per-class
+presence probabilities, so OOF scores and submissions cannot drift apart.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TTA_FLIPS", "predict_batch", "autocast", "pick_device"]
+
+# dims to flip for each TTA view of an NCHW batch
+TTA_FLIPS = {
+    "none": [()],
+    "hflip": [(), (3,)],
+    "vflip": [(), (2,)],
+    "hflip_vflip": [(), (3,), (2,), (2, 3)],
+}
+
+
+def pick_device(device: str | None = "auto") -> torch.device:
+    """``auto``: CUDA when a GPU is visible (Ray sets CUDA_VISIBLE_DEVICES per trial), else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA where supported, fp16 otherwise; nothing on CPU."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def predict_batch(model, images: torch.Tensor, out_size, tta: str = "none", amp: bool = True):
+    """Probabilities ``(B, 4, H, W)`` at ``out_size`` and presence ``(B, 4)``, averaged over TTA.
+
+    Presence is the aux head's sigmoid when the model has one, else the max pixel probability.
+    """
+    device = next(model.parameters()).device
+    x = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    probs, cls = 0.0, 0.0
+    views = TTA_FLIPS[tta]
+    for dims in views:
+        xi = torch.flip(x, dims) if dims else x
+        with autocast(device, amp):
+            logits, cls_logits = model(xi)
+        logits = logits.float()
+        if dims:
+            logits = torch.flip(logits, dims)
+        if tuple(logits.shape[-2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        probs = probs + torch.sigmoid(logits)
+        if cls_logits is not None:
+            cls = cls + torch.sigmoid(cls_logits.float())
+    probs = probs / len(views)
+    if model.has_aux:
+        cls = cls / len(views)
+    else:
+        cls = probs.amax(dim=(2, 3))
+    return probs, cls

@@ -1,0 +1,111 @@
+"""Model factory over segmentation-models-pytorch architectures and encoders.
+
+``build_model(cfg)`` returns a :class:`SteelNet`: any smp architecture x any smp encoder name
+(timm ``tu-*`` included), optional scSE decoder attention and an optional auxiliary
+classification head. Its ``forward`` always returns ``(mask_logits, cls_logits or None)`` and
+pads inputs to the encoder stride, so any image size works.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ARCHS, ConfigError, ModelConfig
+
+__all__ = ["build_model", "SteelNet", "supports_attention", "encoder_parameters"]
+
+N_CLASSES = 4
+
+
+def _arch_class(arch: str):
+    import segmentation_models_pytorch as smp
+
+    cls = getattr(smp, arch, None) if arch in ARCHS else None
+    if cls is None:
+        raise ConfigError(f"arch={arch!r} is not valid; choose one of {list(ARCHS)}")
+    return cls
+
+
+def supports_attention(arch: str) -> bool:
+    """Whether the smp architecture takes ``decoder_attention_type`` (scSE)."""
+    return "decoder_attention_type" in inspect.signature(_arch_class(arch).__init__).parameters
+
+
+def _check_encoder(name: str) -> None:
+    import segmentation_models_pytorch as smp
+
+    if name.startswith("tu-"):
+        import timm
+
+        if not timm.is_model(name[3:]):
+            raise ConfigError(f"encoder={name!r}: timm has no model {name[3:]!r} (see timm.list_models())")
+        return
+    names = smp.encoders.get_encoder_names()
+    if name not in names:
+        raise ConfigError(f"encoder={name!r} is not an smp encoder; supported encoders: {names} or tu-<timm model>")
+
+
+class SteelNet(nn.Module):
+    """smp model wrapper: pads to the stride, returns ``(mask_logits, cls_logits | None)``."""
+
+    def __init__(self, net: nn.Module, stride: int, has_aux: bool):
+        super().__init__()
+        self.net = net
+        self.stride = stride
+        self.has_aux = has_aux
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net.encoder
+
+    def forward(self, x: torch.Tensor):
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        out = self.net(x)
+        masks, labels = out if self.has_aux else (out, None)
+        if ph or pw:
+            masks = masks[..., :h, :w]
+        return masks, labels
+
+
+def build_model(cfg: ModelConfig) -> SteelNet:
+    """Create the model a :class:`ModelConfig` describes (4 output channels, one per class)."""
+    cls = _arch_class(cfg.arch)
+    _check_encoder(cfg.encoder)
+    kwargs = {"encoder_name": cfg.encoder, "encoder_weights": cfg.encoder_weights, "classes": N_CLASSES}
+    if cfg.attention != "none":
+        if not supports_attention(cfg.arch):
+            ok = [a for a in ARCHS if supports_attention(a)]
+            raise ConfigError(f"attention={cfg.attention!r} is not supported by arch={cfg.arch!r}; use it with {ok}")
+        kwargs["decoder_attention_type"] = cfg.attention
+    has_aux = cfg.aux_weight > 0
+    if has_aux:
+        kwargs["aux_params"] = {"classes": N_CLASSES, "dropout": 0.2}
+    try:
+        net = cls(**kwargs)
+    except (OSError, ConnectionError, RuntimeError) as e:
+        if cfg.encoder_weights:
+            raise RuntimeError(
+                f"could not load encoder_weights={cfg.encoder_weights!r} for encoder {cfg.encoder!r} "
+                f"(pretrained weights are downloaded on first use; no internet here?): {e}. "
+                "Use encoder_weights=null to train from scratch."
+            ) from e
+        raise
+    except (KeyError, ValueError) as e:
+        if cfg.encoder_weights:
+            raise ConfigError(f"encoder {cfg.encoder!r} has no {cfg.encoder_weights!r} weights: {e}") from e
+        raise
+    stride = getattr(net.encoder, "output_stride", 32) or 32
+    return SteelNet(net, int(stride), has_aux)
+
+
+def encoder_parameters(model: SteelNet):
+    """(encoder params, everything else): the two learning-rate groups."""
+    enc = {id(p) for p in model.encoder.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in enc]
+    return list(model.encoder.parameters()), rest

@@ -1,0 +1,306 @@
+"""Out-of-fold (OOF) prediction store: Parquet files in a hive layout, plus the run's ground truth.
+
+Layout (an interface users query with pandas / duckdb / pyarrow.dataset)::
+
+    RUN/oof/model_id=<id>/fold=<k>/part-0.parquet   one row per validation image of fold k
+    RUN/truth.parquet                                image_id, fold, rle_1..4, area_1..4
+
+OOF columns: ``image_id`` (string); ``p1``..``p4`` (binary: uint8 row-major H x W,
+``round(255 * probability)``, full resolution); ``p1_ds4``..``p4_ds4`` (the same maps 4x
+area-downsampled, ``ceil(H/4) x ceil(W/4)``); ``cls`` (4 x float32 per-class presence
+probability: the aux head, or the max pixel probability without one). zstd compression; no
+statistics or dictionary on the blob columns. Schema metadata (``steel_ray.*`` keys): height,
+width, quantisation, ds factor, fold-split hash, package version, model id, fold, config.
+Files are written to a dot-prefixed temporary name and renamed when complete: a crash never
+leaves a readable half file (dot-files are also skipped by pyarrow dataset discovery).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .data import N_CLASSES, DataError
+from .io import atomic_path
+
+__all__ = [
+    "DS",
+    "OOFWriter",
+    "write_oof",
+    "quantize",
+    "downsample",
+    "write_truth",
+    "read_truth",
+    "list_pool",
+    "read_pool",
+    "Pool",
+    "PoolGapError",
+]
+
+DS = 4
+QUANTISATION = "uint8 = round(255 * probability)"
+BLOB_COLS = [f"p{c}" for c in range(1, 5)] + [f"p{c}_ds{DS}" for c in range(1, 5)]
+
+
+class PoolGapError(DataError):
+    """A pool is missing (model, fold) parts; ``gaps`` lists them."""
+
+    def __init__(self, gaps):
+        self.gaps = list(gaps)
+        super().__init__("OOF pool is incomplete; missing (model, fold): " + ", ".join(f"({m}, {f})" for m, f in self.gaps))
+
+
+def quantize(prob) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 ``round(255 p)`` (the OOF and blend quantisation)."""
+    return np.rint(np.clip(np.asarray(prob, dtype=np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def downsample(u8: np.ndarray, factor: int = DS) -> np.ndarray:
+    """Area-downsample uint8 maps ``(..., H, W)`` by ``factor`` (edge blocks averaged over what exists)."""
+    h, w = u8.shape[-2:]
+    hh, ww = -(-h // factor), -(-w // factor)
+    flat = u8.reshape(-1, h, w)
+    out = np.empty((flat.shape[0], hh, ww), np.uint8)
+    for i, m in enumerate(flat):
+        out[i] = cv2.resize(m, (ww, hh), interpolation=cv2.INTER_AREA)
+    return out.reshape(u8.shape[:-2] + (hh, ww))
+
+
+def _schema(meta: dict) -> pa.Schema:
+    fields = [pa.field("image_id", pa.string())]
+    fields += [pa.field(c, pa.binary()) for c in BLOB_COLS]
+    fields += [pa.field("cls", pa.list_(pa.float32(), N_CLASSES))]
+    md = {f"steel_ray.{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    return pa.schema(fields, metadata=md)
+
+
+def oof_path(run: str | Path, model_id: str, fold: int) -> Path:
+    return Path(run) / "oof" / f"model_id={model_id}" / f"fold={int(fold)}" / "part-0.parquet"
+
+
+class OOFWriter:
+    """Streams OOF rows into one Parquet file; the file appears only on :meth:`close` success.
+
+    Use as a context manager; an exception inside the block discards the temporary file.
+    """
+
+    def __init__(self, run, model_id, fold, height, width, folds_hash, config=None, row_group=32):
+        self.path = oof_path(run, model_id, fold)
+        self.meta = {
+            "height": int(height),
+            "width": int(width),
+            "quantisation": QUANTISATION,
+            "ds_factor": DS,
+            "folds_hash": folds_hash,
+            "version": __version__,
+            "model_id": model_id,
+            "fold": int(fold),
+            "config": config or {},
+        }
+        self.schema = _schema(self.meta)
+        self.row_group = row_group
+        self._buf: list[dict] = []
+        self._ctx = None
+        self._writer = None
+        self.rows = 0
+
+    def __enter__(self):
+        self._ctx = atomic_path(self.path)
+        tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(
+            tmp,
+            self.schema,
+            compression="zstd",
+            use_dictionary=["image_id"],
+            write_statistics=["image_id"],
+        )
+        return self
+
+    def add(self, image_ids, probs_u8: np.ndarray, cls: np.ndarray) -> None:
+        """Append images: ``probs_u8`` ``(n, 4, H, W)`` uint8 at full resolution, ``cls`` ``(n, 4)``."""
+        probs_u8 = np.ascontiguousarray(probs_u8, dtype=np.uint8)
+        h, w = self.meta["height"], self.meta["width"]
+        if probs_u8.shape[1:] != (N_CLASSES, h, w):
+            raise ValueError(f"OOF maps must be (n, {N_CLASSES}, {h}, {w}), got {probs_u8.shape}")
+        ds = downsample(probs_u8)
+        for i, img in enumerate(image_ids):
+            row = {"image_id": str(img), "cls": [float(x) for x in np.asarray(cls[i], np.float32)]}
+            for c in range(N_CLASSES):
+                row[f"p{c + 1}"] = probs_u8[i, c].tobytes()
+                row[f"p{c + 1}_ds{DS}"] = ds[i, c].tobytes()
+            self._buf.append(row)
+        if len(self._buf) >= self.row_group:
+            self._flush()
+
+    def _flush(self):
+        if self._buf:
+            self._writer.write_table(pa.Table.from_pylist(self._buf, schema=self.schema))
+            self.rows += len(self._buf)
+            self._buf = []
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._flush()
+            self._writer.close()
+        finally:
+            self._ctx.__exit__(exc_type, exc, tb)
+        return False
+
+
+def write_oof(run, model_id, fold, image_ids, probs_u8, cls, height, width, folds_hash, config=None) -> Path:
+    """Write a whole fold's OOF at once (see :class:`OOFWriter` for streaming)."""
+    with OOFWriter(run, model_id, fold, height, width, folds_hash, config) as w:
+        w.add(image_ids, probs_u8, cls)
+    return w.path
+
+
+def write_truth(run, train_set, folds, folds_hash) -> Path:
+    """RUN/truth.parquet: image_id, fold, rle_1..4, area_1..4 (+ height/width/folds hash metadata)."""
+    areas = train_set.areas()
+    cols = {"image_id": pa.array(train_set.image_ids, pa.string()), "fold": pa.array(np.asarray(folds), pa.int32())}
+    for c in range(N_CLASSES):
+        cols[f"rle_{c + 1}"] = pa.array(list(train_set.rles[:, c]), pa.string())
+    for c in range(N_CLASSES):
+        cols[f"area_{c + 1}"] = pa.array(areas[:, c], pa.int64())
+    h, w = train_set.shape
+    meta = {"steel_ray.height": str(h), "steel_ray.width": str(w), "steel_ray.folds_hash": folds_hash}
+    table = pa.table(cols).replace_schema_metadata(meta)
+    path = Path(run) / "truth.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+@dataclass
+class Truth:
+    image_ids: list[str]
+    folds: np.ndarray
+    rles: np.ndarray  # (N, 4) object
+    areas: np.ndarray  # (N, 4) int64
+    shape: tuple[int, int]
+    folds_hash: str
+
+    def masks(self, idx, classes=range(N_CLASSES)) -> np.ndarray:
+        """(len(idx), len(classes), H, W) bool full-resolution ground truth of images ``idx``."""
+        from . import rle
+
+        h, w = self.shape
+        out = np.zeros((len(idx), len(classes), h, w), bool)
+        for j, i in enumerate(idx):
+            for k, c in enumerate(classes):
+                if self.rles[i, c]:
+                    out[j, k] = rle.decode(self.rles[i, c], (h, w))
+        return out
+
+
+def read_truth(run) -> Truth:
+    path = Path(run) / "truth.parquet"
+    if not path.exists():
+        raise DataError(f"{path}: ground-truth table not found (written when the first fold is trained)")
+    t = pq.read_table(path)
+    md = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items()}
+    d = t.to_pydict()
+    return Truth(
+        image_ids=d["image_id"],
+        folds=np.asarray(d["fold"], np.int64),
+        rles=np.array([d[f"rle_{c + 1}"] for c in range(N_CLASSES)], dtype=object).T.copy(),
+        areas=np.array([d[f"area_{c + 1}"] for c in range(N_CLASSES)], dtype=np.int64).T.copy(),
+        shape=(int(md["steel_ray.height"]), int(md["steel_ray.width"])),
+        folds_hash=md["steel_ray.folds_hash"],
+    )
+
+
+def list_pool(run) -> dict[str, list[int]]:
+    """{model_id: sorted folds} of the complete OOF files present in RUN/oof."""
+    root = Path(run) / "oof"
+    out: dict[str, list[int]] = {}
+    if not root.is_dir():
+        return out
+    for mdir in sorted(root.glob("model_id=*")):
+        folds = sorted(int(f.name.split("=", 1)[1]) for f in mdir.glob("fold=*") if (f / "part-0.parquet").exists())
+        if folds:
+            out[mdir.name.split("=", 1)[1]] = folds
+    return out
+
+
+def read_meta(path) -> dict:
+    md = pq.read_schema(path).metadata or {}
+    out = {}
+    for k, v in md.items():
+        k = k.decode()
+        if k.startswith("steel_ray."):
+            v = v.decode()
+            try:
+                out[k[10:]] = json.loads(v)
+            except json.JSONDecodeError:
+                out[k[10:]] = v
+    return out
+
+
+@dataclass
+class Pool:
+    """OOF maps of several models over the same images, in truth order (restricted to ``folds``)."""
+
+    model_ids: list[str]
+    image_ids: list[str]
+    folds: np.ndarray  # (N,) fold of each image
+    classes: list[int]  # 0-based
+    probs: np.ndarray  # (M, N, C, h, w) uint8
+    cls: np.ndarray  # (M, N, 4) float32
+    shape: tuple[int, int]  # full-resolution image shape
+    resolution: str  # "full" or "ds4"
+
+
+def read_pool(run, model_ids=None, folds=None, classes=None, resolution: str = "full", truth: Truth | None = None) -> Pool:
+    """Read OOF maps into numpy, column by column (only the requested classes and resolution).
+
+    Every requested (model, fold) must exist: otherwise :class:`PoolGapError` lists the gaps.
+    """
+    if resolution not in ("full", f"ds{DS}"):
+        raise ValueError(f"resolution={resolution!r}; choose 'full' or 'ds{DS}'")
+    truth = truth or read_truth(run)
+    present = list_pool(run)
+    model_ids = list(model_ids) if model_ids is not None else sorted(present)
+    folds = sorted(set(int(f) for f in (folds if folds is not None else np.unique(truth.folds))))
+    classes = list(classes) if classes is not None else list(range(N_CLASSES))
+    gaps = [(m, f) for m in model_ids for f in folds if f not in present.get(m, [])]
+    if gaps:
+        raise PoolGapError(gaps)
+    sel = np.flatnonzero(np.isin(truth.folds, folds))
+    pos = {truth.image_ids[i]: j for j, i in enumerate(sel)}
+    h, w = truth.shape
+    hh, ww = (h, w) if resolution == "full" else (-(-h // DS), -(-w // DS))
+    suffix = "" if resolution == "full" else f"_ds{DS}"
+    probs = np.zeros((len(model_ids), len(sel), len(classes), hh, ww), np.uint8)
+    cls = np.zeros((len(model_ids), len(sel), N_CLASSES), np.float32)
+    seen = np.zeros((len(model_ids), len(sel)), bool)
+    for mi, m in enumerate(model_ids):
+        for f in folds:
+            path = oof_path(run, m, f)
+            meta = read_meta(path)
+            if meta.get("folds_hash") != truth.folds_hash:
+                raise DataError(f"{path}: fold split {meta.get('folds_hash')} differs from the run's {truth.folds_hash}")
+            pf = pq.ParquetFile(path)
+            cols = ["image_id", "cls"] + [f"p{c + 1}{suffix}" for c in classes]
+            for batch in pf.iter_batches(columns=cols, batch_size=64):
+                ids = batch.column("image_id").to_pylist()
+                try:
+                    rows = [pos[i] for i in ids]
+                except KeyError as e:
+                    raise DataError(f"{path}: image {e.args[0]} is not in fold {f} of the run's truth table") from None
+                cls[mi, rows] = np.asarray(batch.column("cls").to_pylist(), np.float32)
+                for k, c in enumerate(classes):
+                    blobs = batch.column(f"p{c + 1}{suffix}").to_pylist()
+                    probs[mi, rows, k] = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(rows), hh, ww)
+                seen[mi, rows] = True
+    if not seen.all():
+        mi, j = np.argwhere(~seen)[0]
+        raise DataError(f"OOF of model {model_ids[mi]} lacks image {truth.image_ids[sel[j]]} (fold {truth.folds[sel[j]]})")
+    return Pool(model_ids, [truth.image_ids[i] for i in sel], truth.folds[sel], classes, probs, cls, (h, w), resolution)

@@ -1,0 +1,393 @@
+"""Train one (config, fold) and write its out-of-fold predictions. Pure PyTorch: no Ray here.
+
+Usage::
+
+    python -m steel_ray.train --data data/synth --out runs/one --fold 0 --folds 3 \
+        [--config trial.yaml] [--set arch=FPN --set encoder=tu-test_efficientnet --set epochs=2]
+
+Each epoch trains, validates with the competition metric (pixel threshold 0.5, no other
+post-processing) at full resolution, reports ``{"epoch", "val_dice", "val_loss", ...}`` and
+saves a checkpoint; a rerun resumes after the last finished epoch. At the end the best epoch's
+weights predict the fold's validation images (with the config's flip TTA) into
+``RUN/oof/model_id=<id>/fold=<k>/part-0.parquet``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from . import oof
+from .config import ConfigError, TrialConfig, parse_set
+from .data import DataError, TrainSet, folds_hash, load_train, make_folds, write_folds
+from .dataset import BalancedSampler, SteelDataset, build_transforms
+from .infer import autocast, pick_device, predict_batch
+from .io import atomic_path, atomic_write_text
+from .losses import build_loss
+from .metric import dice_per_pair_torch
+from .models import build_model, encoder_parameters
+
+__all__ = ["FoldData", "FoldResult", "prepare_run", "fit_fold", "checkpoint_dir", "load_weights", "NonFiniteLossError"]
+
+log = logging.getLogger(__name__)
+FOLD_SEED = 42
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the fold stops instead of training on garbage."""
+
+
+@dataclass
+class FoldData:
+    """A training set with its fold assignment (saved in the run as folds.csv / truth.parquet)."""
+
+    train: TrainSet
+    folds: np.ndarray
+    n_folds: int
+
+    @property
+    def folds_hash(self) -> str:
+        return folds_hash(self.train.image_ids, self.folds)
+
+
+def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED) -> FoldData:
+    """Load the data, make (or reuse) the run's folds and write folds.csv and truth.parquet once.
+
+    An existing run with a different split (other images, fold count or seed) is an error:
+    OOF files of two splits must never be mixed.
+    """
+    run = Path(run_dir)
+    ts = load_train(data_dir)
+    folds = make_folds(ts.presence, n_folds, fold_seed)
+    fd = FoldData(ts, folds, n_folds)
+    fpath = run / "folds.csv"
+    if fpath.exists():
+        old = pd.read_csv(fpath)
+        if folds_hash(old["image_id"], old["fold"]) != fd.folds_hash:
+            raise DataError(
+                f"{fpath}: this run was split differently (other data, --folds or seed); "
+                f"use a new --out folder"
+            )
+    else:
+        write_folds(fpath, ts.image_ids, folds)
+    if not (run / "truth.parquet").exists():
+        oof.write_truth(run, ts, folds, fd.folds_hash)
+    return fd
+
+
+@dataclass
+class FoldResult:
+    model_id: str
+    fold: int
+    epochs_run: int
+    best_epoch: int
+    best_val_dice: float
+    oof_path: str | None
+    weights_path: str
+    history: list = field(default_factory=list)
+
+
+def checkpoint_dir(run_dir, model_id: str, fold: int) -> Path:
+    return Path(run_dir) / "checkpoints" / model_id / f"fold={int(fold)}"
+
+
+def _seed_everything(seed: int, fold: int, epoch: int, transform) -> int:
+    """Seed every RNG from (seed, fold, epoch): an epoch replays identically after a resume."""
+    s = int(np.random.SeedSequence([seed, fold, epoch]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    transform.set_random_seed(s)
+    return s
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+    info.dataset.transform.set_random_seed(s)
+
+
+def _optimizer(cfg: TrialConfig, model):
+    o = cfg.optim
+    enc, rest = encoder_parameters(model)
+    groups = [{"params": enc, "lr": o.lr * o.encoder_lr_mult}, {"params": rest, "lr": o.lr}]
+    kw = {"weight_decay": o.weight_decay}
+    if o.optimizer == "adam":
+        return torch.optim.Adam(groups, **kw)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kw)
+    if o.optimizer == "radam":
+        return torch.optim.RAdam(groups, **kw)
+    return torch.optim.SGD(groups, momentum=0.9, nesterov=True, **kw)
+
+
+def _scheduler(cfg: TrialConfig, opt, steps_per_epoch: int):
+    """(scheduler, per_step): cosine and onecycle step per batch, plateau per epoch."""
+    total = cfg.train.epochs * steps_per_epoch
+    name = cfg.optim.scheduler
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total)), True
+    if name == "onecycle":
+        lrs = [g["lr"] for g in opt.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lrs, total_steps=max(1, total)), True
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=1), False
+    return None, False
+
+
+def load_weights(path, device="cpu"):
+    """Rebuild a model from a saved best-weights file (config travels inside it)."""
+    blob = torch.load(path, map_location=device, weights_only=False)
+    cfg = TrialConfig.from_dict(blob["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(blob["model"])
+    return model.to(device).eval(), cfg
+
+
+def _validate(model, loader, loss_fn, device, amp, shape):
+    model.eval()
+    total, n = 0.0, 0
+    dice = []
+    with torch.no_grad():
+        for b in loader:
+            x = b["image"].to(device)
+            masks = b["mask"].to(device)
+            with autocast(device, amp):
+                logits, cls_logits = model(x)
+            logits = logits.float()
+            if tuple(logits.shape[-2:]) != tuple(shape):
+                logits = torch.nn.functional.interpolate(logits, size=tuple(shape), mode="bilinear", align_corners=False)
+            loss, _ = loss_fn(logits, masks, cls_logits, b["presence"].to(device))
+            total += float(loss) * len(x)
+            n += len(x)
+            dice.append(dice_per_pair_torch(logits > 0, masks > 0.5).cpu())  # sigmoid >= 0.5 <=> logit >= 0
+    return total / max(n, 1), float(torch.cat(dice).mean())
+
+
+def fit_fold(
+    config: TrialConfig,
+    fold: int,
+    data: FoldData,
+    out_dir,
+    report: Callable[[dict], None] | None = None,
+    *,
+    device: str | None = "auto",
+    write_oof: bool = True,
+    progress: bool = True,
+) -> FoldResult:
+    """Train ``config`` on every fold but ``fold``, validate on ``fold``, write its OOF to ``out_dir``.
+
+    ``out_dir`` is the run folder. Resumes from ``checkpoint_dir(out_dir, model_id, fold)/last.pt``
+    when it exists. ``report`` is called after every epoch with that epoch's metrics.
+    """
+    from tqdm import tqdm
+
+    if not 0 <= fold < data.n_folds:
+        raise ConfigError(f"fold={fold} must be in 0..{data.n_folds - 1}")
+    cfg = config
+    run = Path(out_dir)
+    model_id = cfg.model_id()
+    ckdir = checkpoint_dir(run, model_id, fold)
+    dev = pick_device(device)
+    amp = cfg.train.amp and dev.type == "cuda"
+    ts = data.train
+    base = cfg.data.resize or ts.shape
+    if cfg.data.crop and (cfg.data.crop[0] > base[0] or cfg.data.crop[1] > base[1]):
+        raise ConfigError(f"crop {cfg.data.crop[0]}x{cfg.data.crop[1]} does not fit the {base[0]}x{base[1]} training images")
+    tr_idx = np.flatnonzero(data.folds != fold)
+    va_idx = np.flatnonzero(data.folds == fold)
+    ids = np.asarray(ts.image_ids, dtype=object)
+    train_tf = build_transforms(True, cfg.data.crop, cfg.data.resize)
+    train_ds = SteelDataset(ts.images_dir, ids[tr_idx], ts.rles[tr_idx], ts.shape, train_tf)
+    val_ds = SteelDataset(ts.images_dir, ids[va_idx], ts.rles[va_idx], ts.shape, build_transforms(False, resize=cfg.data.resize), full_size_mask=True)
+    sampler = None if cfg.data.sampler == "none" else BalancedSampler(ts.presence[tr_idx], cfg.data.sampler, cfg.train.seed)
+    n_samples = len(sampler) if sampler is not None else len(train_ds)
+    bs = cfg.data.batch_size
+    drop_last = n_samples >= bs
+    steps = n_samples // bs if drop_last else 1
+    nw = cfg.data.num_workers
+    val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, num_workers=nw, pin_memory=dev.type == "cuda")
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = _optimizer(cfg, model)
+    sched, per_step = _scheduler(cfg, opt, steps)
+    use_scaler = amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    loss_fn = build_loss(cfg.loss, cfg.model.aux_weight)
+
+    start, best, best_epoch, history = 1, -1.0, 0, []
+    last = ckdir / "last.pt"
+    if last.exists():
+        st = torch.load(last, map_location=dev, weights_only=False)
+        if st["model_id"] != model_id:
+            raise DataError(f"{last}: checkpoint belongs to model {st['model_id']}, not {model_id}")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        start, best, best_epoch, history = st["epoch"] + 1, st["best_val_dice"], st["best_epoch"], st["history"]
+        log.info("%s fold %d: resuming after epoch %d", model_id, fold, st["epoch"])
+    atomic_write_text(ckdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+
+    for epoch in range(start, cfg.train.epochs + 1):
+        t0 = time.time()
+        s = _seed_everything(cfg.train.seed, fold, epoch, train_tf)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(
+            train_ds,
+            batch_size=bs,
+            shuffle=sampler is None,
+            sampler=sampler,
+            num_workers=nw,
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(s),
+            worker_init_fn=_worker_init if nw else None,
+            pin_memory=dev.type == "cuda",
+        )
+        model.train()
+        run_loss, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"{model_id} f{fold} e{epoch}", leave=False, disable=not progress or None)
+        for step, b in enumerate(bar):
+            x = b["image"].to(dev, non_blocking=True)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(dev, amp):
+                logits, cls_logits = model(x)
+            loss, _ = loss_fn(logits, b["mask"].to(dev), cls_logits, b["presence"].to(dev))
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{model_id} fold {fold} epoch {epoch} step {step}: training loss is {loss.item()} "
+                    f"(lr={cfg.optim.lr}, loss={cfg.loss.loss}); stopping this fold"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.train.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            if per_step:
+                sched.step()
+            run_loss += loss.item() * len(x)
+            seen += len(x)
+            bar.set_postfix(loss=f"{run_loss / seen:.4f}")
+        val_loss, val_dice = _validate(model, val_loader, loss_fn, dev, amp, ts.shape)
+        if sched is not None and not per_step:
+            sched.step(val_loss)
+        if val_dice > best:
+            best, best_epoch = val_dice, epoch
+            _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold, "epoch": epoch, "val_dice": val_dice})
+        metrics = {
+            "epoch": epoch,
+            "train_loss": run_loss / max(seen, 1),
+            "val_loss": val_loss,
+            "val_dice": val_dice,
+            "best_val_dice": best,
+            "best_epoch": best_epoch,
+            "lr": opt.param_groups[-1]["lr"],
+            "epoch_seconds": time.time() - t0,
+        }
+        history.append(metrics)
+        _save(last, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
+            "epoch": epoch, "best_val_dice": best, "best_epoch": best_epoch, "history": history,
+            "model_id": model_id, "fold": fold, "config": cfg.to_dict(),
+        })
+        log.info(
+            "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_dice %.4f (best %.4f @ %d) %.1fs",
+            model_id, fold, epoch, cfg.train.epochs, metrics["train_loss"], val_loss, val_dice, best, best_epoch, metrics["epoch_seconds"],
+        )
+        if report is not None:
+            report(dict(metrics))
+
+    oof_file = None
+    if write_oof:
+        oof_file = str(predict_oof(ckdir / "best.pt", fold, data, run, model_id, dev, cfg, progress))
+    return FoldResult(model_id, fold, len(history), best_epoch, best, oof_file, str(ckdir / "best.pt"), history)
+
+
+def _save(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def predict_oof(weights, fold, data: FoldData, run, model_id, device, cfg: TrialConfig, progress=True) -> Path:
+    """Predict fold ``fold``'s validation images with ``weights`` and write the OOF Parquet."""
+    from tqdm import tqdm
+
+    model, _ = load_weights(weights, device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ts = data.train
+    va_idx = np.flatnonzero(data.folds == fold)
+    ids = [ts.image_ids[i] for i in va_idx]
+    ds = SteelDataset(ts.images_dir, ids, None, ts.shape, build_transforms(False, resize=cfg.data.resize), full_size_mask=True)
+    loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    h, w = ts.shape
+    with oof.OOFWriter(run, model_id, fold, h, w, data.folds_hash, cfg.to_dict()) as wr:
+        for b in tqdm(loader, desc=f"oof {model_id} f{fold}", leave=False, disable=not progress or None):
+            probs, cls = predict_batch(model, b["image"], (h, w), cfg.train.tta, cfg.train.amp)
+            wr.add([ids[i] for i in b["index"].tolist()], oof.quantize(probs.cpu().numpy()), cls.cpu().numpy())
+    log.info("wrote OOF %s (%d images)", wr.path, wr.rows)
+    return wr.path
+
+
+def load_config(path: str | None, sets: list[str] | None) -> TrialConfig:
+    """YAML file (flat keys) overridden by ``--set key=value`` items."""
+    import yaml
+
+    flat = {}
+    if path:
+        try:
+            flat = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        if not isinstance(flat, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(flat).__name__}")
+    flat.update(parse_set(sets))
+    return TrialConfig.from_dict(flat)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m steel_ray.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="Severstal-layout folder (train.csv, train_images/)")
+    ap.add_argument("--out", required=True, help="run folder (folds, checkpoints, oof/)")
+    ap.add_argument("--fold", type=int, required=True)
+    ap.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    ap.add_argument("--config", help="YAML file of flat trial config keys")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(a.config, a.set)
+        data = prepare_run(a.data, a.out, a.folds)
+        res = fit_fold(cfg, a.fold, data, a.out, device=a.device)
+    except (ConfigError, DataError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{res.model_id} fold {res.fold}: best val_dice {res.best_val_dice:.4f} at epoch {res.best_epoch}; OOF {res.oof_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

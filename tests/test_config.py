@@ -1,0 +1,56 @@
+import pytest
+
+from steel_ray.config import ConfigError, TrialConfig, parse_set
+
+REQUIRED = [
+    "arch", "encoder", "encoder_weights", "attention", "aux_weight", "loss", "focal_gamma", "bce_weight",
+    "optimizer", "lr", "encoder_lr_mult", "weight_decay", "scheduler", "epochs", "batch_size", "crop_height",
+    "crop_width", "resize_height", "resize_width", "sampler", "seed",
+]
+
+
+def test_flat_keys_round_trip():
+    assert set(REQUIRED) <= set(TrialConfig.keys())
+    cfg = TrialConfig.from_dict({"arch": "FPN", "lr": 1e-3, "crop_height": 64, "crop_width": 128})
+    assert cfg.model.arch == "FPN" and cfg.optim.lr == 1e-3 and cfg.data.crop == (64, 128)
+    assert TrialConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(Exception):
+        cfg.model.arch = "Unet"  # frozen
+
+
+def test_model_id_stable_and_sensitive():
+    a = TrialConfig.from_dict({"lr": 1e-3})
+    assert a.model_id() == TrialConfig.from_dict({"lr": 0.001}).model_id()
+    assert a.model_id() != TrialConfig.from_dict({"lr": 2e-3}).model_id()
+    assert a.model_id() == TrialConfig.from_dict({"lr": 1e-3, "num_workers": 3}).model_id()
+    assert a.model_id().startswith("unet-resnet34-bce_dice-")
+
+
+@pytest.mark.parametrize(
+    "flat, msg",
+    [
+        ({"archh": "Unet"}, r"unknown config key\(s\) \['archh'\]"),
+        ({"arch": "Unet3"}, r"arch='Unet3' is not valid; choose one of \['Unet'"),
+        ({"loss": "ce"}, r"loss='ce' is not valid; choose one of \['bce', 'dice', 'bce_dice', 'lovasz', 'focal'\]"),
+        ({"lr": 0}, r"lr > 0 must hold, but got lr=0"),
+        ({"epochs": 1.5}, r"epochs=1.5 must be an integer"),
+        ({"bce_weight": 2}, r"bce_weight <= 1 must hold"),
+        ({"crop_height": 64}, r"crop_height and crop_width must be set together"),
+        ({"crop_height": 60, "crop_width": 64}, r"crop_height=60 must be a multiple of 32"),
+        ({"sampler": "x"}, r"sampler='x' is not valid"),
+        ({"encoder_weights": "ssl"}, r"encoder_weights='ssl' is not valid"),
+        ({"lr": "fast"}, r"lr='fast' must be a number"),
+    ],
+)
+def test_errors_name_key_value_and_choices(flat, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrialConfig.from_dict(flat)
+
+
+def test_parse_set():
+    assert parse_set(["lr=1e-3", "arch=FPN", "epochs=2", "encoder_weights=null", "amp=false"]) == {
+        "lr": 1e-3, "arch": "FPN", "epochs": 2, "encoder_weights": None, "amp": False,
+    }
+    assert TrialConfig.from_dict({"encoder_weights": "none"}).model.encoder_weights is None
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["lr"])

@@ -1,0 +1,83 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from steel_ray import data, oof
+
+
+@pytest.fixture()
+def run(tiny_set, tmp_path):
+    ts = data.load_train(tiny_set)
+    folds = data.make_folds(ts.presence, 3, 0)
+    oof.write_truth(tmp_path, ts, folds, data.folds_hash(ts.image_ids, folds))
+    return tmp_path, ts, folds
+
+
+def _fake(ts, folds, k, seed):
+    rng = np.random.default_rng(seed)
+    idx = np.flatnonzero(folds == k)
+    probs = rng.random((idx.size, 4, *ts.shape)).astype(np.float32)
+    return [ts.image_ids[i] for i in idx], probs, rng.random((idx.size, 4)).astype(np.float32)
+
+
+def test_write_read_equals_quantised(run):
+    path, ts, folds = run
+    h = data.folds_hash(ts.image_ids, folds)
+    for k in range(3):
+        ids, probs, cls = _fake(ts, folds, k, k)
+        oof.write_oof(path, "m1", k, ids, oof.quantize(probs), cls, *ts.shape, h)
+    pool = oof.read_pool(path, ["m1"])
+    assert pool.image_ids == ts.image_ids and pool.probs.shape == (1, 48, 4, 64, 256)
+    for k in range(3):
+        ids, probs, cls = _fake(ts, folds, k, k)
+        rows = [pool.image_ids.index(i) for i in ids]
+        np.testing.assert_array_equal(pool.probs[0, rows], np.rint(probs * 255).astype(np.uint8))
+        np.testing.assert_array_equal(pool.cls[0, rows], cls)
+    # filters: classes, folds, 4x resolution
+    sub = oof.read_pool(path, ["m1"], folds=[1], classes=[2], resolution="ds4")
+    assert sub.probs.shape == (1, int((folds == 1).sum()), 1, 16, 64)
+    ids, probs, _ = _fake(ts, folds, 1, 1)
+    q = oof.quantize(probs)[:, 2]
+    np.testing.assert_array_equal(sub.probs[0, :, 0], oof.downsample(q))
+    # area downsampling: a 4x4 block mean
+    assert abs(int(sub.probs[0, 0, 0, 0, 0]) - q[0, :4, :4].mean()) <= 0.5 + 1e-9
+
+
+def test_schema_and_metadata(run):
+    path, ts, folds = run
+    ids, probs, cls = _fake(ts, folds, 0, 0)
+    p = oof.write_oof(path, "m1", 0, ids, oof.quantize(probs), cls, *ts.shape, "abc", {"lr": 0.1})
+    assert p == path / "oof" / "model_id=m1" / "fold=0" / "part-0.parquet"
+    f = pq.ParquetFile(p)
+    assert f.schema_arrow.names == ["image_id", "p1", "p2", "p3", "p4", "p1_ds4", "p2_ds4", "p3_ds4", "p4_ds4", "cls"]
+    rg = f.metadata.row_group(0)
+    assert rg.column(1).compression == "ZSTD" and rg.column(1).statistics is None
+    assert "PLAIN_DICTIONARY" not in rg.column(1).encodings and "RLE_DICTIONARY" not in rg.column(1).encodings
+    meta = oof.read_meta(p)
+    assert meta["height"] == 64 and meta["width"] == 256 and meta["folds_hash"] == "abc" and meta["config"] == {"lr": 0.1}
+    assert "255" in meta["quantisation"] and meta["version"]
+
+
+def test_interrupted_write_leaves_nothing_readable(run):
+    path, ts, folds = run
+    ids, probs, cls = _fake(ts, folds, 0, 0)
+    with pytest.raises(RuntimeError, match="killed"):
+        with oof.OOFWriter(path, "m1", 0, *ts.shape, "abc", row_group=4) as w:
+            w.add(ids[:8], oof.quantize(probs[:8]), cls[:8])  # two row groups already on disk
+            raise RuntimeError("killed")
+    folder = path / "oof" / "model_id=m1" / "fold=0"
+    assert not list(folder.glob("*.parquet")) and not list(folder.iterdir())
+    assert oof.list_pool(path) == {}
+
+
+def test_missing_fold_is_named(run):
+    path, ts, folds = run
+    h = data.folds_hash(ts.image_ids, folds)
+    for m, ks in (("m1", [0, 1, 2]), ("m2", [0, 2])):
+        for k in ks:
+            ids, probs, cls = _fake(ts, folds, k, k)
+            oof.write_oof(path, m, k, ids, oof.quantize(probs), cls, *ts.shape, h)
+    with pytest.raises(oof.PoolGapError, match=r"missing \(model, fold\): \(m2, 1\)") as e:
+        oof.read_pool(path)
+    assert e.value.gaps == [("m2", 1)]
+    assert oof.read_pool(path, ["m2"], folds=[0, 2]).probs.shape[1] == int((folds != 1).sum())

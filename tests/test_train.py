@@ -1,0 +1,119 @@
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from steel_ray import oof
+from steel_ray.config import TrialConfig
+from steel_ray.train import NonFiniteLossError, checkpoint_dir, fit_fold, prepare_run
+
+TINY = {"arch": "Unet", "encoder": "tu-test_resnet", "epochs": 2, "batch_size": 8, "crop_height": 32,
+        "crop_width": 128, "lr": 3e-3, "aux_weight": 0.1, "sampler": "upsample", "tta": "hflip"}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tiny_set, tmp_path):
+    cfg = TrialConfig.from_dict(TINY)
+    data_a = prepare_run(tiny_set, tmp_path / "a", 3)
+    full = fit_fold(cfg, 0, data_a, tmp_path / "a", progress=False, write_oof=False)
+
+    def stop_after_first(metrics):
+        if metrics["epoch"] == 1:
+            raise Stop()
+
+    data_b = prepare_run(tiny_set, tmp_path / "b", 3)
+    with pytest.raises(Stop):
+        fit_fold(cfg, 0, data_b, tmp_path / "b", report=stop_after_first, progress=False, write_oof=False)
+    seen = []
+    resumed = fit_fold(cfg, 0, data_b, tmp_path / "b", report=seen.append, progress=False, write_oof=False)
+    assert [m["epoch"] for m in seen] == [2]  # epoch 1 was not redone
+    for key in ("train_loss", "val_loss", "val_dice"):
+        assert resumed.history[1][key] == pytest.approx(full.history[1][key], rel=1e-6, abs=1e-9), key
+    # and a second uninterrupted run is the same too (deterministic for a seed on CPU)
+    data_c = prepare_run(tiny_set, tmp_path / "c", 3)
+    again = fit_fold(cfg, 0, data_c, tmp_path / "c", progress=False, write_oof=False)
+    assert again.history[0]["train_loss"] == pytest.approx(full.history[0]["train_loss"], rel=1e-6)
+
+
+def test_fit_writes_complete_valid_oof(tiny_set, tmp_path):
+    cfg = TrialConfig.from_dict({**TINY, "arch": "FPN", "encoder": "tu-test_efficientnet", "aux_weight": 0.0})
+    data = prepare_run(tiny_set, tmp_path, 3)
+    reports = []
+    res = fit_fold(cfg, 1, data, tmp_path, report=reports.append, progress=False)
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert {"epoch", "val_dice", "val_loss", "train_loss"} <= set(reports[0])
+    assert 0.0 <= res.best_val_dice <= 1.0 and res.best_epoch in (1, 2)
+    path = oof.oof_path(tmp_path, cfg.model_id(), 1)
+    assert res.oof_path == str(path)
+    t = pq.read_table(path)
+    expected = sorted(np.asarray(data.train.image_ids)[data.folds == 1])
+    assert sorted(t.column("image_id").to_pylist()) == expected
+    assert len(t.column("p1")[0].as_py()) == 64 * 256 and len(t.column("p1_ds4")[0].as_py()) == 16 * 64
+    pool = oof.read_pool(tmp_path, [cfg.model_id()], folds=[1])
+    # no aux head -> cls is the max pixel probability, consistent with the stored maps
+    np.testing.assert_allclose(pool.cls[0], pool.probs[0].max(axis=(2, 3)) / 255.0, atol=1 / 255 + 1e-6)
+    # the stored maps at threshold 0.5 score the same as the best epoch's val_dice
+    # (up to the TTA difference) -- a sanity bound rather than equality
+    from steel_ray.metric import dice_per_pair
+    truth = oof.read_truth(tmp_path)
+    idx = [truth.image_ids.index(i) for i in pool.image_ids]
+    d = dice_per_pair(pool.probs[0] >= 128, truth.masks(idx)).mean()
+    assert abs(d - res.best_val_dice) < 0.1
+
+
+def test_nan_loss_stops_fold_with_clear_error(tiny_set, tmp_path):
+    cfg = TrialConfig.from_dict({**TINY, "epochs": 3})
+    data = prepare_run(tiny_set, tmp_path, 3)
+
+    def stop(metrics):
+        raise Stop()
+
+    with pytest.raises(Stop):
+        fit_fold(cfg, 0, data, tmp_path, report=stop, progress=False, write_oof=False)
+    last = checkpoint_dir(tmp_path, cfg.model_id(), 0) / "last.pt"
+    st = torch.load(last, weights_only=False)
+    for v in st["model"].values():
+        if v.dtype.is_floating_point:
+            v.fill_(float("nan"))  # a corrupted checkpoint
+    torch.save(st, last)
+    with pytest.raises(NonFiniteLossError, match=r"fold 0 epoch 2 step 0: training loss is nan"):
+        fit_fold(cfg, 0, data, tmp_path, progress=False, write_oof=False)
+
+
+def test_split_mismatch_refused(tiny_set, tmp_path):
+    from steel_ray.data import DataError
+
+    prepare_run(tiny_set, tmp_path, 3)
+    with pytest.raises(DataError, match="split differently"):
+        prepare_run(tiny_set, tmp_path, 4)
+
+
+def test_core_does_not_import_ray(tiny_set, tmp_path):
+    code = (
+        "import sys; from steel_ray import train, oof, data, dataset, models, losses, metric, infer;"
+        f"from steel_ray.config import TrialConfig; d = train.prepare_run({str(tiny_set)!r}, {str(tmp_path)!r}, 3);"
+        "train.fit_fold(TrialConfig.from_dict({'encoder': 'tu-test_resnet', 'epochs': 1, 'batch_size': 16}), 0, d,"
+        f" {str(tmp_path)!r}, progress=False);"
+        "assert 'ray' not in sys.modules, 'ray was imported'; assert 'optuna' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_cli(tiny_set, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "steel_ray.train", "--data", str(tiny_set), "--out", str(tmp_path), "--fold", "0",
+         "--folds", "3", "--set", "arch=FPN", "--set", "encoder=tu-test_efficientnet", "--set", "epochs=1"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list(tmp_path.glob("oof/model_id=*/fold=0/*.parquet"))) == 1
+    r = subprocess.run([sys.executable, "-m", "steel_ray.train", "--data", str(tiny_set), "--out", str(tmp_path),
+                        "--fold", "0", "--folds", "3", "--set", "arch=Nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and "arch='Nope' is not valid" in r.stderr and "Traceback" not in r.stderr
