@@ -90,7 +90,7 @@ class OOFWriter:
     Use as a context manager; an exception inside the block discards the temporary file.
     """
 
-    def __init__(self, run, model_id, fold, height, width, folds_hash, config=None, row_group=32):
+    def __init__(self, run, model_id, fold, height, width, folds_hash, config=None, row_group=32, extra=None):
         self.path = oof_path(run, model_id, fold)
         self.meta = {
             "height": int(height),
@@ -102,6 +102,7 @@ class OOFWriter:
             "model_id": model_id,
             "fold": int(fold),
             "config": config or {},
+            **(extra or {}),
         }
         self.schema = _schema(self.meta)
         self.row_group = row_group
@@ -230,8 +231,9 @@ def list_pool(run) -> dict[str, list[int]]:
     return out
 
 
-def read_meta(path) -> dict:
-    md = pq.read_schema(path).metadata or {}
+def read_meta(path, filesystem=None) -> dict:
+    """The ``steel_ray.*`` schema metadata of an OOF file, JSON values decoded."""
+    md = pq.read_schema(path, filesystem=filesystem).metadata or {}
     out = {}
     for k, v in md.items():
         k = k.decode()

@@ -191,7 +191,8 @@ def fit_fold(
     """Train ``config`` on every fold but ``fold``, validate on ``fold``, write its OOF to ``out_dir``.
 
     ``out_dir`` is the run folder. Resumes from ``checkpoint_dir(out_dir, model_id, fold)/last.pt``
-    when it exists. ``report`` is called after every epoch with that epoch's metrics.
+    when it exists. ``report`` is called after every epoch with that epoch's metrics; the last
+    epoch's call comes after the OOF file is written.
     """
     from tqdm import tqdm
 
@@ -316,12 +317,17 @@ def fit_fold(
             "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_dice %.4f (best %.4f @ %d) %.1fs",
             model_id, fold, epoch, cfg.train.epochs, metrics["train_loss"], val_loss, val_dice, best, best_epoch, metrics["epoch_seconds"],
         )
-        if report is not None:
+        if report is not None and epoch < cfg.train.epochs:
             report(dict(metrics))
 
     oof_file = None
     if write_oof:
-        oof_file = str(predict_oof(ckdir / "best.pt", fold, data, run, model_id, dev, cfg, progress))
+        extra = {"best_val_dice": best, "best_epoch": best_epoch, "epochs_run": len(history)}
+        oof_file = str(predict_oof(ckdir / "best.pt", fold, data, run, model_id, dev, cfg, progress, extra))
+    # The final epoch is reported only once its OOF is on disk: a scheduler may stop the
+    # trial as soon as it sees the last epoch's result.
+    if report is not None and history:
+        report(dict(history[-1]))
     return FoldResult(model_id, fold, len(history), best_epoch, best, oof_file, str(ckdir / "best.pt"), history)
 
 
@@ -330,7 +336,7 @@ def _save(path: Path, obj) -> None:
         torch.save(obj, tmp)
 
 
-def predict_oof(weights, fold, data: FoldData, run, model_id, device, cfg: TrialConfig, progress=True) -> Path:
+def predict_oof(weights, fold, data: FoldData, run, model_id, device, cfg: TrialConfig, progress=True, extra=None) -> Path:
     """Predict fold ``fold``'s validation images with ``weights`` and write the OOF Parquet."""
     from tqdm import tqdm
 
@@ -343,7 +349,7 @@ def predict_oof(weights, fold, data: FoldData, run, model_id, device, cfg: Trial
     ds = SteelDataset(ts.images_dir, ids, None, ts.shape, build_transforms(False, resize=cfg.data.resize), full_size_mask=True)
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     h, w = ts.shape
-    with oof.OOFWriter(run, model_id, fold, h, w, data.folds_hash, cfg.to_dict()) as wr:
+    with oof.OOFWriter(run, model_id, fold, h, w, data.folds_hash, cfg.to_dict(), extra=extra) as wr:
         for b in tqdm(loader, desc=f"oof {model_id} f{fold}", leave=False, disable=not progress or None):
             probs, cls = predict_batch(model, b["image"], (h, w), cfg.train.tta, cfg.train.amp)
             wr.add([ids[i] for i in b["index"].tolist()], oof.quantize(probs.cpu().numpy()), cls.cpu().numpy())

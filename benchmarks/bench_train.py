@@ -1,0 +1,131 @@
+"""Training throughput, data-pipeline throughput and OOF size per image.
+
+Run:  .venv/bin/python benchmarks/bench_train.py [--steps 3] [--skip-oof]
+
+1. Train-step images/s for (FPN, se_resnext50_32x4d) and (Unet, resnet34) on 256x512 crops,
+   batch 8: fp32 vs AMP + channels_last on CUDA when a GPU is visible; CPU fp32 otherwise
+   (the AMP row is then the baseline repeated, marked n/a).
+2. The data pipeline (JPEG decode + RLE decode + crop/flip/brightness augmentations) in
+   images/s for one worker, on Severstal-sized synthetic images: a GPU at N images/s needs
+   about N / this many DataLoader workers.
+3. OOF bytes per image per model (zstd Parquet), full resolution and 4x-downsampled, from a
+   small model trained briefly on a 256x1600 synthetic set.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from steel_ray import synth
+from steel_ray.config import TrialConfig
+from steel_ray.data import load_train
+from steel_ray.dataset import SteelDataset, build_transforms
+from steel_ray.infer import autocast
+from steel_ray.losses import build_loss
+from steel_ray.models import build_model
+
+
+def train_step_rate(arch, encoder, device, amp, steps, batch=8, crop=(256, 512)):
+    torch.manual_seed(0)
+    cfg = TrialConfig.from_dict({"arch": arch, "encoder": encoder, "loss": "bce_dice"})
+    model = build_model(cfg.model).to(device).train()
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = build_loss(cfg.loss)
+    x = torch.randn(batch, 3, *crop, device=device)
+    if amp:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, 4, *crop, device=device) > 0.9).float()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
+
+    def step():
+        with autocast(device, amp):
+            logits, _ = model(x)
+        loss, _ = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(2):  # warm-up (cudnn autotune, allocator)
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def pipeline_rate(data_dir, n=60):
+    ts = load_train(data_dir)
+    tf = build_transforms(True, crop=(256, 512))
+    tf.set_random_seed(0)
+    ds = SteelDataset(ts.images_dir, ts.image_ids, ts.rles, ts.shape, tf)
+    ds[0]
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds[i % len(ds)]
+    return n / (time.perf_counter() - t0)
+
+
+def oof_bytes(data_dir, run_dir):
+    from steel_ray.train import fit_fold, prepare_run
+
+    cfg = TrialConfig.from_dict({"arch": "FPN", "encoder": "tu-test_efficientnet", "epochs": 2, "batch_size": 8,
+                                 "resize_height": 128, "resize_width": 800, "crop_height": 128, "crop_width": 256, "lr": 3e-3})
+    data = prepare_run(data_dir, run_dir, 3)
+    res = fit_fold(cfg, 0, data, run_dir, progress=False)
+    md = pq.ParquetFile(res.oof_path).metadata
+    sizes = {}
+    for rg in range(md.num_row_groups):
+        g = md.row_group(rg)
+        for c in range(g.num_columns):
+            col = g.column(c)
+            sizes[col.path_in_schema] = sizes.get(col.path_in_schema, 0) + col.total_compressed_size
+    n = md.num_rows
+    full = sum(sizes[f"p{c}"] for c in range(1, 5)) / n
+    ds4 = sum(sizes[f"p{c}_ds4"] for c in range(1, 5)) / n
+    return full, ds4, n
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="timed train steps per row")
+    ap.add_argument("--skip-oof", action="store_true")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hw = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {hw}, torch {torch.__version__}")
+    print(f"\n{'model':34}{'fp32 img/s':>12}{'AMP+CL img/s':>14}{'ratio':>8}")
+    for arch, enc in (("FPN", "se_resnext50_32x4d"), ("Unet", "resnet34")):
+        base = train_step_rate(arch, enc, device, False, a.steps)
+        if device.type == "cuda":
+            fast = train_step_rate(arch, enc, device, True, a.steps)
+            print(f"{arch + ' ' + enc:34}{base:12.2f}{fast:14.2f}{fast / base:7.2f}x")
+        else:
+            print(f"{arch + ' ' + enc:34}{base:12.2f}{'n/a':>14}{'':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        synth.generate(data, n_train=48, n_test=1, height=256, width=1600, seed=0)
+        rate = pipeline_rate(data)
+        print(f"\ndata pipeline (256x1600 JPEG -> 256x512 crop + flips + brightness/contrast): {rate:.1f} images/s per worker")
+        if not a.skip_oof:
+            full, ds4, n = oof_bytes(data, Path(tmp) / "run")
+            print(f"\nOOF bytes per image per model (zstd, {n} images, 4 classes): full {full / 1024:.1f} KiB, ds4 {ds4 / 1024:.1f} KiB"
+                  f" (raw uint8: {4 * 256 * 1600 / 1024:.0f} KiB / {4 * 64 * 400 / 1024:.0f} KiB)")
+            print(f"  -> 12,568 images: full {full * 12568 / 2**30:.2f} GiB, ds4 {ds4 * 12568 / 2**30:.3f} GiB per model")
+    print(f"\nreproduce: .venv/bin/python benchmarks/bench_train.py --steps {a.steps}")
+
+
+if __name__ == "__main__":
+    main()

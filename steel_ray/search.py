@@ -1,0 +1,275 @@
+"""Distributed search: explore configs with Optuna + ASHA, complete the best on every fold, blend.
+
+Usage::
+
+    python -m steel_ray.search --space search_spaces/demo.yaml --data data/demo --out runs/demo \
+        [--folds 3] [--num-samples 8] [--top 2] [--max-concurrent 2] [--cpus-per-trial 1] \
+        [--gpus-per-trial 0] [--address auto] [--storage s3://bucket/runs] [--resume] [--no-blend] [--smoke]
+
+Stages:
+  explore   Optuna (TPE, seeded) proposes --num-samples configs; each trains on the screening
+            fold (fold 0); ASHA (time attribute: epoch) stops the weak ones, and those reach
+            Optuna as PRUNED.
+  complete  the --top configs that ran to the end are trained on every other fold (one trial
+            per config x fold, no early stopping), reusing the screening-fold OOF. Each then has
+            OOF for every training image: a "model" of the pool.
+  blend     the blend optimizer and its report (unless --no-blend).
+
+Without --address Ray runs embedded on this machine. The results table (every trial: stage,
+config, fold, status, epochs, best val_dice, error, node, GPU ids, seconds) is saved as
+RUN/results.parquet. An interrupted search continues with --resume; an existing RUN without
+--resume is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .config import ConfigError
+from .data import DataError
+from .io import atomic_path, atomic_write_text
+from .space import SpaceError, load_space
+from .train import prepare_run
+
+log = logging.getLogger("steel_ray.search")
+METRIC = "best_val_dice"
+SCREEN_FOLD = 0
+STATE = "search.json"
+RESULT_COLS = ["stage", "trial_id", "model_id", "fold", "status", "epochs_run", "best_val_dice", "error",
+               "node_id", "node_ip", "gpu_ids", "wall_s", "config"]
+
+
+class SearchError(RuntimeError):
+    """A search that cannot start or continue (existing run, mismatched resume, no finished trial)."""
+
+
+def _args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m steel_ray.search", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--space", help="search space YAML (search_spaces/*.yaml)")
+    ap.add_argument("--data", help="Severstal-layout data folder, readable from every node")
+    ap.add_argument("--out", required=True, help="run folder on this machine")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--num-samples", type=int, default=16, help="configs Optuna proposes in the explore stage")
+    ap.add_argument("--top", type=int, default=3, help="configs trained on every fold")
+    ap.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what resources allow)")
+    ap.add_argument("--cpus-per-trial", type=float, default=1.0)
+    ap.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+    ap.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its last checkpoint")
+    ap.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    ap.add_argument("--address", help="join a running Ray cluster ('auto', 'ray://host:10001'); default: embedded Ray")
+    ap.add_argument("--storage", help="shared storage every node writes to (path on shared FS, or s3://...); default: RUN")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted search in RUN")
+    ap.add_argument("--no-blend", action="store_true", help="stop after the complete stage")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for checking a setup: 1 epoch, 2 samples, top 1")
+    return ap.parse_args(argv)
+
+
+def _load_state(run: Path, a) -> dict:
+    path = run / STATE
+    keys = ("space", "data", "folds", "num_samples", "top", "seed", "storage", "smoke")
+    if a.resume:
+        if not path.exists():
+            raise SearchError(f"{path} not found: nothing to resume in {run}")
+        state = json.loads(path.read_text())
+        for k in keys:
+            v = getattr(a, k)
+            if k in ("space", "data", "storage") and v is not None:
+                v = str(Path(v).resolve()) if k != "storage" or "://" not in v else v
+            if v is not None and v is not False and k not in ("folds", "num_samples", "top", "seed") and v != state[k]:
+                raise SearchError(f"--{k.replace('_', '-')} {v} differs from the interrupted search's {state[k]}")
+        return state
+    if run.exists() and any(run.iterdir()):
+        raise SearchError(f"{run} already exists and is not empty; pass --resume to continue it, or choose a new --out")
+    if not a.space or not a.data:
+        raise SearchError("--space and --data are required for a new search")
+    storage = a.storage
+    if storage and "://" not in storage:
+        storage = str(Path(storage).resolve())
+    state = {
+        "space": str(Path(a.space).resolve()), "data": str(Path(a.data).resolve()), "folds": a.folds,
+        "num_samples": min(a.num_samples, 2) if a.smoke else a.num_samples,
+        "top": min(a.top, 1) if a.smoke else a.top, "seed": a.seed, "storage": storage, "smoke": a.smoke,
+        "stage": "explore", "selected": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return state
+
+
+def _save_state(run: Path, state: dict) -> None:
+    atomic_write_text(run / STATE, json.dumps(state, indent=1))
+
+
+def _results_rows(grid, stage: str) -> list[dict]:
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        cfg = dict(r.config.get("spec", r.config)) if r.config else {}
+        fold = cfg.pop("fold", SCREEN_FOLD)
+        if r.error is not None:
+            status = "ERROR"
+        elif m.get("finished"):
+            status = "TERMINATED"
+        else:
+            status = "STOPPED"  # ASHA stopped it early
+        err = "" if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}"
+        rows.append({
+            "stage": stage, "trial_id": m.get("trial_id", os.path.basename(str(r.path))), "model_id": m.get("model_id", ""),
+            "fold": int(fold), "status": status, "epochs_run": int(m.get("epoch", 0) or 0),
+            "best_val_dice": float(m.get(METRIC, float("nan"))), "error": err,
+            "node_id": m.get("node_id", ""), "node_ip": m.get("node_ip", ""), "gpu_ids": m.get("gpu_ids", ""),
+            "wall_s": float(m.get("time_total_s", float("nan"))), "config": json.dumps(cfg, sort_keys=True),
+        })
+    return rows
+
+
+def _write_results(run: Path, rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=RESULT_COLS)
+    with atomic_path(run / "results.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    return df
+
+
+def _select_top(rows: list[dict], top: int) -> list[dict]:
+    done = [r for r in rows if r["status"] == "TERMINATED" and r["best_val_dice"] == r["best_val_dice"]]
+    done.sort(key=lambda r: -r["best_val_dice"])
+    seen, out = set(), []
+    for r in done:
+        if r["model_id"] not in seen:
+            seen.add(r["model_id"])
+            out.append(json.loads(r["config"]))
+        if len(out) == top:
+            break
+    if len(out) < top:
+        log.warning("only %d explore trial(s) ran to the end; completing %d model(s) instead of %d", len(out), len(out), top)
+    return out
+
+
+def _tuner(name, trainable, storage_path, tune_config, max_failures, param_space=None, restore=False):
+    from ray import tune
+
+    path = os.path.join(storage_path, name)
+    if restore and tune.Tuner.can_restore(path):
+        log.info("restoring %s from %s", name, path)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space)
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=1,
+    )
+    return tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config, run_config=run_config)
+
+
+def run_search(a) -> int:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .tune_adapter import PruneAwareOptunaSearch, run_trial, sync_pool
+
+    run = Path(a.out).resolve()
+    state = _load_state(run, a)
+    space = load_space(state["space"])  # an invalid space fails here, before Ray starts
+    if state["smoke"]:
+        space = space.__class__(space.path, tuple(p for p in space.params if p.name != "epochs"),
+                                {**space.fixed, "epochs": 1}, tuple({k: v for k, v in pt.items() if k != "epochs"} for pt in space.points_to_evaluate))
+    run.mkdir(parents=True, exist_ok=True)
+    data = prepare_run(state["data"], run, state["folds"])
+    _save_state(run, state)
+    pool = f"{state['storage'].rstrip('/')}/{run.name}/pool" if state["storage"] else str(run)
+    storage_path = state["storage"] or str(run / "ray")
+
+    if a.address:
+        ray.init(address=a.address, ignore_reinit_error=True, log_to_driver=True)
+    elif not ray.is_initialized():
+        ray.init(include_dashboard=False, ignore_reinit_error=True)
+    res = {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=data, pool=pool, default_fold=SCREEN_FOLD, cpus=a.cpus_per_trial), res
+    )
+    rows: list[dict] = []
+    if (run / "results.parquet").exists() and a.resume:
+        rows = [r for r in pd.read_parquet(run / "results.parquet").to_dict("records") if r["stage"] != state["stage"]]
+
+    if state["stage"] == "explore":
+        import optuna
+
+        sampler = optuna.samplers.TPESampler(seed=state["seed"])
+        storage = f"sqlite:///{run / 'optuna.db'}"
+        searcher = PruneAwareOptunaSearch(space.define_by_run, metric=METRIC, mode="max", sampler=sampler,
+                                          points_to_evaluate=list(space.points_to_evaluate) or None,
+                                          study_name="explore", storage=optuna.storages.RDBStorage(storage))
+        limiter = ConcurrencyLimiter(searcher, max_concurrent=a.max_concurrent or 2)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(), grace_period=1, reduction_factor=2)
+        tc = tune.TuneConfig(metric=METRIC, mode="max", search_alg=limiter, scheduler=scheduler, num_samples=state["num_samples"])
+        grid = _tuner("explore", trainable, storage_path, tc, a.max_failures, restore=a.resume).fit()
+        rows = _results_rows(grid, "explore")
+        _write_results(run, rows)
+        state["selected"] = _select_top(rows, state["top"])
+        if not state["selected"]:
+            raise SearchError("no explore trial ran to the end; see RUN/results.parquet for the errors")
+        state["stage"] = "complete"
+        _save_state(run, state)
+
+    if state["stage"] == "complete":
+        from .config import TrialConfig
+        from .tune_adapter import pool_meta
+
+        # (config, fold) pairs whose OOF is already in the pool (the screening fold of a trial
+        # that ran to the end) are reused, not retrained
+        specs = [{**cfg, "fold": k} for cfg in state["selected"] for k in range(state["folds"])
+                 if pool_meta(pool, TrialConfig.from_dict(cfg).model_id(), k) is None]
+        rows = [r for r in rows if r["stage"] != "complete"]
+        if specs:
+            tc = tune.TuneConfig(max_concurrent_trials=a.max_concurrent, num_samples=1)
+            grid = _tuner("complete", trainable, storage_path, tc, a.max_failures,
+                          param_space={"spec": tune.grid_search(specs)}, restore=a.resume).fit()
+            rows += _results_rows(grid, "complete")
+        _write_results(run, rows)
+        sync_pool(pool, run)
+        state["stage"] = "blend"
+        _save_state(run, state)
+
+    df = _write_results(run, rows)
+    _print_summary(df, run)
+    if state["stage"] == "blend" and not a.no_blend:
+        from . import blend
+
+        blend.main(["--run", str(run)])
+        state["stage"] = "done"
+        _save_state(run, state)
+    return 0
+
+
+def _print_summary(df: pd.DataFrame, run: Path) -> None:
+    cols = ["stage", "model_id", "fold", "status", "epochs_run", "best_val_dice", "node_ip", "gpu_ids", "wall_s"]
+    with pd.option_context("display.width", 200, "display.max_colwidth", 48, "display.max_rows", 500):
+        print("\n" + df[cols].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    errs = df[df.status == "ERROR"]
+    for _, r in errs.iterrows():
+        print(f"ERROR {r.stage} {r.model_id or r.config} fold {r.fold}: {r.error}")
+    counts = df.groupby(["stage", "status"]).size().to_dict()
+    print(f"\ntrials: {counts}; results table: {run / 'results.parquet'}")
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run_search(a)
+    except (SearchError, SpaceError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

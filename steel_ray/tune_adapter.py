@@ -1,0 +1,170 @@
+"""Ray Tune adapter: the trial function, the prune-aware Optuna searcher and the storage glue.
+
+Ray lives here and in ``search.py`` only; ``train.fit_fold`` knows nothing about it. Ray's API
+changes between releases: these calls are written against Ray 2.x's ``ray.tune`` (``Tuner``,
+``tune.report(metrics, checkpoint=...)``, ``tune.get_checkpoint()``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from . import oof
+from .config import TrialConfig
+from .train import FoldData, checkpoint_dir, fit_fold
+
+__all__ = ["PruneAwareOptunaSearch", "run_trial", "is_remote", "pool_meta", "put_file", "sync_pool"]
+
+log = logging.getLogger(__name__)
+RESERVED = ("fold",)  # config keys that are not trial config keys
+
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about how a trial ended.
+
+    Ray's OptunaSearch reports every trial with a last result as COMPLETE, including those ASHA
+    stopped early, which feeds TPE partial-training scores as if they were final. Here a trial
+    that did not report ``finished`` is PRUNED (Optuna keeps its intermediate values), and a
+    trial that raised is FAIL.
+    """
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        if error or not result or not result.get("finished"):
+            import optuna
+
+            ot_trial = self._ot_trials[trial_id]
+            step = result.get("training_iteration") if result else None
+            if not error and step is not None and result.get(self.metric) is not None:
+                # the result ASHA stopped on reaches the searcher only here; Optuna ignores
+                # (with a warning) a step it already has
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ot_trial.report(result[self.metric], step)
+
+            state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
+            self._ot_study.tell(self._ot_trials[trial_id], None, state=state)
+            self._completed_trials.add(trial_id)
+            return None
+        return super().on_trial_complete(trial_id, result, error)
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def _fs(uri: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
+def pool_meta(pool: str, model_id: str, fold: int) -> dict | None:
+    """The metadata of a (model, fold) OOF file in the pool, or None when it is not there."""
+    import pyarrow.fs as pafs
+
+    rel = oof.oof_path("", model_id, fold).as_posix().lstrip("/")
+    if not is_remote(pool):
+        path = Path(pool) / rel
+        return oof.read_meta(path) if path.exists() else None
+    fs, root = _fs(pool)
+    if fs.get_file_info(f"{root}/{rel}").type != pafs.FileType.File:
+        return None
+    return oof.read_meta(f"{root}/{rel}", filesystem=fs)
+
+
+def put_file(local: Path, pool: str, rel: str) -> None:
+    """Copy a finished file into a remote pool (one PUT: readers never see half a file)."""
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(pool)
+    fs.create_dir(os.path.dirname(f"{root}/{rel}"), recursive=True)
+    pafs.copy_files(str(local), f"{root}/{rel}", destination_filesystem=fs)
+
+
+def sync_pool(pool: str, run: Path) -> None:
+    """Bring a remote pool's OOF files and best weights into the local run folder."""
+    if not is_remote(pool) and Path(pool).resolve() == Path(run).resolve():
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(pool) if is_remote(pool) else (pafs.LocalFileSystem(), str(Path(pool).resolve()))
+    for sub in ("oof", "checkpoints"):
+        sel = pafs.FileSelector(f"{root}/{sub}", recursive=True, allow_not_found=True)
+        for info in fs.get_file_info(sel):
+            if info.type != pafs.FileType.File or Path(info.path).name.startswith("."):
+                continue
+            rel = os.path.relpath(info.path, root)
+            dst = Path(run) / rel
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.sync")
+                pafs.copy_files(info.path, str(tmp), source_filesystem=fs)
+                os.replace(tmp, dst)
+
+
+def _node_info() -> dict:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    try:
+        gpus = ",".join(str(g) for g in ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        gpus = ""
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": gpus}
+
+
+def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold: int = 0, cpus: float = 1.0):
+    """One trial = one (config, fold): train with checkpoints through Tune, then write the OOF.
+
+    The fold's OOF goes straight into ``pool`` (a local/NFS path shared by every node, or a
+    URI such as ``s3://bucket/run``). A retried or resumed trial continues from its last Tune
+    checkpoint; a (model, fold) whose OOF is already in the pool is not trained again.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+    config = dict(config.get("spec", config))
+    fold = int(config.pop("fold", default_fold))
+    cfg = TrialConfig.from_dict(config)
+    model_id = cfg.model_id()
+    info = {"model_id": model_id, "fold": fold, **_node_info()}
+
+    done = pool_meta(pool, model_id, fold)
+    if done is not None:
+        log.info("%s fold %d: OOF already in the pool, reusing it", model_id, fold)
+        best = float(done.get("best_val_dice", float("nan")))
+        tune.report({**info, "epoch": int(done.get("epochs_run", cfg.train.epochs)), "val_dice": best,
+                     "best_val_dice": best, "best_epoch": done.get("best_epoch"), "finished": True, "reused": True})
+        return
+
+    remote = is_remote(pool)
+    local_run = Path(tempfile.mkdtemp(prefix="steel_ray_trial_")) if remote else Path(pool)
+    ckdir = checkpoint_dir(local_run, model_id, fold)
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        with ckpt.as_directory() as d:
+            for name in ("last.pt", "best.pt"):
+                src = Path(d) / name
+                if src.exists() and src.resolve() != (ckdir / name).resolve():
+                    shutil.copy2(src, ckdir / f".{name}.restore")
+                    os.replace(ckdir / f".{name}.restore", ckdir / name)
+
+    def report(metrics: dict) -> None:
+        metrics = {**metrics, **info, "finished": metrics["epoch"] >= cfg.train.epochs}
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
+
+    res = fit_fold(cfg, fold, data, local_run, report=report, progress=False)
+    if remote:
+        for path in (Path(res.oof_path), Path(res.weights_path)):
+            put_file(path, pool, path.relative_to(local_run).as_posix())
+        shutil.rmtree(local_run, ignore_errors=True)

@@ -1,0 +1,132 @@
+"""End-to-end searches on real Ray (embedded, and a multi-node ray.cluster_utils.Cluster)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pandas as pd
+import pytest
+
+from steel_ray import oof
+
+SPACE = """
+fixed: {batch_size: 8, crop_height: 32, epochs: 2, tta: none}
+params:
+  arch: {type: categorical, choices: [Unet, FPN]}
+  encoder: {type: categorical, choices: [tu-test_resnet, tu-test_efficientnet]}
+  crop_width: {type: categorical, choices: [128, 512]}
+  lr: {type: logfloat, low: 1.0e-3, high: 1.0e-2}
+points_to_evaluate:
+  - {arch: FPN, encoder: tu-test_resnet, crop_width: 512, lr: 3.0e-3}
+  - {arch: Unet, encoder: tu-test_resnet, crop_width: 128, lr: 3.0e-3}
+  - {arch: FPN, encoder: tu-test_efficientnet, crop_width: 128, lr: 5.0e-3}
+"""
+
+
+def _search(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "steel_ray.search", *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def _check_pool(run, n_models, n_folds):
+    table = pd.read_parquet(run / "results.parquet")
+    present = oof.list_pool(run)
+    complete = [m for m, f in present.items() if f == list(range(n_folds))]
+    assert len(complete) >= n_models
+    pool = oof.read_pool(run, complete)  # raises if anything is missing
+    assert len(pool.image_ids) == len(oof.read_truth(run).image_ids)
+    for m in present:  # one file per (model, fold), no leftovers
+        for f in present[m]:
+            assert [p.name for p in (run / "oof" / f"model_id={m}" / f"fold={f}").iterdir()] == ["part-0.parquet"]
+    return table, complete
+
+
+def test_smoke_search_failing_trial_and_pruning(tiny_set, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    run = tmp_path / "run"
+    r = _search("--space", space, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 4, "--top", 2,
+                "--max-concurrent", 2, "--max-failures", 0, "--no-blend")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    state = json.loads((run / "search.json").read_text())
+    table, complete = _check_pool(run, len(state["selected"]), 2)
+    explore = table[table.stage == "explore"]
+    assert len(explore) == 4 and len(state["selected"]) == min(2, int((explore.status == "TERMINATED").sum()))
+    # the point with a 512-wide crop cannot fit 256-wide images: it fails alone, with its error
+    err = explore[explore.status == "ERROR"]
+    too_wide = explore.config.map(lambda c: json.loads(c)["crop_width"] == 512)
+    assert len(err) >= 1 and (too_wide == (explore.status == "ERROR")).all()
+    assert err.error.str.contains("does not fit the 64x256 training images").all()
+    assert (explore[explore.status != "ERROR"].best_val_dice.between(0, 1)).all()
+    assert set(table.columns) >= {"stage", "config", "fold", "status", "epochs_run", "best_val_dice", "error", "node_id", "gpu_ids", "wall_s"}
+    # every selected model was completed on fold 1 (fold 0 reused from explore)
+    comp = table[table.stage == "complete"]
+    assert sorted(comp.fold) == [1] * len(comp) and (comp.status == "TERMINATED").all()
+    # Optuna saw ASHA-stopped trials as PRUNED, finished ones as COMPLETE, the failure as FAIL
+    study = optuna.load_study(study_name="explore", storage=f"sqlite:///{run / 'optuna.db'}")
+    states = sorted(t.state.name for t in study.trials)
+    expected = sorted({"TERMINATED": "COMPLETE", "STOPPED": "PRUNED", "ERROR": "FAIL"}[s] for s in explore.status)
+    assert states == expected
+    # an existing run without --resume is refused and nothing is touched
+    before = (run / "results.parquet").stat().st_mtime_ns
+    r = _search("--space", space, "--data", tiny_set, "--out", run)
+    assert r.returncode == 2 and "already exists" in r.stderr and "--resume" in r.stderr
+    assert (run / "results.parquet").stat().st_mtime_ns == before
+
+
+def test_kill_and_resume(tiny_set, tmp_path):
+    run = tmp_path / "run"
+    args = ["--space", "tests/spaces/tiny.yaml", "--data", tiny_set, "--out", run, "--folds", 2,
+            "--num-samples", 3, "--top", 2, "--max-concurrent", 1, "--no-blend"]
+    p = subprocess.Popen([sys.executable, "-m", "steel_ray.search", *map(str, args)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run.glob("oof/*/*/part-0.parquet")):
+        time.sleep(0.5)
+    assert p.poll() is None, "search finished before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray it embedded
+    p.wait()
+    time.sleep(2)
+    before = {f: f.stat().st_mtime_ns for f in run.glob("oof/*/*/part-0.parquet")}
+    assert before
+    r = _search(*args, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    state = json.loads((run / "search.json").read_text())
+    table, complete = _check_pool(run, len(state["selected"]), 2)
+    explore = table[table.stage == "explore"]
+    assert len(explore) == 3 and explore.trial_id.is_unique
+    for f, t in before.items():  # finished folds were not redone
+        assert f.stat().st_mtime_ns == t
+    assert state["stage"] == "blend"
+
+
+def test_multi_node_gpu_cluster(tiny_set, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from steel_ray import search
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    storage = tmp_path / "shared"
+    run = tmp_path / "run"
+    try:
+        rc = search.main(["--space", "tests/spaces/tiny.yaml", "--data", str(tiny_set), "--out", str(run),
+                          "--folds", "2", "--num-samples", "2", "--top", "2", "--gpus-per-trial", "1",
+                          "--cpus-per-trial", "1", "--address", cluster.address, "--storage", str(storage),
+                          "--no-blend", "--max-concurrent", "2"])
+        assert rc == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    table, complete = _check_pool(run, 1, 2)
+    worker_ids = {w.node_id for w in workers}
+    ran = table[(table.status != "ERROR") & (table.node_id != "")]
+    assert set(ran.node_id) == worker_ids  # trials ran on both GPU workers, none on the head
+    assert set(ran.gpu_ids) == {"0"}  # each worker has one (declared) GPU, id 0
+    # the pool in shared storage is complete too (trials wrote there, the driver synced it)
+    pool_dir = storage / run.name / "pool"
+    assert {m: f for m, f in oof.list_pool(pool_dir).items() if m in complete} == {m: [0, 1] for m in complete}
