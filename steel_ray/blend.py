@@ -1,0 +1,448 @@
+"""Blend optimizer: ensemble weights and per-class post-processing from the OOF pool, honestly scored.
+
+Usage::
+
+    python -m steel_ray.blend --run runs/demo [--max-members 25] [--bags N] [--per-class-weights]
+        [--allow-partial] [--workers N] [--fill-holes]
+
+Greedy forward selection with replacement (Caruana et al., ICML 2004) on the 4x-downsampled
+maps, whose objective is the cross-fitted score after the per-class post-processing search;
+then the post-processing is tuned at full resolution. Scores (all at full resolution):
+``in_sample``, ``cross_fitted`` (post-processing chosen on K-1 folds, scored on the held-out
+one), ``nested`` (the whole procedure, selection included, rerun without fold k and scored on
+fold k), ``best_single`` and ``baseline`` (plain mean, threshold 0.5, min areas
+500/500/1000/2000 px at 256x1600, gate 0.5). Writes RUN/blend/blend.json, report.html, report.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+
+from . import oof
+from . import ppsearch as ps
+from .data import N_CLASSES, DataError
+from .io import atomic_write_text
+
+__all__ = ["BlendPool", "load_blend_pool", "optimize", "BlendResult", "select", "write_blend_json", "main"]
+
+log = logging.getLogger("steel_ray.blend")
+BASELINE_AREAS = (500, 500, 1000, 2000)  # px at 256x1600 (the original solution's recipe)
+
+
+@dataclass
+class BlendPool:
+    """Everything the optimizer needs, per class, at both resolutions (pixels pruned at t_min)."""
+
+    model_ids: list[str]
+    image_ids: list[str]
+    folds: np.ndarray
+    n_folds: int
+    shape: tuple[int, int]
+    full: list[ps.ClassData]  # 4 classes, full resolution
+    ds: list[ps.ClassData]  # 4 classes, 4x downsampled
+    left_out: list[str] = field(default_factory=list)
+    checkpoints: dict = field(default_factory=dict)  # model_id -> [best.pt per fold]
+    dense_full: list | None = None  # (probs (M,N,H,W) u8, truth (N,H,W)) per class, for --fill-holes
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.image_ids) * N_CLASSES
+
+
+def _truth_ds(mask: np.ndarray) -> np.ndarray:
+    """4x area-downsampled truth (a cell is true when at least half of it is)."""
+    h, w = mask.shape
+    hh, ww = -(-h // oof.DS), -(-w // oof.DS)
+    return cv2.resize(mask.astype(np.float32), (ww, hh), interpolation=cv2.INTER_AREA) >= 0.5
+
+
+def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, keep_dense=False) -> BlendPool:
+    """Stream the run's OOF pool into pruned per-class arrays (memory ~ kept pixels x models)."""
+    run = Path(run)
+    truth = oof.read_truth(run)
+    present = oof.list_pool(run)
+    folds_all = sorted(set(truth.folds.tolist()))
+    candidates = list(model_ids) if model_ids is not None else sorted(present)
+    gaps = [(m, f) for m in candidates for f in folds_all if f not in present.get(m, [])]
+    left_out = sorted({m for m, _ in gaps})
+    if gaps and not allow_partial:
+        raise oof.PoolGapError(gaps)
+    models = [m for m in candidates if m not in left_out]
+    if not models:
+        raise DataError(f"{run}: no model has OOF for every fold ({len(folds_all)} folds); nothing to blend")
+    grid = ps.default_grid(truth.shape)
+    t_min = grid.t_min if t_min is None else t_min
+    n, h, w = len(truth.image_ids), *truth.shape
+    pos = {k: i for i, k in enumerate(truth.image_ids)}
+    parts = {r: [[] for _ in range(N_CLASSES)] for r in ("full", "ds")}
+    cls = np.zeros((len(models), n, N_CLASSES), np.float32)
+    true_area = {"full": np.zeros((N_CLASSES, n), np.int64), "ds": np.zeros((N_CLASSES, n), np.int64)}
+    dense = [(np.zeros((len(models), n, h, w), np.uint8), np.zeros((n, h, w), bool)) for _ in range(N_CLASSES)] if keep_dense else None
+    hh, ww = -(-h // oof.DS), -(-w // oof.DS)
+    for f in folds_all:
+        readers = [pq.ParquetFile(oof.oof_path(run, m, f)).iter_batches(batch_size=32) for m in models]
+        for batches in zip(*readers):
+            ids = batches[0].column("image_id").to_pylist()
+            order = [ids] + [b.column("image_id").to_pylist() for b in batches[1:]]
+            if any(o != ids for o in order):
+                raise DataError(f"OOF files of fold {f} list images in different orders; rewrite them with one version")
+            rows = np.array([pos[i] for i in ids])
+            for mi, b in enumerate(batches):
+                cls[mi, rows] = np.asarray(b.column("cls").to_pylist(), np.float32)
+            for c in range(N_CLASSES):
+                full = np.stack([np.frombuffer(b"".join(b.column(f"p{c + 1}").to_pylist()), np.uint8).reshape(len(ids), h, w) for b in batches])
+                dsm = np.stack([np.frombuffer(b"".join(b.column(f"p{c + 1}_ds{oof.DS}").to_pylist()), np.uint8).reshape(len(ids), hh, ww) for b in batches])
+                tmask = truth.masks(rows, [c])[:, 0]
+                tds = np.stack([_truth_ds(t) for t in tmask])
+                true_area["full"][c, rows] = tmask.sum((1, 2))
+                true_area["ds"][c, rows] = tds.sum((1, 2))
+                for res, probs, tm in (("full", full, tmask), ("ds", dsm, tds)):
+                    flat = probs.reshape(len(models), len(ids), -1)
+                    keep = flat.max(0) >= t_min
+                    i_loc, pix = np.nonzero(keep)
+                    parts[res][c].append((rows[i_loc], flat[:, i_loc, pix], tm.reshape(len(ids), -1)[i_loc, pix]))
+                if keep_dense:
+                    dense[c][0][:, rows] = full
+                    dense[c][1][rows] = tmask
+    out = {}
+    for res, scale in (("full", 1.0), ("ds", float(oof.DS * oof.DS))):
+        out[res] = []
+        for c in range(N_CLASSES):
+            img = np.concatenate([p[0] for p in parts[res][c]]).astype(np.int64)
+            vals = np.concatenate([p[1] for p in parts[res][c]], axis=1)
+            tr = np.concatenate([p[2] for p in parts[res][c]])
+            out[res].append(ps.ClassData(img, vals, tr, true_area[res][c], cls[:, :, c].copy(), scale, t_min))
+    ckpts = {m: [str(Path(run) / "checkpoints" / m / f"fold={f}" / "best.pt") for f in folds_all] for m in models}
+    log.info("pool: %d models x %d images, kept %.2f%% of full-res pixels (t_min %d)", len(models), n,
+             100 * sum(d.vals.shape[1] for d in out["full"]) / (N_CLASSES * n * h * w), t_min)
+    return BlendPool(models, list(truth.image_ids), truth.folds, len(folds_all), (h, w), out["full"], out["ds"],
+                     left_out, ckpts, dense)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _weights(counts) -> np.ndarray:
+    counts = np.asarray(counts, np.float64)
+    return counts / counts.sum(axis=-1, keepdims=True)
+
+
+def _cf_score(datas, weights, folds, n_folds, grids, classes=range(N_CLASSES)) -> float:
+    """Summed cross-fitted Dice over ``classes`` for per-class weights ``weights[c]``."""
+    total = 0.0
+    for c in classes:
+        d = datas[c]
+        t = ps.fold_tables(ps.blend_u8(d.vals, weights[c]), ps.blend_cls(d.cls, weights[c]), d, folds, n_folds, grids[c])
+        total += ps.cross_fitted(t, grids[c])[0]
+    return total
+
+
+def _forward(datas, folds, n_folds, grids, models, max_members, init, classes):
+    """Greedy forward selection with replacement over ``models`` (indices).
+
+    Returns the counts at the best step (truncation) and the trajectory (members, score, counts).
+    """
+    counts = np.zeros(datas[0].vals.shape[0], np.int64)
+    for m in init:
+        counts[m] += 1
+    traj, best_counts, best_score = [], None, -np.inf
+
+    def score(cnt):
+        return _cf_score(datas, [_weights(cnt)] * N_CLASSES, folds, n_folds, grids, classes)
+
+    if counts.sum():
+        best_score, best_counts = score(counts), counts.copy()
+        traj.append((int(counts.sum()), best_score, counts.copy()))
+    while counts.sum() < max_members:
+        scores = []
+        for m in models:
+            cand = counts.copy()
+            cand[m] += 1
+            scores.append(score(cand))
+        scores = np.array(scores)
+        top = np.flatnonzero(scores >= scores.max() - 1e-12)
+        # ties prefer a model already in the ensemble, then the lowest index
+        already = [i for i in top if counts[models[i]] > 0]
+        counts[models[already[0] if already else top[0]]] += 1
+        s = float(scores.max())
+        traj.append((int(counts.sum()), s, counts.copy()))
+        if s > best_score + 1e-12:
+            best_counts, best_score = counts.copy(), s
+    return best_counts, traj
+
+
+def select(datas, folds, n_folds, grids, max_members=25, bags=1, bag_fraction=0.5, init_sorted=0,
+           classes=range(N_CLASSES), seed=0):
+    """Ensemble selection: weights (M,) averaged over bags, plus the first bag's trajectory."""
+    m_all = datas[0].vals.shape[0]
+    rng = np.random.default_rng(seed)
+    singles = None
+    if init_sorted:
+        singles = [_cf_score(datas, [np.eye(m_all)[m]] * N_CLASSES, folds, n_folds, grids, classes) for m in range(m_all)]
+    weights, first_traj = np.zeros(m_all), None
+    for b in range(max(1, bags)):
+        models = list(range(m_all))
+        if bags > 1 and m_all > 1:
+            k = max(1, int(round(bag_fraction * m_all)))
+            models = sorted(rng.choice(m_all, k, replace=False).tolist())
+        init = []
+        if singles is not None:
+            init = sorted(models, key=lambda m: -singles[m])[:init_sorted]
+        counts, traj = _forward(datas, folds, n_folds, grids, models, max_members, init, classes)
+        weights += _weights(counts)
+        first_traj = first_traj or traj
+    return weights / max(1, bags), first_traj
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class BlendResult:
+    model_ids: list[str]
+    weights: np.ndarray  # (4, M) per-class weights (rows equal unless per-class)
+    postprocess: dict  # "1".."4" -> dict
+    scores: dict
+    per_class: dict
+    trajectory: list
+    curves: dict
+    nested_weights: list
+    fill_holes: bool
+    singles: dict
+    left_out: list
+    settings: dict
+
+
+def _full_tables(pool: BlendPool, c: int, weights, fill_holes: bool, grid, image_mask=None):
+    d = pool.full[c]
+    folds = pool.folds
+    if fill_holes:
+        probs, truth = pool.dense_full[c]
+        area, inter = ps.area_inter_dense(ps.blend_u8(probs, weights), truth, grid.levels, fill_holes=True)
+        return ps.tables_from_counts(area, inter, d.true_area, 1.0, ps.blend_cls(d.cls, weights), folds, pool.n_folds, grid)
+    return ps.fold_tables(ps.blend_u8(d.vals, weights), ps.blend_cls(d.cls, weights), d, folds, pool.n_folds, grid)
+
+
+def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_weights: bool = False,
+             init_sorted: int = 0, fill_holes: bool = False, nested: bool = True, workers: int = 1, seed: int = 0,
+             selection_resolution: str = "auto") -> BlendResult:
+    """Select the ensemble, tune per-class post-processing and compute the honest scores."""
+    t0 = time.time()
+    grid = ps.default_grid(pool.shape)
+    grids = [grid] * N_CLASSES
+    n, k, m_all = len(pool.image_ids), pool.n_folds, len(pool.model_ids)
+    settings = {"max_members": max_members, "bags": bags, "per_class_weights": per_class_weights,
+                "init_sorted": init_sorted, "seed": seed,
+                "grid": {"pixel_levels": grid.levels.tolist(), "min_areas": grid.min_areas.tolist(),
+                         "cls_thresholds": grid.cls_thresholds.tolist()}}
+
+    def run_selection(ds, folds):
+        if per_class_weights:
+            ws, trajs = [], []
+            for c in range(N_CLASSES):
+                w, tr = select(ds, folds, k, grids, max_members, bags, init_sorted=init_sorted, classes=[c], seed=seed)
+                ws.append(w)
+                trajs.append(tr)
+            return np.array(ws), trajs[0]
+        w, tr = select(ds, folds, k, grids, max_members, bags, init_sorted=init_sorted, seed=seed)
+        return np.tile(w, (N_CLASSES, 1)), tr
+
+    if selection_resolution == "auto":
+        # 4x maps track the full-resolution objective once they keep some detail (Severstal:
+        # 64x400); tiny images are cheap at full resolution and too coarse at 4x.
+        selection_resolution = "ds4" if min(pool.shape) >= 128 else "full"
+    if selection_resolution not in ("ds4", "full"):
+        raise ValueError(f"selection_resolution={selection_resolution!r}; choose 'auto', 'ds4' or 'full'")
+    settings["selection_resolution"] = selection_resolution
+    sel_data = pool.ds if selection_resolution == "ds4" else pool.full
+    weights, traj = run_selection(sel_data, pool.folds)
+    log.info("selection done in %.1fs: %s", time.time() - t0, {pool.model_ids[i]: round(float(x), 3) for i, x in enumerate(weights[0]) if x > 0})
+
+    # final tuning at full resolution
+    post, in_s, cf, per_class, curves = {}, 0.0, 0.0, {}, {}
+    for c in range(N_CLASSES):
+        tables = _full_tables(pool, c, weights[c], fill_holes, grid)
+        s_in, ch = ps.in_sample(tables, grid)
+        s_cf, _ = ps.cross_fitted(tables, grid)
+        in_s += s_in
+        cf += s_cf
+        post[str(c + 1)] = {"pixel_threshold": ch.pixel_threshold, "min_area": ch.min_area,
+                            "cls_threshold": ch.cls_threshold, "fill_holes": fill_holes}
+        ti, ai, gi = (int(np.flatnonzero(grid.levels == ch.level)[0]), int(np.flatnonzero(grid.min_areas == ch.min_area)[0]),
+                      int(np.flatnonzero(grid.cls_thresholds == ch.cls_threshold)[0]))
+        tot = tables.sum(0) / n
+        curves[str(c + 1)] = {"pixel_threshold": (grid.levels / 255).tolist(), "dice_vs_threshold": tot[:, ai, gi].tolist(),
+                              "min_area": grid.min_areas.tolist(), "dice_vs_min_area": tot[ti, :, gi].tolist(),
+                              "cls_threshold": grid.cls_thresholds.tolist(), "dice_vs_cls": tot[ti, ai, :].tolist()}
+        d = pool.full[c]
+        blended, cls_b = ps.blend_u8(d.vals, weights[c]), ps.blend_cls(d.cls, weights[c])
+        pair = ps.score_point(blended, cls_b, d, ch) if not fill_holes else None
+        empty = d.true_area == 0
+        if pair is not None:
+            kept_pred = _pred_nonempty(blended, cls_b, d, ch)
+            per_class[str(c + 1)] = {"dice": float(pair.mean()), "fp_rate_on_empty": float(kept_pred[empty].mean()) if empty.any() else 0.0,
+                                     "n_true": int((~empty).sum()), "n_empty": int(empty.sum())}
+        else:
+            per_class[str(c + 1)] = {"dice": float(s_in / n), "n_true": int((~empty).sum()), "n_empty": int(empty.sum())}
+
+    # best single model and baseline (full resolution)
+    singles = {}
+    for mi, mid in enumerate(pool.model_ids):
+        e = np.eye(m_all)[mi]
+        singles[mid] = sum(ps.cross_fitted(_full_tables(pool, c, e, fill_holes, grid), grid)[0] for c in range(N_CLASSES)) / pool.n_pairs
+    best_single = max(singles.values())
+    mean_w = np.full(m_all, 1.0 / m_all)
+    base = 0.0
+    area_scale = pool.shape[0] * pool.shape[1] / ps.SEVERSTAL_AREA
+    for c in range(N_CLASSES):
+        d = pool.full[c]
+        ch = ps.Choice(128, float(round(BASELINE_AREAS[c] * area_scale)), 0.5)
+        base += ps.score_point(ps.blend_u8(d.vals, mean_w), ps.blend_cls(d.cls, mean_w), d, ch).sum()
+
+    # nested: the whole procedure without fold k, scored on fold k
+    nested_total, nested_weights = float("nan"), []
+    if nested and k > 1:
+        nested_total = 0.0
+        jobs = list(range(k))
+        outs = _map(lambda f: _nested_fold(pool, sel_data, f, run_selection, grid, fill_holes), jobs, workers)
+        for f, (s, w) in zip(jobs, outs):
+            nested_total += s
+            nested_weights.append(w.tolist())
+        nested_total /= pool.n_pairs
+    scores = {"in_sample": float(in_s / pool.n_pairs), "cross_fitted": float(cf / pool.n_pairs), "nested": float(nested_total),
+              "best_single": float(best_single), "best_single_model": max(singles, key=singles.get), "baseline": float(base / pool.n_pairs)}
+    traj_out = [{"members": int(s), "cross_fitted": float(v) / pool.n_pairs} for s, v, _ in traj]
+    log.info("scores: %s (%.1fs)", {k_: (round(v, 6) if isinstance(v, float) else v) for k_, v in scores.items()}, time.time() - t0)
+    return BlendResult(pool.model_ids, weights, post, scores, per_class, traj_out, curves, nested_weights, fill_holes,
+                       singles, pool.left_out, settings)
+
+
+def _pred_nonempty(blended, cls_b, d: ps.ClassData, ch: ps.Choice) -> np.ndarray:
+    on = blended >= ch.level
+    area = np.bincount(d.img[on], minlength=d.n_images) * d.area_scale
+    return (area > 0) & (area >= ch.min_area) & (cls_b >= ch.cls_threshold)
+
+
+def _nested_fold(pool: BlendPool, sel_data, f: int, run_selection, grid, fill_holes):
+    """Held-out Dice sum of fold ``f`` for the procedure run on the other folds."""
+    train = pool.folds != f
+    ds_sub = [d.subset(train) for d in sel_data]
+    folds_sub = pool.folds[train]
+    w, _ = run_selection(ds_sub, folds_sub)
+    total = 0.0
+    for c in range(N_CLASSES):
+        tables = _full_tables(pool, c, w[c], fill_holes, grid)
+        ch = ps.choose(tables, grid, exclude=f)
+        idx = (int(np.flatnonzero(grid.levels == ch.level)[0]), int(np.flatnonzero(grid.min_areas == ch.min_area)[0]),
+               int(np.flatnonzero(grid.cls_thresholds == ch.cls_threshold)[0]))
+        total += tables[(f, *idx)]
+    return total, w
+
+
+def _map(fn, items, workers):
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    import multiprocessing as mp
+
+    global _MAP_FN
+    _MAP_FN = fn
+    with mp.get_context("fork").Pool(min(workers, len(items))) as p:
+        return p.map(_call_map_fn, items)
+
+
+_MAP_FN = None
+
+
+def _call_map_fn(x):
+    return _MAP_FN(x)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def blend_json(result: BlendResult, pool: BlendPool, run) -> dict:
+    members = []
+    shared = np.allclose(result.weights, result.weights[0])
+    for mi, mid in enumerate(result.model_ids):
+        if result.weights[:, mi].max() <= 0:
+            continue
+        entry = {"model_id": mid, "weight": float(result.weights[0, mi]), "checkpoints": pool.checkpoints[mid]}
+        if not shared:
+            entry["weight"] = None
+            entry["class_weights"] = {str(c + 1): float(result.weights[c, mi]) for c in range(N_CLASSES)}
+        members.append(entry)
+    return {
+        "version": 1,
+        "run": str(Path(run).resolve()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "image_shape": list(pool.shape),
+        "semantics": ("blended_u8 = floor(sum_m weight_m * p_m + 0.5) over members' uint8 maps (round(255 p)); a pixel "
+                      "is on when blended_u8 / 255 >= pixel_threshold; holes are filled if fill_holes; the class mask is "
+                      "emptied when its area (pixels at image resolution) < min_area or when sum_m weight_m * cls_m < "
+                      "cls_threshold. Each member's map is the mean of its fold models' probabilities, quantised."),
+        "members": members,
+        "postprocess": result.postprocess,
+        "scores": result.scores,
+        "per_class": result.per_class,
+        "single_models_cross_fitted": result.singles,
+        "left_out_models": result.left_out,
+        "selection": {**result.settings, "trajectory": result.trajectory, "nested_weights": result.nested_weights},
+        "curves": result.curves,
+    }
+
+
+def write_blend_json(doc: dict, path) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m steel_ray.blend", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--run", required=True, help="run folder with truth.parquet and oof/")
+    ap.add_argument("--max-members", type=int, default=25, help="cap on selection slots (repeats allowed)")
+    ap.add_argument("--bags", type=int, default=1, help="bagged selections (half the models each), weights averaged")
+    ap.add_argument("--init-sorted", type=int, default=0, help="start from the N best single models")
+    ap.add_argument("--per-class-weights", action="store_true", help="select weights per class")
+    ap.add_argument("--allow-partial", action="store_true", help="blend only models with every fold; report the others")
+    ap.add_argument("--fill-holes", action="store_true", help="fill mask holes (slow exact path: dense maps in memory)")
+    ap.add_argument("--no-nested", action="store_true", help="skip the nested score (faster)")
+    ap.add_argument("--workers", type=int, default=1, help="processes for the nested folds")
+    ap.add_argument("--selection-resolution", choices=["auto", "ds4", "full"], default="auto",
+                    help="maps the selection runs on (auto: ds4 when the image is at least 128 px high); "
+                         "the final tuning and the scores are always at full resolution")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        pool = load_blend_pool(a.run, allow_partial=a.allow_partial, keep_dense=a.fill_holes)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if pool.left_out:
+        log.warning("left out (missing folds): %s", pool.left_out)
+    res = optimize(pool, a.max_members, a.bags, a.per_class_weights, a.init_sorted, a.fill_holes, not a.no_nested, a.workers,
+                   a.seed, a.selection_resolution)
+    out = Path(a.run) / "blend"
+    doc = blend_json(res, pool, a.run)
+    write_blend_json(doc, out / "blend.json")
+    from .report import write_report
+
+    html = write_report(doc, pool, a.run, out)
+    s = res.scores
+    print(f"blend: {len(doc['members'])} member(s); scores in_sample {s['in_sample']:.6f} cross_fitted {s['cross_fitted']:.6f} "
+          f"nested {s['nested']:.6f} best_single {s['best_single']:.6f} baseline {s['baseline']:.6f}")
+    print(f"blend.json: {out / 'blend.json'}\nreport:     {html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Exact, vectorised post-processing search over (pixel threshold x min area x classifier gate).
+
+For a blend (uint8 probability maps), per-image histograms of the blended values over all
+pixels and over true pixels give, by suffix sums, the predicted area and the intersection for
+every pixel threshold at once. Whole-mask min area and the classifier gate are then plain
+comparisons, so the Dice of every (image, grid point) follows without re-thresholding a mask.
+The metric is a mean over (image, class) pairs, so classes are tuned independently.
+
+Pixels are pruned exactly: the blend (a weighted mean) can reach level ``t`` only where some
+member reaches ``t``, so only pixels where a member reaches the lowest grid level are kept
+(:class:`ClassData`). Tables are kept per fold, so choosing on K-1 folds and scoring on the
+held-out one (cross-fitting) costs nothing extra.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .metric import dice_from_counts
+
+__all__ = ["Grid", "default_grid", "ClassData", "blend_u8", "blend_cls", "fold_tables", "tables_from_counts",
+           "area_inter_dense", "Choice",
+           "choose", "cross_fitted", "in_sample", "score_point"]
+
+SEVERSTAL_AREA = 256 * 1600
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Search grid for one class: uint8 pixel levels, min areas (full-res pixels), gate thresholds."""
+
+    levels: np.ndarray  # uint8 levels k: a pixel is on when blended_u8 >= k (threshold k/255)
+    min_areas: np.ndarray  # float, pixels at full resolution; 0 = off
+    cls_thresholds: np.ndarray  # float; 0 = gate off
+
+    @property
+    def t_min(self) -> int:
+        return int(self.levels.min())
+
+
+def default_grid(shape) -> Grid:
+    """Thresholds 0.25..0.80, min areas 0..4000 px (scaled from 256x1600), gate off or 0.3..0.8."""
+    levels = np.unique(np.ceil(np.round(np.arange(0.25, 0.8001, 0.05) * 255, 9)).astype(np.int64))
+    scale = shape[0] * shape[1] / SEVERSTAL_AREA
+    areas = np.array([0, 50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000, 2500, 3000, 4000], float)
+    cls = np.array([0.0, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8])
+    return Grid(levels, np.round(areas * scale), cls)
+
+
+@dataclass
+class ClassData:
+    """One class of a pool at one resolution, pruned to candidate pixels.
+
+    ``img``/``vals``/``truth`` describe the kept pixels (those where some member reaches
+    ``t_min``); ``true_area`` counts every true pixel of each image, kept or not.
+    """
+
+    img: np.ndarray  # (P,) int64 image index of each kept pixel
+    vals: np.ndarray  # (M, P) uint8 member probabilities
+    truth: np.ndarray  # (P,) bool
+    true_area: np.ndarray  # (N,) int64, in this resolution's pixels
+    cls: np.ndarray  # (M, N) float32 member presence probabilities
+    area_scale: float  # full-resolution pixels per pixel of this resolution
+    t_min: int
+
+    @property
+    def n_images(self) -> int:
+        return len(self.true_area)
+
+    @classmethod
+    def from_dense(cls, probs: np.ndarray, truth: np.ndarray, cls_prob: np.ndarray, t_min: int, area_scale: float = 1.0):
+        """``probs`` (M, N, h, w) uint8, ``truth`` (N, h, w) bool, ``cls_prob`` (M, N)."""
+        m, n = probs.shape[:2]
+        flat = probs.reshape(m, n, -1)
+        keep = flat.max(axis=0) >= t_min  # (N, hw)
+        img, pix = np.nonzero(keep)
+        return cls(img.astype(np.int64), flat[:, img, pix], truth.reshape(n, -1)[img, pix],
+                   truth.reshape(n, -1).sum(1).astype(np.int64), np.asarray(cls_prob, np.float32), area_scale, t_min)
+
+    def subset(self, image_mask: np.ndarray) -> "ClassData":
+        """The same data restricted to the images where ``image_mask`` is true (renumbered)."""
+        new_index = np.cumsum(image_mask) - 1
+        keep = image_mask[self.img]
+        return ClassData(new_index[self.img[keep]], self.vals[:, keep], self.truth[keep], self.true_area[image_mask],
+                         self.cls[:, image_mask], self.area_scale, self.t_min)
+
+
+def blend_u8(vals: np.ndarray, weights) -> np.ndarray:
+    """The blend rule: ``floor(sum_m w_m * p_m + 0.5)`` on uint8 maps (weights sum to 1).
+
+    The single definition used for scoring and for submissions. ``vals`` is (M, ...) uint8.
+    """
+    w = np.asarray(weights, np.float64)
+    acc = np.zeros(vals.shape[1:], np.float64)
+    for m in np.flatnonzero(w):
+        acc += w[m] * vals[m]
+    return np.floor(acc + 0.5 + 1e-9).astype(np.uint8)
+
+
+def blend_cls(cls: np.ndarray, weights) -> np.ndarray:
+    """Blended presence probability: the weighted mean of the members' ``cls``."""
+    w = np.asarray(weights, np.float64)
+    return (w[:, None] * cls).sum(0) if cls.ndim == 2 else (w[:, None, None] * cls).sum(0)
+
+
+def _area_inter(blended: np.ndarray, d: ClassData, levels: np.ndarray):
+    """(N, T) predicted area and intersection at every level, from histograms + suffix sums."""
+    n = d.n_images
+    key = d.img * 256 + blended
+    h_all = np.bincount(key, minlength=n * 256).reshape(n, 256)
+    h_true = np.bincount(key[d.truth], minlength=n * 256).reshape(n, 256)
+    suf_all = np.cumsum(h_all[:, ::-1], axis=1)[:, ::-1]  # suf[i, v] = #pixels with value >= v
+    suf_true = np.cumsum(h_true[:, ::-1], axis=1)[:, ::-1]
+    return suf_all[:, levels], suf_true[:, levels]
+
+
+def fold_tables(blended: np.ndarray, cls_b: np.ndarray, d: ClassData, folds: np.ndarray, n_folds: int, grid: Grid):
+    """Sum of pair Dice per fold at every grid point: ``(K, T, A, G)`` float64.
+
+    ``blended`` is the blend's uint8 value at each kept pixel of ``d``; ``cls_b`` (N,) the
+    blended presence probability.
+    """
+    if grid.t_min < d.t_min:
+        raise ValueError(f"grid level {grid.t_min} is below the pruning level {d.t_min} of the data")
+    area, inter = _area_inter(blended, d, grid.levels)
+    return tables_from_counts(area, inter, d.true_area, d.area_scale, cls_b, folds, n_folds, grid)
+
+
+def tables_from_counts(area, inter, true_area, area_scale, cls_b, folds, n_folds: int, grid: Grid) -> np.ndarray:
+    """Per-fold Dice sums from (N, T) predicted areas and intersections (any exact source).
+
+    Areas are in the data's pixels; the min-area test compares ``area * area_scale`` (full-res
+    pixels) with the grid.
+    """
+    true = np.asarray(true_area, np.float64)
+    drop = (true == 0).astype(np.float64)  # Dice of an emptied mask
+    delta = dice_from_counts(inter, area, true[:, None]) - drop[:, None]  # (N, T)
+    full_area = np.asarray(area, np.float64) * area_scale
+    gate = (np.asarray(cls_b)[:, None] >= grid.cls_thresholds[None, :]).astype(np.float64)  # (N, G)
+    out = np.zeros((n_folds, len(grid.levels), len(grid.min_areas), len(grid.cls_thresholds)))
+    for k in range(n_folds):
+        idx = np.flatnonzero(folds == k)
+        base = drop[idx].sum()
+        for t in range(len(grid.levels)):
+            big = (full_area[idx, t][None, :] >= grid.min_areas[:, None]) * delta[idx, t][None, :]  # (A, n_k)
+            out[k, t] = base + big @ gate[idx]
+    return out
+
+
+def area_inter_dense(blended: np.ndarray, truth: np.ndarray, levels: np.ndarray, fill_holes: bool = False):
+    """(N, T) area and intersection by explicit thresholding of dense maps (N, H, W).
+
+    The slow exact path, needed when holes are filled (filling is not a histogram operation).
+    """
+    from .metric import fill_holes as fill
+
+    n = blended.shape[0]
+    area = np.zeros((n, len(levels)), np.int64)
+    inter = np.zeros_like(area)
+    for t, lv in enumerate(levels):
+        m = blended >= lv
+        if fill_holes:
+            m = fill(m)
+        area[:, t] = m.sum((1, 2))
+        inter[:, t] = (m & truth).sum((1, 2))
+    return area, inter
+
+
+@dataclass(frozen=True)
+class Choice:
+    level: int
+    min_area: float
+    cls_threshold: float
+
+    @property
+    def pixel_threshold(self) -> float:
+        return self.level / 255.0
+
+
+def _argmax(table: np.ndarray, grid: Grid) -> Choice:
+    """First maximum in (level, area, gate) order: the lowest of tied parameter values."""
+    t, a, g = np.unravel_index(int(np.argmax(table)), table.shape)
+    return Choice(int(grid.levels[t]), float(grid.min_areas[a]), float(grid.cls_thresholds[g]))
+
+
+def choose(tables: np.ndarray, grid: Grid, exclude=None) -> Choice:
+    """The grid point with the highest Dice summed over folds (leaving out ``exclude`` folds)."""
+    k = tables.shape[0]
+    use = [f for f in range(k) if exclude is None or f not in np.atleast_1d(exclude)]
+    return _argmax(tables[use].sum(0), grid)
+
+
+def _index(grid: Grid, c: Choice):
+    return (int(np.flatnonzero(grid.levels == c.level)[0]), int(np.flatnonzero(grid.min_areas == c.min_area)[0]),
+            int(np.flatnonzero(grid.cls_thresholds == c.cls_threshold)[0]))
+
+
+def cross_fitted(tables: np.ndarray, grid: Grid) -> tuple[float, list[Choice]]:
+    """Summed held-out Dice: fold k scored with the point chosen on the other folds."""
+    total, picks = 0.0, []
+    for k in range(tables.shape[0]):
+        c = choose(tables, grid, exclude=k)
+        total += tables[(k, *_index(grid, c))]
+        picks.append(c)
+    return total, picks
+
+
+def in_sample(tables: np.ndarray, grid: Grid) -> tuple[float, Choice]:
+    c = choose(tables, grid)
+    return float(tables.sum(0)[_index(grid, c)]), c
+
+
+def score_point(blended, cls_b, d: ClassData, choice: Choice, image_mask=None) -> np.ndarray:
+    """Pair Dice of every image for one fixed choice (used for baselines and reports)."""
+    g = Grid(np.array([choice.level]), np.array([choice.min_area]), np.array([choice.cls_threshold]))
+    area, inter = _area_inter(blended, d, g.levels)
+    area, inter = area[:, 0], inter[:, 0]
+    kept = (area * d.area_scale >= choice.min_area) & (cls_b >= choice.cls_threshold)
+    dice = dice_from_counts(np.where(kept, inter, 0), np.where(kept, area, 0), d.true_area)
+    return dice if image_mask is None else dice[image_mask]

@@ -1,0 +1,168 @@
+"""The blend selection report: RUN/blend/report.html (self-contained, plots embedded) and report.md."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import N_CLASSES
+from .io import atomic_write_text
+
+__all__ = ["write_report"]
+
+SCORE_HELP = {
+    "in_sample": "post-processing tuned and scored on the same OOF (optimistic)",
+    "cross_fitted": "post-processing chosen on K-1 folds, scored on the held-out fold",
+    "nested": "whole procedure (selection included) rerun without fold k, scored on fold k: the estimate to trust",
+    "best_single": "best single model, same post-processing search, cross-fitted",
+    "baseline": "plain mean of all models, threshold 0.5, min areas 500/500/1000/2000 px (scaled), gate 0.5",
+}
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(doc: dict, corr: np.ndarray | None, labels: list[str]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    traj = doc["selection"]["trajectory"]
+    if traj:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot([t["members"] for t in traj], [t["cross_fitted"] for t in traj], marker="o")
+        ax.set_xlabel("ensemble members (slots, repeats allowed)")
+        ax.set_ylabel(f"cross-fitted Dice ({doc['selection']['selection_resolution']} maps)")
+        ax.grid(alpha=0.3)
+        out["members"] = _png(fig)
+    fig, axes = plt.subplots(2, N_CLASSES, figsize=(14, 5))
+    for c in range(N_CLASSES):
+        cv = doc["curves"][str(c + 1)]
+        pp = doc["postprocess"][str(c + 1)]
+        ax = axes[0, c]
+        ax.plot(cv["pixel_threshold"], cv["dice_vs_threshold"], marker=".")
+        ax.axvline(pp["pixel_threshold"], color="r", ls="--")
+        ax.set_title(f"class {c + 1}: Dice vs pixel threshold")
+        ax = axes[1, c]
+        ax.plot(cv["min_area"], cv["dice_vs_min_area"], marker=".")
+        ax.axvline(pp["min_area"], color="r", ls="--")
+        ax.set_title(f"class {c + 1}: Dice vs min area (px)")
+    fig.tight_layout()
+    out["curves"] = _png(fig)
+    if corr is not None and len(labels) > 1:
+        fig, ax = plt.subplots(figsize=(1 + 0.5 * len(labels), 0.8 + 0.5 * len(labels)))
+        im = ax.imshow(corr, vmin=min(0.0, float(np.nanmin(corr))), vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        fig.colorbar(im, ax=ax)
+        ax.set_title("model correlation (OOF probabilities, kept pixels)")
+        out["corr"] = _png(fig)
+    return out
+
+
+def _correlation(pool) -> np.ndarray | None:
+    vals = [d.vals for d in pool.ds if d.vals.shape[1] > 1]
+    if not vals:
+        return None
+    v = np.concatenate(vals, axis=1).astype(np.float32)
+    if v.shape[1] > 2_000_000:  # a fixed subsample is plenty for a heat map
+        v = v[:, np.random.default_rng(0).choice(v.shape[1], 2_000_000, replace=False)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.corrcoef(v)
+
+
+def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
+    s = doc["scores"]
+    t = {}
+    t["scores"] = pd.DataFrame([{"score": k, "value": f"{s[k]:.6f}", "meaning": SCORE_HELP[k]} for k in SCORE_HELP])
+    t["weights"] = pd.DataFrame([{"model_id": m["model_id"], "weight": m["weight"] if m["weight"] is not None else
+                                  ", ".join(f"{k}:{v:.3f}" for k, v in m["class_weights"].items()),
+                                  "folds": len(m["checkpoints"]),
+                                  "single cross_fitted": round(doc["single_models_cross_fitted"].get(m["model_id"], float("nan")), 6)}
+                                 for m in doc["members"]])
+    t["postprocess"] = pd.DataFrame([{"class": c, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in doc["postprocess"][c].items()},
+                                      **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in doc["per_class"][c].items()}}
+                                     for c in doc["postprocess"]])
+    t["trajectory"] = pd.DataFrame(doc["selection"]["trajectory"])
+    res = run / "results.parquet"
+    if res.exists():
+        r = pd.read_parquet(res)
+        keep = [c for c in ["stage", "model_id", "fold", "status", "epochs_run", "best_val_dice", "wall_s", "error"] if c in r]
+        t["leaderboard"] = r.sort_values("best_val_dice", ascending=False)[keep].head(40)
+    singles = doc["single_models_cross_fitted"]
+    t["singles"] = pd.DataFrame(sorted(singles.items(), key=lambda x: -x[1]), columns=["model_id", "cross_fitted"])
+    return t
+
+
+def _submit_cmd(run: Path) -> str:
+    return (f"python -m steel_ray.predict --run {run} --images DATA/test_images --out submission.csv "
+            f"--blend {run / 'blend' / 'blend.json'}")
+
+
+def write_report(doc: dict, pool, run, out_dir) -> Path:
+    """Write report.html and report.md into ``out_dir``; returns the HTML path."""
+    run, out_dir = Path(run), Path(out_dir)
+    labels = list(pool.model_ids)
+    plots = _plots(doc, _correlation(pool), labels)
+    tables = _tables(doc, run)
+    s = doc["scores"]
+    headline = (f"Nested estimate {s['nested']:.6f} (in-sample {s['in_sample']:.6f}, cross-fitted {s['cross_fitted']:.6f}); "
+                f"best single model {s['best_single']:.6f} ({s['best_single_model']}); baseline recipe {s['baseline']:.6f}. "
+                f"Optimism of in-sample over nested: {s['in_sample'] - s['nested']:+.6f}.")
+    sections = [
+        ("Scores", "scores", None),
+        ("Chosen members and weights", "weights", None),
+        ("Ensemble score versus number of members", "trajectory", "members"),
+        ("Per-class post-processing, Dice and false-positive rate on empty pairs", "postprocess", "curves"),
+        ("Single models (cross-fitted, full resolution)", "singles", None),
+        ("Model correlation", None, "corr"),
+        ("Search leaderboard (results.parquet)", "leaderboard", None),
+    ]
+    md = [f"# Blend selection report: {run.name}", "", headline, ""]
+    h = [f"<html><head><meta charset='utf-8'><title>Blend report {html.escape(run.name)}</title>",
+         "<style>body{font-family:sans-serif;max-width:1200px;margin:auto} table{border-collapse:collapse;font-size:13px}"
+         "td,th{border:1px solid #ccc;padding:3px 6px} code{background:#eee;padding:2px}</style></head><body>",
+         f"<h1>Blend selection report: {html.escape(run.name)}</h1><p>{html.escape(headline)}</p>"]
+    for title, tkey, pkey in sections:
+        if tkey and tkey not in tables and (not pkey or pkey not in plots):
+            continue
+        md += [f"## {title}", ""]
+        h.append(f"<h2>{html.escape(title)}</h2>")
+        if tkey and tkey in tables:
+            md += [tables[tkey].to_markdown(index=False) if _has_tabulate() else tables[tkey].to_string(index=False), ""]
+            h.append(tables[tkey].to_html(index=False, escape=True))
+        if pkey and pkey in plots:
+            h.append(f"<img alt='{pkey}' src='data:image/png;base64,{plots[pkey]}'/>")
+            md += [f"(plot `{pkey}` in report.html)", ""]
+    cmd = _submit_cmd(run)
+    md += ["## Make a submission from this blend", "", f"    {cmd}", ""]
+    h.append(f"<h2>Make a submission from this blend</h2><p><code>{html.escape(cmd)}</code></p>")
+    if doc["left_out_models"]:
+        msg = "Left out (missing folds): " + ", ".join(doc["left_out_models"])
+        md += [msg, ""]
+        h.append(f"<p>{html.escape(msg)}</p>")
+    h.append("</body></html>")
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
+    atomic_write_text(out_dir / "report.html", "\n".join(h))
+    return out_dir / "report.html"
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
