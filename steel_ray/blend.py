@@ -138,41 +138,52 @@ def _weights(counts) -> np.ndarray:
 
 def _cf_score(datas, weights, folds, n_folds, grids, classes=range(N_CLASSES)) -> float:
     """Summed cross-fitted Dice over ``classes`` for per-class weights ``weights[c]``."""
-    total = 0.0
-    for c in classes:
-        d = datas[c]
-        t = ps.fold_tables(ps.blend_u8(d.vals, weights[c]), ps.blend_cls(d.cls, weights[c]), d, folds, n_folds, grids[c])
-        total += ps.cross_fitted(t, grids[c])[0]
-    return total
+    return sum(_cf_class(datas[c], ps.blend_u8(datas[c].vals, weights[c]), ps.blend_cls(datas[c].cls, weights[c]),
+                         folds, n_folds, grids[c]) for c in classes)
+
+
+def _cf_class(d, blended, cls_b, folds, n_folds, grid) -> float:
+    return ps.cross_fitted(ps.fold_tables(blended, cls_b, d, folds, n_folds, grid), grid)[0]
 
 
 def _forward(datas, folds, n_folds, grids, models, max_members, init, classes):
     """Greedy forward selection with replacement over ``models`` (indices).
 
     Returns the counts at the best step (truncation) and the trajectory (members, score, counts).
+    Candidates are scored from running integer sums: with counts c and k = sum(c) slots the
+    blend is floor(sum_m c_m p_m / k + 0.5) = (2 S + k) // (2 k), the blend rule exactly.
     """
     counts = np.zeros(datas[0].vals.shape[0], np.int64)
     for m in init:
         counts[m] += 1
+    sums = {c: (counts[:, None] * datas[c].vals).sum(0, dtype=np.int64) if counts.sum() else np.zeros(datas[c].vals.shape[1], np.int64)
+            for c in classes}
+    csum = {c: (counts[:, None] * datas[c].cls).sum(0) for c in classes}
     traj, best_counts, best_score = [], None, -np.inf
 
-    def score(cnt):
-        return _cf_score(datas, [_weights(cnt)] * N_CLASSES, folds, n_folds, grids, classes)
+    def score(add):
+        k = int(counts.sum()) + (add is not None)
+        total = 0.0
+        for c in classes:
+            d = datas[c]
+            s = sums[c] + d.vals[add] if add is not None else sums[c]
+            cl = csum[c] + d.cls[add] if add is not None else csum[c]
+            total += _cf_class(d, ((2 * s + k) // (2 * k)).astype(np.uint8), cl / k, folds, n_folds, grids[c])
+        return total
 
     if counts.sum():
-        best_score, best_counts = score(counts), counts.copy()
+        best_score, best_counts = score(None), counts.copy()
         traj.append((int(counts.sum()), best_score, counts.copy()))
     while counts.sum() < max_members:
-        scores = []
-        for m in models:
-            cand = counts.copy()
-            cand[m] += 1
-            scores.append(score(cand))
-        scores = np.array(scores)
+        scores = np.array([score(m) for m in models])
         top = np.flatnonzero(scores >= scores.max() - 1e-12)
         # ties prefer a model already in the ensemble, then the lowest index
         already = [i for i in top if counts[models[i]] > 0]
-        counts[models[already[0] if already else top[0]]] += 1
+        pick = models[already[0] if already else top[0]]
+        counts[pick] += 1
+        for c in classes:
+            sums[c] += datas[c].vals[pick]
+            csum[c] += datas[c].cls[pick]
         s = float(scores.max())
         traj.append((int(counts.sum()), s, counts.copy()))
         if s > best_score + 1e-12:
@@ -265,6 +276,7 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     settings["selection_resolution"] = selection_resolution
     sel_data = pool.ds if selection_resolution == "ds4" else pool.full
     weights, traj = run_selection(sel_data, pool.folds)
+    timings = {"selection": time.time() - t0}
     log.info("selection done in %.1fs: %s", time.time() - t0, {pool.model_ids[i]: round(float(x), 3) for i, x in enumerate(weights[0]) if x > 0})
 
     # final tuning at full resolution
@@ -294,6 +306,7 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         else:
             per_class[str(c + 1)] = {"dice": float(s_in / n), "n_true": int((~empty).sum()), "n_empty": int(empty.sum())}
 
+    timings["final_tuning"] = time.time() - t0 - timings["selection"]
     # best single model and baseline (full resolution)
     singles = {}
     for mi, mid in enumerate(pool.model_ids):
@@ -308,7 +321,9 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         ch = ps.Choice(128, float(round(BASELINE_AREAS[c] * area_scale)), 0.5)
         base += ps.score_point(ps.blend_u8(d.vals, mean_w), ps.blend_cls(d.cls, mean_w), d, ch).sum()
 
+    timings["singles_and_baseline"] = time.time() - t0 - timings["selection"] - timings["final_tuning"]
     # nested: the whole procedure without fold k, scored on fold k
+    t_n = time.time()
     nested_total, nested_weights = float("nan"), []
     if nested and k > 1:
         nested_total = 0.0
@@ -318,6 +333,8 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
             nested_total += s
             nested_weights.append(w.tolist())
         nested_total /= pool.n_pairs
+    timings["nested"] = time.time() - t_n
+    settings["timings"] = {k_: round(v, 2) for k_, v in timings.items()}
     scores = {"in_sample": float(in_s / pool.n_pairs), "cross_fitted": float(cf / pool.n_pairs), "nested": float(nested_total),
               "best_single": float(best_single), "best_single_model": max(singles, key=singles.get), "baseline": float(base / pool.n_pairs)}
     traj_out = [{"members": int(s), "cross_fitted": float(v) / pool.n_pairs} for s, v, _ in traj]

@@ -10,9 +10,9 @@ Stages:
   explore   Optuna (TPE, seeded) proposes --num-samples configs; each trains on the screening
             fold (fold 0); ASHA (time attribute: epoch) stops the weak ones, and those reach
             Optuna as PRUNED.
-  complete  the --top configs that ran to the end are trained on every other fold (one trial
-            per config x fold, no early stopping), reusing the screening-fold OOF. Each then has
-            OOF for every training image: a "model" of the pool.
+  complete  the --top best configs are trained on every fold (one trial per config x fold, no
+            early stopping), reusing the screening-fold OOF of trials that ran to the end.
+            Each then has OOF for every training image: a "model" of the pool.
   blend     the blend optimizer and its report (unless --no-blend).
 
 Without --address Ray runs embedded on this machine. The results table (every trial: stage,
@@ -137,17 +137,22 @@ def _write_results(run: Path, rows: list[dict]) -> pd.DataFrame:
 
 
 def _select_top(rows: list[dict], top: int) -> list[dict]:
-    done = [r for r in rows if r["status"] == "TERMINATED" and r["best_val_dice"] == r["best_val_dice"]]
-    done.sort(key=lambda r: -r["best_val_dice"])
+    """The ``top`` distinct configs by best val_dice among explore trials that did not fail.
+
+    Trials ASHA stopped early compete with their best epoch; if one is selected, its screening
+    fold is retrained to the end in the complete stage (it has no OOF yet).
+    """
+    ok = [r for r in rows if r["status"] != "ERROR" and r["best_val_dice"] == r["best_val_dice"]]
+    ok.sort(key=lambda r: (-r["best_val_dice"], r["status"] != "TERMINATED"))
     seen, out = set(), []
-    for r in done:
+    for r in ok:
         if r["model_id"] not in seen:
             seen.add(r["model_id"])
             out.append(json.loads(r["config"]))
         if len(out) == top:
             break
     if len(out) < top:
-        log.warning("only %d explore trial(s) ran to the end; completing %d model(s) instead of %d", len(out), len(out), top)
+        log.warning("only %d explore trial(s) succeeded; completing %d model(s) instead of %d", len(out), len(out), top)
     return out
 
 
@@ -169,6 +174,8 @@ def _tuner(name, trainable, storage_path, tune_config, max_failures, param_space
 
 
 def run_search(a) -> int:
+    # Tune warns on every checkpoint-heavy snapshot; per-epoch checkpoints are by design here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -216,7 +223,7 @@ def run_search(a) -> int:
         _write_results(run, rows)
         state["selected"] = _select_top(rows, state["top"])
         if not state["selected"]:
-            raise SearchError("no explore trial ran to the end; see RUN/results.parquet for the errors")
+            raise SearchError("every explore trial failed; see RUN/results.parquet for the errors")
         state["stage"] = "complete"
         _save_state(run, state)
 

@@ -1,0 +1,188 @@
+"""Kaggle submission from a blend: fold models -> members -> blend -> per-class post-processing -> RLE.
+
+Usage::
+
+    python -m steel_ray.predict --run runs/demo --images data/demo/test_images --out submission.csv \
+        [--blend runs/demo/blend/blend.json] [--format new|old] [--tta none,hflip,vflip] \
+        [--batch-size 8] [--device auto|cpu|cuda] [--skip-bad]
+
+Each member's fold models are averaged (mean probability), quantised to uint8 exactly as the
+OOF maps were, blended with the blend's weights and post-processed as blend.json defines it,
+through the same functions the blend used for scoring (``ppsearch.blend_u8``,
+``metric.PostProcess``). TTA defaults to each member's own OOF TTA. Images are streamed in
+batches; the CSV is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import oof, rle
+from .data import N_CLASSES, DataError, list_images
+from .dataset import build_transforms, read_image
+from .infer import TTA_FLIPS, pick_device, predict_batch
+from .io import atomic_write_text
+from .metric import PostProcess
+from .ppsearch import blend_cls, blend_u8
+
+__all__ = ["Member", "load_members", "member_maps", "predict_images", "main"]
+
+log = logging.getLogger("steel_ray.predict")
+
+
+@dataclass
+class Member:
+    model_id: str
+    weights: np.ndarray  # (4,) per-class blend weight
+    models: list  # fold models (eval mode, on device)
+    transform: object  # the member's validation transform (resize + normalise)
+    tta: str
+
+
+def _tta_name(spec: str | None, default: str) -> str:
+    if spec is None:
+        return default
+    parts = {p.strip() for p in spec.split(",") if p.strip()}
+    bad = parts - {"none", "hflip", "vflip"}
+    if bad:
+        raise DataError(f"--tta {spec!r}: unknown view(s) {sorted(bad)}; use none, hflip, vflip separated by commas")
+    h, v = "hflip" in parts, "vflip" in parts
+    return "hflip_vflip" if h and v else "hflip" if h else "vflip" if v else "none"
+
+
+def load_members(doc: dict, blend_path, device, tta: str | None = None) -> list[Member]:
+    """Load every fold checkpoint of every member; missing checkpoints are listed by path."""
+    from .train import load_weights
+
+    missing = [p for m in doc["members"] for p in m["checkpoints"] if not Path(p).exists()]
+    if missing:
+        raise DataError(f"{blend_path}: missing checkpoint(s): " + ", ".join(missing))
+    members = []
+    for m in doc["members"]:
+        w = (np.array([m["class_weights"][str(c + 1)] for c in range(N_CLASSES)]) if m.get("weight") is None
+             else np.full(N_CLASSES, float(m["weight"])))
+        models, cfg = [], None
+        for p in m["checkpoints"]:
+            model, cfg = load_weights(p, device)
+            if device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            models.append(model)
+        members.append(Member(m["model_id"], w, models, build_transforms(False, resize=cfg.data.resize),
+                              _tta_name(tta, cfg.train.tta)))
+    return members
+
+
+def member_maps(member: Member, images: list[np.ndarray], shape) -> tuple[np.ndarray, np.ndarray]:
+    """(B, 4, H, W) uint8 map and (B, 4) presence of one member: mean over its fold models."""
+    x = torch.stack([torch.from_numpy(np.ascontiguousarray(member.transform(image=im)["image"].transpose(2, 0, 1)))
+                     for im in images]).float()
+    probs, cls = 0.0, 0.0
+    for model in member.models:
+        p, c = predict_batch(model, x, shape, member.tta)
+        probs = probs + p
+        cls = cls + c
+    k = len(member.models)
+    return oof.quantize((probs / k).cpu().numpy()), (cls / k).cpu().numpy()
+
+
+def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, skip_bad=False, progress=True,
+                   batch_size=8, bad: list | None = None):
+    """Yield (image_id, [rle per class]) for every image, streaming in batches.
+
+    With ``skip_bad`` an unreadable or wrongly sized image gets empty masks and its error is
+    appended to ``bad``; otherwise it raises, naming the file.
+    """
+    from tqdm import tqdm
+
+    post = [PostProcess(**doc["postprocess"][str(c + 1)]) for c in range(N_CLASSES)]
+    weights = np.stack([m.weights for m in members], axis=1)  # (4, M)
+    bad = [] if bad is None else bad
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress or None)
+    for start in range(0, len(paths), batch_size):
+        batch, ids = [], []
+        for p in paths[start:start + batch_size]:
+            try:
+                batch.append(read_image(p, shape))
+                ids.append(p.name)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                log.warning("skipping %s", e)
+                bad.append(str(e))
+                yield p.name, [""] * N_CLASSES
+        if batch:
+            maps, cls = zip(*(member_maps(m, batch, shape) for m in members))
+            maps, cls = np.stack(maps), np.stack(cls)  # (M, B, 4, H, W), (M, B, 4)
+            masks = np.stack([post[c].apply(blend_u8(maps[:, :, c], weights[c]), blend_cls(cls[:, :, c], weights[c]))
+                              for c in range(N_CLASSES)], axis=1)
+            for i, img in enumerate(ids):
+                yield img, [rle.encode(masks[i, c]) for c in range(N_CLASSES)]
+        bar.update(len(paths[start:start + batch_size]))
+    bar.close()
+
+
+def write_submission(rows, out, fmt="new") -> int:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if fmt == "new":
+        w.writerow(["ImageId", "EncodedPixels", "ClassId"])
+    else:
+        w.writerow(["ImageId_ClassId", "EncodedPixels"])
+    n = 0
+    for img, rles in rows:
+        for c, s in enumerate(rles):
+            w.writerow([img, s, c + 1] if fmt == "new" else [f"{img}_{c + 1}", s])
+        n += 1
+    atomic_write_text(out, buf.getvalue())
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m steel_ray.predict", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--run", required=True, help="run folder (blend/blend.json by default)")
+    ap.add_argument("--images", required=True, help="folder of images to predict")
+    ap.add_argument("--out", required=True, help="submission CSV to write")
+    ap.add_argument("--blend", help="blend.json (default RUN/blend/blend.json)")
+    ap.add_argument("--format", choices=["new", "old"], default="new", help="new: ImageId,EncodedPixels,ClassId; old: ImageId_ClassId,EncodedPixels")
+    ap.add_argument("--tta", help="views, e.g. none or hflip,vflip (default: each member's OOF TTA)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--skip-bad", action="store_true", help="give unreadable/wrong-size images empty predictions and list them")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    blend_path = Path(a.blend or Path(a.run) / "blend" / "blend.json")
+    try:
+        if not blend_path.exists():
+            raise DataError(f"{blend_path}: blend file not found (run python -m steel_ray.blend --run {a.run} first)")
+        doc = json.loads(blend_path.read_text())
+        device = pick_device(a.device)
+        members = load_members(doc, blend_path, device, a.tta)
+        paths = [Path(a.images) / n for n in list_images(a.images)]
+        shape = tuple(doc["image_shape"])
+        bad: list[str] = []
+        with torch.inference_mode():
+            rows = predict_images(doc, members, paths, shape, a.skip_bad, batch_size=a.batch_size, bad=bad)
+            n = write_submission(rows, a.out, a.format)
+    except (DataError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out}: {n} images x {N_CLASSES} classes ({a.format} format), {len(members)} member(s) on {device}")
+    if bad:
+        print(f"{len(bad)} bad image(s) given empty predictions:")
+        for b in bad:
+            print(f"  {b}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from steel_ray import blend, oof, predict, rle
+from steel_ray.config import TrialConfig
+from steel_ray.train import fit_fold, prepare_run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_set, tmp_path_factory):
+    run = tmp_path_factory.mktemp("predrun")
+    data = prepare_run(tiny_set, run, 2)
+    for cfg in ({"encoder": "tu-test_resnet", "epochs": 1, "batch_size": 8, "tta": "hflip", "lr": 3e-3, "aux_weight": 0.1},
+                {"arch": "FPN", "encoder": "tu-test_efficientnet", "epochs": 1, "batch_size": 8, "tta": "none", "lr": 3e-3,
+                 "resize_height": 32, "resize_width": 128}):
+        for k in range(2):
+            fit_fold(TrialConfig.from_dict(cfg), k, data, run, progress=False)
+    assert blend.main(["--run", str(run), "--max-members", "3", "--no-nested"]) == 0
+    return run, data
+
+
+def _predict(*args):
+    return subprocess.run([sys.executable, "-m", "steel_ray.predict", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("fmt", ["new", "old"])
+def test_every_pair_once_with_valid_rle(tiny_run, tiny_set, tmp_path, fmt):
+    run, _ = tiny_run
+    out = tmp_path / "sub.csv"
+    r = _predict("--run", run, "--images", tiny_set / "test_images", "--out", out, "--format", fmt)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(out, keep_default_na=False, dtype=str)
+    images = sorted(p.name for p in (tiny_set / "test_images").iterdir())
+    if fmt == "new":
+        assert list(df.columns) == ["ImageId", "EncodedPixels", "ClassId"]
+        keys = list(zip(df.ImageId, df.ClassId))
+    else:
+        assert list(df.columns) == ["ImageId_ClassId", "EncodedPixels"]
+        keys = [tuple(k.rsplit("_", 1)) for k in df.ImageId_ClassId]
+    assert sorted(keys) == sorted((i, str(c)) for i in images for c in range(1, 5))
+    for s in df.EncodedPixels:
+        rle.decode(s, (64, 256))  # valid for the image size (raises otherwise)
+    r = subprocess.run([sys.executable, "-m", "steel_ray.score", "--truth", str(tiny_set / "test_labels.csv"),
+                        "--pred", str(out), "--images", str(tiny_set / "test_images")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("score ")
+
+
+def test_fold_models_reproduce_stored_oof(tiny_run):
+    run, data = tiny_run
+    doc = json.loads((run / "blend" / "blend.json").read_text())
+    members = predict.load_members(doc, "blend.json", torch.device("cpu"))
+    ts = data.train
+    for m, spec in zip(members, doc["members"]):
+        for k in range(2):
+            single = predict.Member(m.model_id, m.weights, [m.models[k]], m.transform, m.tta)
+            idx = np.flatnonzero(data.folds == k)[:6]
+            images = [predict.read_image(ts.images_dir / ts.image_ids[i], ts.shape) for i in idx]
+            maps, cls = predict.member_maps(single, images, ts.shape)
+            pool = oof.read_pool(run, [m.model_id], folds=[k])
+            rows = [pool.image_ids.index(ts.image_ids[i]) for i in idx]
+            np.testing.assert_array_equal(maps, pool.probs[0, rows])
+            np.testing.assert_allclose(cls, pool.cls[0, rows], atol=1e-6)
+
+
+def test_skip_bad_and_missing_checkpoint(tiny_run, tiny_set, tmp_path):
+    run, _ = tiny_run
+    images = tmp_path / "imgs"
+    shutil.copytree(tiny_set / "test_images", images)
+    (images / "0000bad00.jpg").write_bytes(b"\xff\xd8 broken")
+    out = tmp_path / "sub.csv"
+    r = _predict("--run", run, "--images", images, "--out", out)
+    assert r.returncode == 2 and "0000bad00.jpg: unreadable or corrupt image" in r.stderr and not out.exists()
+    r = _predict("--run", run, "--images", images, "--out", out, "--skip-bad")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 bad image(s)" in r.stdout and "0000bad00.jpg" in r.stdout
+    df = pd.read_csv(out, keep_default_na=False)
+    assert len(df) == 4 * 7 and (df[df.ImageId == "0000bad00.jpg"].EncodedPixels == "").all()
+    doc = json.loads((run / "blend" / "blend.json").read_text())
+    doc["members"][0]["checkpoints"][1] = str(tmp_path / "gone" / "best.pt")
+    bj = tmp_path / "blend.json"
+    bj.write_text(json.dumps(doc))
+    r = _predict("--run", run, "--images", images, "--out", out, "--blend", bj)
+    assert r.returncode == 2 and "missing checkpoint(s): " + str(tmp_path / "gone" / "best.pt") in r.stderr
