@@ -81,3 +81,21 @@ def test_invalid_spaces_name_the_key(tmp_path, text, msg):
 def test_missing_file():
     with pytest.raises(SpaceError, match="nope.yaml: file not found"):
         load_space("nope.yaml")
+
+
+@pytest.mark.slow
+def test_every_severstal_family_builds():
+    """Each arch x encoder of severstal.yaml constructs and runs a forward pass (no weights)."""
+    import torch
+
+    from steel_ray.models import build_model
+
+    sev = load_space("search_spaces/severstal.yaml")
+    archs = next(p for p in sev.params if p.name == "arch").choices
+    encoders = next(p for p in sev.params if p.name == "encoder").choices
+    for arch in archs:
+        for enc in encoders:
+            m = build_model(TrialConfig.from_dict({"arch": arch, "encoder": enc, "aux_weight": 0.2}).model).eval()
+            with torch.no_grad():
+                masks, cls = m(torch.randn(1, 3, 64, 128))
+            assert masks.shape == (1, 4, 64, 128) and cls.shape == (1, 4), (arch, enc)
