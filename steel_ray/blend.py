@@ -117,7 +117,7 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, keep_d
     for res, scale in (("full", 1.0), ("ds", float(oof.DS * oof.DS))):
         out[res] = []
         for c in range(N_CLASSES):
-            img = np.concatenate([p[0] for p in parts[res][c]]).astype(np.int64)
+            img = np.concatenate([p[0] for p in parts[res][c]]).astype(np.int32 if n < 2**23 else np.int64)
             vals = np.concatenate([p[1] for p in parts[res][c]], axis=1)
             tr = np.concatenate([p[2] for p in parts[res][c]])
             out[res].append(ps.ClassData(img, vals, tr, true_area[res][c], cls[:, :, c].copy(), scale, t_min))

@@ -56,7 +56,7 @@ class ClassData:
     ``t_min``); ``true_area`` counts every true pixel of each image, kept or not.
     """
 
-    img: np.ndarray  # (P,) int64 image index of each kept pixel
+    img: np.ndarray  # (P,) int32/int64 image index of each kept pixel
     vals: np.ndarray  # (M, P) uint8 member probabilities
     truth: np.ndarray  # (P,) bool
     true_area: np.ndarray  # (N,) int64, in this resolution's pixels
@@ -75,7 +75,7 @@ class ClassData:
         flat = probs.reshape(m, n, -1)
         keep = flat.max(axis=0) >= t_min  # (N, hw)
         img, pix = np.nonzero(keep)
-        return cls(img.astype(np.int64), flat[:, img, pix], truth.reshape(n, -1)[img, pix],
+        return cls(img.astype(np.int32 if n < 2**23 else np.int64), flat[:, img, pix], truth.reshape(n, -1)[img, pix],
                    truth.reshape(n, -1).sum(1).astype(np.int64), np.asarray(cls_prob, np.float32), area_scale, t_min)
 
     def subset(self, image_mask: np.ndarray) -> "ClassData":
@@ -107,7 +107,7 @@ def blend_cls(cls: np.ndarray, weights) -> np.ndarray:
 def _area_inter(blended: np.ndarray, d: ClassData, levels: np.ndarray):
     """(N, T) predicted area and intersection at every level, from histograms + suffix sums."""
     n = d.n_images
-    key = d.img * 256 + blended
+    key = d.img.astype(np.int64) * 256 + blended if n >= 2**23 else d.img * 256 + blended
     h_all = np.bincount(key, minlength=n * 256).reshape(n, 256)
     h_true = np.bincount(key[d.truth], minlength=n * 256).reshape(n, 256)
     suf_all = np.cumsum(h_all[:, ::-1], axis=1)[:, ::-1]  # suf[i, v] = #pixels with value >= v

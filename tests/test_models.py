@@ -58,3 +58,13 @@ def test_losses_finite_and_falling(loss):
         opt.step()
         values.append(total.item())
     assert values[-1] < 0.8 * values[0]
+
+
+@pytest.mark.slow
+def test_imagenet_without_internet_is_a_clear_error():
+    """Offline (as on CI machines) the download fails; the error says what to do."""
+    try:
+        build_model(TrialConfig.from_dict({"encoder": "resnet18", "encoder_weights": "imagenet"}).model)
+    except RuntimeError as e:
+        assert "encoder_weights='imagenet'" in str(e) and "encoder_weights=null" in str(e)
+    # with internet the weights load and there is nothing to check
