@@ -72,29 +72,31 @@ def _args(argv=None):
     return ap.parse_args(argv)
 
 
+def _where(uri: str | None) -> str | None:
+    """A local path made absolute; a URI (s3://...) as given."""
+    return uri if uri is None or "://" in uri else str(Path(uri).resolve())
+
+
 def _load_state(run: Path, a) -> dict:
+    """The search's saved settings (``--resume``) or new ones; a resumed search keeps its own
+    folds, samples, top and seed, and refuses a different space, data or storage."""
     path = run / STATE
-    keys = ("space", "data", "folds", "num_samples", "top", "seed", "storage", "smoke")
     if a.resume:
         if not path.exists():
             raise SearchError(f"{path} not found: nothing to resume in {run}")
         state = json.loads(path.read_text())
-        for k in keys:
-            v = getattr(a, k)
-            if k in ("space", "data", "storage") and v is not None:
-                v = str(Path(v).resolve()) if k != "storage" or "://" not in v else v
-            if v is not None and v is not False and k not in ("folds", "num_samples", "top", "seed") and v != state[k]:
-                raise SearchError(f"--{k.replace('_', '-')} {v} differs from the interrupted search's {state[k]}")
+        for k in ("space", "data", "storage"):
+            v = _where(getattr(a, k))
+            if v is not None and v != state[k]:
+                raise SearchError(f"--{k} {v} differs from the interrupted search's {state[k]}")
         return state
     if run.exists() and any(run.iterdir()):
         raise SearchError(f"{run} already exists and is not empty; pass --resume to continue it, or choose a new --out")
     if not a.space or not a.data:
         raise SearchError("--space and --data are required for a new search")
-    storage = a.storage
-    if storage and "://" not in storage:
-        storage = str(Path(storage).resolve())
+    storage = _where(a.storage)
     state = {
-        "space": str(Path(a.space).resolve()), "data": str(Path(a.data).resolve()), "folds": a.folds,
+        "space": _where(a.space), "data": _where(a.data), "folds": a.folds,
         "num_samples": min(a.num_samples, 2) if a.smoke else a.num_samples,
         "top": min(a.top, 1) if a.smoke else a.top, "seed": a.seed, "storage": storage, "smoke": a.smoke,
         "stage": "explore", "selected": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -136,3 +136,19 @@ def test_multi_node_gpu_cluster(tiny_set, tmp_path):
     # the pool in shared storage is complete too (trials wrote there, the driver synced it)
     pool_dir = storage / run.name / "pool"
     assert {m: f for m, f in oof.list_pool(pool_dir).items() if m in complete} == {m: [0, 1] for m in complete}
+
+
+def test_resume_checks_saved_settings(tmp_path):
+    from steel_ray import search
+
+    run = tmp_path / "run"
+    with pytest.raises(search.SearchError, match="nothing to resume"):
+        search._load_state(run, search._args(["--out", str(run), "--resume"]))
+    run.mkdir()
+    (run / "search.json").write_text(json.dumps({"space": "/s.yaml", "data": "/d", "storage": None, "folds": 3}))
+    with pytest.raises(search.SearchError, match="--data /other differs from the interrupted search's /d"):
+        search._load_state(run, search._args(["--out", str(run), "--resume", "--data", "/other"]))
+    state = search._load_state(run, search._args(["--out", str(run), "--resume", "--folds", "7"]))
+    assert state["data"] == "/d" and state["folds"] == 3  # the saved split wins
+    with pytest.raises(search.SearchError, match="already exists"):
+        search._load_state(run, search._args(["--out", str(run), "--space", "x", "--data", "y"]))
