@@ -25,6 +25,7 @@ __all__ = [
     "read_labels",
     "image_shape",
     "load_train",
+    "label_array",
     "make_folds",
     "folds_hash",
     "write_folds",
@@ -177,6 +178,29 @@ class TrainSet:
         return self._index[image_id]
 
 
+def label_array(labels: Labels, image_ids, where: str, shape=None) -> np.ndarray:
+    """(N, 4) RLE strings of ``image_ids`` ("" = no defect) from a label table.
+
+    A row naming an image outside ``image_ids`` is an error naming the file, line and ``where``;
+    with ``shape`` every RLE is also checked against the image size.
+    """
+    idx = {k: i for i, k in enumerate(image_ids)}
+    out = np.full((len(idx), N_CLASSES), "", dtype=object)
+    for img, c, s, r in labels.table[["ImageId", "ClassId", "EncodedPixels", "row"]].itertuples(index=False):
+        if img not in idx:
+            raise DataError(f"{labels.path}, line {r}: image {img} is not in {where}")
+        if shape is not None:
+            try:
+                rle.validate(s, shape)
+            except ValueError as e:
+                raise DataError(f"{labels.path}, line {r}: {e}") from None
+        out[idx[img], c - 1] = s
+    unknown = [x for x in labels.image_ids if x not in idx]
+    if unknown:
+        raise DataError(f"{labels.path}: image {unknown[0]} is not in {where}")
+    return out
+
+
 def load_train(
     root: str | Path, csv_name: str = "train.csv", images_subdir: str = "train_images"
 ) -> TrainSet:
@@ -185,24 +209,8 @@ def load_train(
     images_dir = root / images_subdir
     image_ids = list_images(images_dir)
     labels = read_labels(root / csv_name)
-    known = set(image_ids)
-    missing = ~labels.table["ImageId"].isin(known)
-    if missing.any():
-        i = int(np.flatnonzero(missing)[0])
-        r = labels.table.iloc[i]
-        raise DataError(f"{labels.path}, line {r['row']}: image {r['ImageId']} is not in {images_dir}")
-    missing_all = [x for x in labels.image_ids if x not in known]
-    if missing_all:
-        raise DataError(f"{labels.path}: image {missing_all[0]} is not in {images_dir}")
     shape = check_shapes(images_dir, image_ids)
-    idx = {k: i for i, k in enumerate(image_ids)}
-    rles = np.full((len(image_ids), N_CLASSES), "", dtype=object)
-    for img, c, s, r in labels.table[["ImageId", "ClassId", "EncodedPixels", "row"]].itertuples(index=False):
-        try:
-            rle.validate(s, shape)
-        except ValueError as e:
-            raise DataError(f"{labels.path}, line {r}: {e}") from None
-        rles[idx[img], c - 1] = s
+    rles = label_array(labels, image_ids, str(images_dir), shape)
     log.info("loaded %d images (%dx%d), %d masks from %s", len(image_ids), *shape, len(labels.table), root)
     return TrainSet(root, images_dir, image_ids, rles, shape, labels.format)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import rle
-from .data import N_CLASSES, DataError, Labels, check_shapes, list_images, read_labels
+from .data import N_CLASSES, DataError, Labels, check_shapes, label_array, list_images, read_labels
 from .metric import dice_from_counts
 
 __all__ = ["score_labels", "pair_rles"]
@@ -30,16 +30,7 @@ log = logging.getLogger(__name__)
 
 def pair_rles(labels: Labels, image_ids: list[str]) -> np.ndarray:
     """(N, 4) array of RLE strings for ``image_ids``; an image outside the list is an error."""
-    idx = {k: i for i, k in enumerate(image_ids)}
-    out = np.full((len(image_ids), N_CLASSES), "", dtype=object)
-    for img, c, s, r in labels.table[["ImageId", "ClassId", "EncodedPixels", "row"]].itertuples(index=False):
-        if img not in idx:
-            raise DataError(f"{labels.path}, line {r}: image {img} is not in the truth set")
-        out[idx[img], c - 1] = s
-    unknown = [x for x in labels.image_ids if x not in idx]
-    if unknown:
-        raise DataError(f"{labels.path}: image {unknown[0]} is not in the truth set")
-    return out
+    return label_array(labels, image_ids, "the truth set")
 
 
 def pair_dice(truth: np.ndarray, pred: np.ndarray, shape, truth_name="truth", pred_name="pred") -> np.ndarray:
