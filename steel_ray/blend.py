@@ -425,6 +425,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m steel_ray.blend", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--run", required=True, help="run folder with truth.parquet and oof/")
+    ap.add_argument("--models", nargs="+", metavar="MODEL_ID",
+                    help="models to blend (default: the search's completed models from RUN/search.json, else the whole pool)")
     ap.add_argument("--max-members", type=int, default=25, help="cap on selection slots (repeats allowed)")
     ap.add_argument("--bags", type=int, default=1, help="bagged selections (half the models each), weights averaged")
     ap.add_argument("--init-sorted", type=int, default=0, help="start from the N best single models")
@@ -439,8 +441,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    models = a.models
+    state = Path(a.run) / "search.json"
+    if models is None and state.exists():
+        saved = json.loads(state.read_text())
+        models = saved.get("selected_models")
+        if models is None and saved.get("selected"):
+            from .config import TrialConfig
+
+            models = [TrialConfig.from_dict(c).model_id() for c in saved["selected"]]
+        if models:
+            log.info("blending the search's completed models %s (screening-only configs are left out)", models)
     try:
-        pool = load_blend_pool(a.run, allow_partial=a.allow_partial, keep_dense=a.fill_holes)
+        pool = load_blend_pool(a.run, model_ids=models, allow_partial=a.allow_partial, keep_dense=a.fill_holes)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -224,6 +224,10 @@ def run_search(a) -> int:
         rows = _results_rows(grid, "explore")
         _write_results(run, rows)
         state["selected"] = _select_top(rows, state["top"])
+        from .config import TrialConfig
+
+        # the run's models: what the blend uses (screening-only configs have fold 0 alone)
+        state["selected_models"] = [TrialConfig.from_dict(c).model_id() for c in state["selected"]]
         if not state["selected"]:
             raise SearchError("every explore trial failed; see RUN/results.parquet for the errors")
         state["stage"] = "complete"

@@ -115,3 +115,20 @@ def test_per_class_weights_and_bags(planted):
     r = blend.optimize(pool, max_members=4, per_class_weights=True, bags=3, nested=False, selection_resolution="full")
     assert r.weights.shape == (4, 3)
     np.testing.assert_allclose(r.weights.sum(1), 1.0)
+
+
+def test_search_run_blends_its_completed_models_only(planted, tmp_path):
+    """A search pool also holds screening-only (fold 0) configs; the blend uses search.json's models."""
+    run, _, masks = planted
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    extra = work / "oof" / "model_id=d_screen_only"
+    shutil.copytree(work / "oof" / "model_id=c_noise" / "fold=0", extra / "fold=0")
+    assert blend.main(["--run", str(work), "--no-nested"]) == 2  # the whole pool has a gap
+    (work / "search.json").write_text(json.dumps({"selected_models": ["a_good", "b_good2"]}))
+    assert blend.main(["--run", str(work), "--no-nested", "--max-members", "3"]) == 0
+    doc = json.loads((work / "blend" / "blend.json").read_text())
+    assert {m["model_id"] for m in doc["members"]} <= {"a_good", "b_good2"}
+    assert set(doc["single_models_cross_fitted"]) == {"a_good", "b_good2"} and doc["left_out_models"] == []
+    assert blend.main(["--run", str(work), "--no-nested", "--models", "a_good", "--max-members", "2"]) == 0
+    assert [m["model_id"] for m in json.loads((work / "blend" / "blend.json").read_text())["members"]] == ["a_good"]
