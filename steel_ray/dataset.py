@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import rle
+from .config import SAMPLERS as SAMPLER_MODES
 from .data import N_CLASSES, DataError
 
 __all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "read_image", "SAMPLER_MODES"]
 
-SAMPLER_MODES = ("none", "upsample", "downsample", "weighted")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
