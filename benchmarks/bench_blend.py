@@ -176,10 +176,8 @@ def main():
         tf = ps.fold_tables(ps.blend_u8(pool.full[c].vals, wc), ps.blend_cls(pool.full[c].cls, wc), pool.full[c], pool.folds, a.folds, grid)
         td = ps.fold_tables(ps.blend_u8(pool.ds[c].vals, wc), ps.blend_cls(pool.ds[c].cls, wc), pool.ds[c], pool.folds, a.folds, grid)
         ch_full, ch_ds = ps.choose(tf, grid), ps.choose(td, grid)
-        idx = lambda ch: (int(np.flatnonzero(grid.levels == ch.level)[0]), int(np.flatnonzero(grid.min_areas == ch.min_area)[0]),  # noqa: E731
-                          int(np.flatnonzero(grid.cls_thresholds == ch.cls_threshold)[0]))
-        full_at_full = tf.sum(0)[idx(ch_full)] / a.images
-        full_at_ds = tf.sum(0)[idx(ch_ds)] / a.images
+        full_at_full = tf.sum(0)[grid.index(ch_full)] / a.images
+        full_at_ds = tf.sum(0)[grid.index(ch_ds)] / a.images
         diff_rows.append((c + 1, full_at_full, full_at_ds))
     print("\nper-class Dice at full resolution: parameters tuned at full res vs tuned on 4x maps")
     for c, f, d in diff_rows:

@@ -289,8 +289,7 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         cf += s_cf
         post[str(c + 1)] = {"pixel_threshold": ch.pixel_threshold, "min_area": ch.min_area,
                             "cls_threshold": ch.cls_threshold, "fill_holes": fill_holes}
-        ti, ai, gi = (int(np.flatnonzero(grid.levels == ch.level)[0]), int(np.flatnonzero(grid.min_areas == ch.min_area)[0]),
-                      int(np.flatnonzero(grid.cls_thresholds == ch.cls_threshold)[0]))
+        ti, ai, gi = grid.index(ch)
         tot = tables.sum(0) / n
         curves[str(c + 1)] = {"pixel_threshold": (grid.levels / 255).tolist(), "dice_vs_threshold": tot[:, ai, gi].tolist(),
                               "min_area": grid.min_areas.tolist(), "dice_vs_min_area": tot[ti, :, gi].tolist(),
@@ -359,9 +358,7 @@ def _nested_fold(pool: BlendPool, sel_data, f: int, run_selection, grid, fill_ho
     for c in range(N_CLASSES):
         tables = _full_tables(pool, c, w[c], fill_holes, grid)
         ch = ps.choose(tables, grid, exclude=f)
-        idx = (int(np.flatnonzero(grid.levels == ch.level)[0]), int(np.flatnonzero(grid.min_areas == ch.min_area)[0]),
-               int(np.flatnonzero(grid.cls_thresholds == ch.cls_threshold)[0]))
-        total += tables[(f, *idx)]
+        total += tables[(f, *grid.index(ch))]
     return total, w
 
 

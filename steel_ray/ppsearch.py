@@ -38,6 +38,11 @@ class Grid:
     def t_min(self) -> int:
         return int(self.levels.min())
 
+    def index(self, c: "Choice") -> tuple[int, int, int]:
+        """(level, area, gate) position of a chosen point in a ``(..., T, A, G)`` table."""
+        return (int(np.flatnonzero(self.levels == c.level)[0]), int(np.flatnonzero(self.min_areas == c.min_area)[0]),
+                int(np.flatnonzero(self.cls_thresholds == c.cls_threshold)[0]))
+
 
 def default_grid(shape) -> Grid:
     """Thresholds 0.25..0.80, min areas 0..4000 px (scaled from 256x1600), gate off or 0.3..0.8."""
@@ -191,24 +196,19 @@ def choose(tables: np.ndarray, grid: Grid, exclude=None) -> Choice:
     return _argmax(tables[use].sum(0), grid)
 
 
-def _index(grid: Grid, c: Choice):
-    return (int(np.flatnonzero(grid.levels == c.level)[0]), int(np.flatnonzero(grid.min_areas == c.min_area)[0]),
-            int(np.flatnonzero(grid.cls_thresholds == c.cls_threshold)[0]))
-
-
 def cross_fitted(tables: np.ndarray, grid: Grid) -> tuple[float, list[Choice]]:
     """Summed held-out Dice: fold k scored with the point chosen on the other folds."""
     total, picks = 0.0, []
     for k in range(tables.shape[0]):
         c = choose(tables, grid, exclude=k)
-        total += tables[(k, *_index(grid, c))]
+        total += tables[(k, *grid.index(c))]
         picks.append(c)
     return total, picks
 
 
 def in_sample(tables: np.ndarray, grid: Grid) -> tuple[float, Choice]:
     c = choose(tables, grid)
-    return float(tables.sum(0)[_index(grid, c)]), c
+    return float(tables.sum(0)[grid.index(c)]), c
 
 
 def score_point(blended, cls_b, d: ClassData, choice: Choice, image_mask=None) -> np.ndarray:
