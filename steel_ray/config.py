@@ -66,6 +66,7 @@ class ModelConfig:
     encoder_weights: str | None = None
     attention: str = "none"
     aux_weight: float = 0.0  # 0 = no auxiliary classification head
+    decoder_width: int | None = None  # decoder channels at the coarsest stage (smp default 256); None = default
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
+    steps_per_epoch: int | None = None  # optimizer steps per epoch (draws with replacement); None = one pass
+    warmup_steps: int = 0  # linear learning-rate warm-up from lr/100 (cosine/onecycle/none schedulers)
     seed: int = 0
     tta: str = "hflip"  # test-time augmentation for the out-of-fold predictions
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
@@ -171,6 +174,8 @@ class TrialConfig:
         _choice("encoder_weights", m.encoder_weights, ENCODER_WEIGHTS)
         _choice("attention", m.attention, ATTENTIONS)
         _number("aux_weight", m.aux_weight, float, 0)
+        if m.decoder_width is not None:
+            _number("decoder_width", m.decoder_width, int, 16)
         _choice("loss", lo.loss, LOSSES)
         _number("focal_gamma", lo.focal_gamma, float, 0)
         _number("bce_weight", lo.bce_weight, float, 0, 1)
@@ -180,6 +185,12 @@ class TrialConfig:
         _number("weight_decay", op.weight_decay, float, 0)
         _choice("scheduler", op.scheduler, SCHEDULERS)
         _number("epochs", tr.epochs, int, 1)
+        if tr.steps_per_epoch is not None:
+            _number("steps_per_epoch", tr.steps_per_epoch, int, 1)
+        _number("warmup_steps", tr.warmup_steps, int, 0)
+        if tr.warmup_steps and op.scheduler in ("plateau", "onecycle"):
+            raise ConfigError(f"warmup_steps={tr.warmup_steps} works with scheduler cosine or none, not {op.scheduler!r} "
+                              "(onecycle warms up by itself)")
         _number("seed", tr.seed, int, 0)
         _choice("tta", tr.tta, TTAS)
         if not isinstance(tr.amp, bool):
@@ -195,7 +206,8 @@ class TrialConfig:
             if va is not None:
                 for k, v in ((a, va), (b, vb)):
                     v = _number(k, v, int, 32)
-                    if v % 32:
+                    # crops are cut at the encoder stride; a resized image is padded to it by the model
+                    if v % 32 and a.startswith("crop"):
                         raise ConfigError(f"{k}={v} must be a multiple of 32 (encoder stride)")
         if da.crop and da.resize and (da.crop[0] > da.resize[0] or da.crop[1] > da.resize[1]):
             raise ConfigError(

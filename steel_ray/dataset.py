@@ -13,7 +13,7 @@ from . import rle
 from .config import SAMPLERS as SAMPLER_MODES
 from .data import N_CLASSES, DataError
 
-__all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "read_image", "SAMPLER_MODES"]
+__all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "StepsSampler", "read_image", "SAMPLER_MODES"]
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -148,3 +148,37 @@ class BalancedSampler(Sampler):
                 picks.append(rng.choice(g, k, replace=True))
         idx = np.concatenate(picks)
         return iter(rng.permutation(idx).tolist())
+
+
+class StepsSampler(Sampler):
+    """An epoch of exactly ``num_samples`` draws, for epochs defined by optimizer steps.
+
+    Chains whole passes of ``base`` (a :class:`BalancedSampler`, re-seeded per pass) or, without
+    one, whole random permutations of the ``n`` items, and cuts the chain at ``num_samples``:
+    every item is seen about equally often, whatever the data set's size. Deterministic for
+    ``seed`` and the epoch set with :meth:`set_epoch`.
+    """
+
+    def __init__(self, n: int, num_samples: int, base: BalancedSampler | None = None, seed: int = 0):
+        if n < 1 or num_samples < 1:
+            raise ValueError(f"n >= 1 and num_samples >= 1 must hold, but got (n={n}, num_samples={num_samples})")
+        self.n, self.num_samples, self.base, self.seed, self.epoch = n, num_samples, base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, 7])
+        out: list[int] = []
+        rep = 0
+        while len(out) < self.num_samples:
+            if self.base is not None:
+                self.base.set_epoch(self.epoch * 100_003 + rep)
+                out.extend(iter(self.base))
+            else:
+                out.extend(rng.permutation(self.n).tolist())
+            rep += 1
+        return iter(out[: self.num_samples])

@@ -34,6 +34,26 @@ def supports_attention(arch: str) -> bool:
     return "decoder_attention_type" in inspect.signature(_arch_class(arch).__init__).parameters
 
 
+def _decoder_kwargs(arch: str, width: int) -> dict:
+    """smp keyword arguments that set an architecture's decoder width (channels at its coarsest stage).
+
+    Unet-like decoders halve the width at each of their 5 stages, down to 16 (smp default
+    256..16; 16 keeps scSE's channel squeeze, width // 16, at least one channel); FPN
+    uses ``width`` for the pyramid and ``width // 2`` (a multiple of 32) for the segmentation
+    head (default 256/128); DeepLabV3(+) uses ``width`` throughout (default 256).
+    """
+    params = inspect.signature(_arch_class(arch).__init__).parameters
+    if "decoder_pyramid_channels" in params:
+        # the segmentation blocks use GroupNorm(32): a multiple of 32 channels
+        return {"decoder_pyramid_channels": width, "decoder_segmentation_channels": max(32, width // 64 * 32)}
+    if "decoder_channels" in params and arch in ("Unet", "UnetPlusPlus", "MAnet"):
+        return {"decoder_channels": [max(16, width >> i) for i in range(5)]}
+    if "decoder_channels" in params and arch in ("DeepLabV3", "DeepLabV3Plus"):
+        return {"decoder_channels": width}
+    ok = [a for a in ARCHS if a in ("Unet", "UnetPlusPlus", "MAnet", "FPN", "DeepLabV3", "DeepLabV3Plus")]
+    raise ConfigError(f"decoder_width is not supported by arch={arch!r}; use it with {ok} or leave it null")
+
+
 def _check_encoder(name: str) -> None:
     import segmentation_models_pytorch as smp
 
@@ -83,6 +103,8 @@ def build_model(cfg: ModelConfig) -> SteelNet:
             ok = [a for a in ARCHS if supports_attention(a)]
             raise ConfigError(f"attention={cfg.attention!r} is not supported by arch={cfg.arch!r}; use it with {ok}")
         kwargs["decoder_attention_type"] = cfg.attention
+    if cfg.decoder_width is not None:
+        kwargs.update(_decoder_kwargs(cfg.arch, int(cfg.decoder_width)))
     has_aux = cfg.aux_weight > 0
     if has_aux:
         kwargs["aux_params"] = {"classes": N_CLASSES, "dropout": 0.2}

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from . import oof
 from .config import ConfigError, TrialConfig, parse_set
 from .data import DataError, TrainSet, folds_hash, load_train, make_folds, write_folds
-from .dataset import BalancedSampler, SteelDataset, build_transforms
+from .dataset import BalancedSampler, SteelDataset, StepsSampler, build_transforms
 from .infer import autocast, pick_device, predict_batch
 from .io import atomic_path, atomic_write_text
 from .losses import build_loss
@@ -92,7 +92,8 @@ class FoldResult:
     fold: int
     epochs_run: int
     best_epoch: int
-    best_val_dice: float
+    best_val_dice: float  # at the best epoch (threshold 0.5)
+    best_val_dice_pp: float  # post-processing chosen on the fold (what selects the best epoch)
     oof_path: str | None
     weights_path: str
     history: list = field(default_factory=list)
@@ -135,17 +136,26 @@ def _optimizer(cfg: TrialConfig, model):
 
 
 def _scheduler(cfg: TrialConfig, opt, steps_per_epoch: int):
-    """(scheduler, per_step): cosine and onecycle step per batch, plateau per epoch."""
+    """(scheduler, per_step): cosine and onecycle step per batch, plateau per epoch.
+
+    ``warmup_steps`` prepends a linear warm-up from lr/100 (cosine and none only; the config
+    refuses it with plateau and onecycle).
+    """
+    lr_sched = torch.optim.lr_scheduler
     total = cfg.train.epochs * steps_per_epoch
+    warm = min(cfg.train.warmup_steps, max(0, total - 1))
     name = cfg.optim.scheduler
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total)), True
     if name == "onecycle":
         lrs = [g["lr"] for g in opt.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lrs, total_steps=max(1, total)), True
+        return lr_sched.OneCycleLR(opt, max_lr=lrs, total_steps=max(1, total)), True
     if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=1), False
-    return None, False
+        return lr_sched.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=1), False
+    main = lr_sched.CosineAnnealingLR(opt, T_max=max(1, total - warm)) if name == "cosine" else None
+    if not warm:
+        return main, main is not None
+    ramp = lr_sched.LinearLR(opt, start_factor=0.01, end_factor=1.0, total_iters=warm)
+    main = main or lr_sched.ConstantLR(opt, factor=1.0, total_iters=0)
+    return lr_sched.SequentialLR(opt, [ramp, main], milestones=[warm]), True
 
 
 def load_weights(path, device="cpu"):
@@ -157,10 +167,47 @@ def load_weights(path, device="cpu"):
     return model.to(device).eval(), cfg
 
 
+class _PPCounts:
+    """Per-image histograms of the quantised probabilities (all pixels, true pixels) and presence,
+    accumulated batch by batch: the exact post-processing search of the blend (threshold x min
+    area x gate) on one fold without keeping any map (a few KiB per image)."""
+
+    def __init__(self):
+        self.h_all, self.h_true, self.cls = [], [], []
+
+    def add(self, probs, truth, cls):
+        """``probs`` (B, C, H, W) float in [0, 1], ``truth`` (B, C, H, W) bool, ``cls`` (B, C)."""
+        b, c = probs.shape[:2]
+        q = torch.round(probs * 255).to(torch.int64).reshape(b * c, -1)  # the OOF quantisation
+        key = (torch.arange(b * c, device=q.device)[:, None] * 256 + q).reshape(-1)
+        t = truth.reshape(-1)
+        self.h_all.append(torch.bincount(key, minlength=b * c * 256).reshape(b, c, 256).cpu().numpy())
+        self.h_true.append(torch.bincount(key[t], minlength=b * c * 256).reshape(b, c, 256).cpu().numpy())
+        self.cls.append(cls.float().cpu().numpy())
+
+    def score(self, shape) -> float:
+        """Mean pair Dice after per-class post-processing chosen on these images (in-sample)."""
+        from . import ppsearch as ps
+
+        h_all, h_true, cls = np.concatenate(self.h_all), np.concatenate(self.h_true), np.concatenate(self.cls)
+        grid = ps.default_grid(shape)
+        n, n_cls = h_all.shape[:2]
+        total = 0.0
+        for c in range(n_cls):
+            suf_all = np.cumsum(h_all[:, c, ::-1], axis=1)[:, ::-1]
+            suf_true = np.cumsum(h_true[:, c, ::-1], axis=1)[:, ::-1]
+            tables = ps.tables_from_counts(suf_all[:, grid.levels], suf_true[:, grid.levels], suf_true[:, 0], 1.0, cls[:, c],
+                                           np.zeros(n, int), 1, grid)
+            total += ps.in_sample(tables, grid)[0]
+        return total / (n * n_cls)
+
+
 def _validate(model, loader, loss_fn, device, amp, shape):
+    """(val_loss, per-pair Dice (N, 4) at threshold 0.5, truth-is-empty (N, 4), post-processed Dice) of the fold."""
     model.eval()
     total, n = 0.0, 0
-    dice = []
+    dice, empty = [], []
+    pp = _PPCounts()
     with torch.no_grad():
         for b in loader:
             x = b["image"].to(device)
@@ -174,7 +221,20 @@ def _validate(model, loader, loss_fn, device, amp, shape):
             total += float(loss) * len(x)
             n += len(x)
             dice.append(dice_per_pair_torch(logits > 0, masks > 0.5).cpu())  # sigmoid >= 0.5 <=> logit >= 0
-    return total / max(n, 1), float(torch.cat(dice).mean())
+            empty.append((masks.amax(dim=(-2, -1)) <= 0.5).cpu())
+            probs = torch.sigmoid(logits)
+            pres = torch.sigmoid(cls_logits.float()) if cls_logits is not None else probs.amax(dim=(-2, -1))
+            pp.add(probs, masks > 0.5, pres)
+    return total / max(n, 1), torch.cat(dice).numpy(), torch.cat(empty).numpy(), pp.score(shape)
+
+
+def _dice_metrics(pair_dice: np.ndarray, empty: np.ndarray) -> dict:
+    """val_dice, per-class val_dice_1..4 and the all-empty score of the same pairs."""
+    out = {"val_dice": float(pair_dice.mean()), "val_all_empty": float(empty.mean())}
+    for c in range(pair_dice.shape[1]):
+        out[f"val_dice_{c + 1}"] = float(pair_dice[:, c].mean())
+        out[f"val_all_empty_{c + 1}"] = float(empty[:, c].mean())
+    return out
 
 
 def fit_fold(
@@ -215,8 +275,10 @@ def fit_fold(
     train_ds = SteelDataset(ts.images_dir, ids[tr_idx], ts.rles[tr_idx], ts.shape, train_tf)
     val_ds = SteelDataset(ts.images_dir, ids[va_idx], ts.rles[va_idx], ts.shape, build_transforms(False, resize=cfg.data.resize), full_size_mask=True)
     sampler = None if cfg.data.sampler == "none" else BalancedSampler(ts.presence[tr_idx], cfg.data.sampler, cfg.train.seed)
-    n_samples = len(sampler) if sampler is not None else len(train_ds)
     bs = cfg.data.batch_size
+    if cfg.train.steps_per_epoch:  # an epoch is a fixed number of optimizer steps, whatever the data size
+        sampler = StepsSampler(len(train_ds), cfg.train.steps_per_epoch * bs, sampler, cfg.train.seed)
+    n_samples = len(sampler) if sampler is not None else len(train_ds)
     drop_last = n_samples >= bs
     steps = n_samples // bs if drop_last else 1
     nw = cfg.data.num_workers
@@ -232,7 +294,7 @@ def fit_fold(
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     loss_fn = build_loss(cfg.loss, cfg.model.aux_weight)
 
-    start, best, best_epoch, history = 1, -1.0, 0, []
+    start, best, best_pp, best_epoch, history = 1, -1.0, -1.0, 0, []
     last = ckdir / "last.pt"
     if last.exists():
         st = torch.load(last, map_location=dev, weights_only=False)
@@ -244,6 +306,7 @@ def fit_fold(
             sched.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
         start, best, best_epoch, history = st["epoch"] + 1, st["best_val_dice"], st["best_epoch"], st["history"]
+        best_pp = st["best_val_dice_pp"]
         log.info("%s fold %d: resuming after epoch %d", model_id, fold, st["epoch"])
     atomic_write_text(ckdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
 
@@ -290,18 +353,22 @@ def fit_fold(
             run_loss += loss.item() * len(x)
             seen += len(x)
             bar.set_postfix(loss=f"{run_loss / seen:.4f}")
-        val_loss, val_dice = _validate(model, val_loader, loss_fn, dev, amp, ts.shape)
+        val_loss, pair_dice, empty, val_pp = _validate(model, val_loader, loss_fn, dev, amp, ts.shape)
+        dm = {**_dice_metrics(pair_dice, empty), "val_dice_pp": val_pp}
+        val_dice = dm["val_dice"]
         if sched is not None and not per_step:
             sched.step(val_loss)
-        if val_dice > best:
-            best, best_epoch = val_dice, epoch
+        # the best epoch is the one the blend would do best with: highest post-processed Dice
+        if val_pp > best_pp:
+            best_pp, best, best_epoch = val_pp, val_dice, epoch
             _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold, "epoch": epoch, "val_dice": val_dice})
         metrics = {
             "epoch": epoch,
             "train_loss": run_loss / max(seen, 1),
             "val_loss": val_loss,
-            "val_dice": val_dice,
+            **dm,
             "best_val_dice": best,
+            "best_val_dice_pp": best_pp,
             "best_epoch": best_epoch,
             "lr": opt.param_groups[-1]["lr"],
             "epoch_seconds": time.time() - t0,
@@ -310,25 +377,26 @@ def fit_fold(
         _save(last, {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
-            "epoch": epoch, "best_val_dice": best, "best_epoch": best_epoch, "history": history,
+            "epoch": epoch, "best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "history": history,
             "model_id": model_id, "fold": fold, "config": cfg.to_dict(),
         })
         log.info(
-            "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_dice %.4f (best %.4f @ %d) %.1fs",
-            model_id, fold, epoch, cfg.train.epochs, metrics["train_loss"], val_loss, val_dice, best, best_epoch, metrics["epoch_seconds"],
+            "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_dice %.4f post-processed %.4f (all-empty %.4f; "
+            "best %.4f @ %d) %.1fs", model_id, fold, epoch, cfg.train.epochs, metrics["train_loss"], val_loss, val_dice, val_pp,
+            dm["val_all_empty"], best_pp, best_epoch, metrics["epoch_seconds"],
         )
         if report is not None and epoch < cfg.train.epochs:
             report(dict(metrics))
 
     oof_file = None
     if write_oof:
-        extra = {"best_val_dice": best, "best_epoch": best_epoch, "epochs_run": len(history)}
+        extra = {"best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "epochs_run": len(history)}
         oof_file = str(predict_oof(ckdir / "best.pt", fold, data, run, model_id, dev, cfg, progress, extra))
     # The final epoch is reported only once its OOF is on disk: a scheduler may stop the
     # trial as soon as it sees the last epoch's result.
     if report is not None and history:
         report(dict(history[-1]))
-    return FoldResult(model_id, fold, len(history), best_epoch, best, oof_file, str(ckdir / "best.pt"), history)
+    return FoldResult(model_id, fold, len(history), best_epoch, best, best_pp, oof_file, str(ckdir / "best.pt"), history)
 
 
 def _save(path: Path, obj) -> None:
@@ -391,7 +459,8 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{res.model_id} fold {res.fold}: best val_dice {res.best_val_dice:.4f} at epoch {res.best_epoch}; OOF {res.oof_path}")
+    print(f"{res.model_id} fold {res.fold}: best epoch {res.best_epoch}: val_dice {res.best_val_dice:.4f} at threshold 0.5, "
+          f"{res.best_val_dice_pp:.4f} post-processed; OOF {res.oof_path}")
     return 0
 
 

@@ -68,3 +68,19 @@ def test_imagenet_without_internet_is_a_clear_error():
     except RuntimeError as e:
         assert "encoder_weights='imagenet'" in str(e) and "encoder_weights=null" in str(e)
     # with internet the weights load and there is nothing to check
+
+
+@pytest.mark.parametrize("arch,attention", [("Unet", "scse"), ("UnetPlusPlus", "none"), ("FPN", "none"), ("DeepLabV3Plus", "none")])
+def test_decoder_width_narrows_the_decoder(arch, attention):
+    base = build_model(TrialConfig.from_dict({"arch": arch, "encoder": "tu-test_resnet", "attention": attention}).model)
+    narrow = build_model(TrialConfig.from_dict({"arch": arch, "encoder": "tu-test_resnet", "attention": attention,
+                                                "decoder_width": 32}).model)
+    count = lambda m: sum(p.numel() for p in m.net.decoder.parameters())  # noqa: E731
+    assert count(narrow) < count(base) / 3
+    masks, _ = narrow.eval()(torch.randn(2, 3, 64, 96))
+    assert masks.shape == (2, 4, 64, 96)
+
+
+def test_decoder_width_refused_where_it_means_nothing():
+    with pytest.raises(ConfigError, match=r"decoder_width is not supported by arch='Linknet'; use it with \['Unet'"):
+        build_model(TrialConfig.from_dict({"arch": "Linknet", "encoder": "tu-test_resnet", "decoder_width": 64}).model)

@@ -117,3 +117,73 @@ def test_cli(tiny_set, tmp_path):
     r = subprocess.run([sys.executable, "-m", "steel_ray.train", "--data", str(tiny_set), "--out", str(tmp_path),
                         "--fold", "0", "--folds", "3", "--set", "arch=Nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "arch='Nope' is not valid" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_post_processed_val_dice_equals_the_blend_search_on_the_same_maps():
+    """The streamed per-image histograms give the same score as the blend's exact search on dense maps."""
+    from steel_ray import ppsearch as ps
+    from steel_ray.train import _PPCounts
+
+    rng = np.random.default_rng(0)
+    n, h, w = 12, 32, 64
+    truth = np.zeros((n, 4, h, w), bool)
+    for i in range(n):
+        for c in range(4):
+            if rng.random() < 0.4:
+                y, x = rng.integers(0, h - 8), rng.integers(0, w - 20)
+                truth[i, c, y:y + rng.integers(2, 8), x:x + rng.integers(3, 20)] = True
+    probs = np.clip(truth * rng.uniform(0.2, 0.7) + rng.random(truth.shape) * 0.5, 0, 1).astype(np.float32)
+    cls = rng.random((n, 4)).astype(np.float32)
+    acc = _PPCounts()
+    for s in (slice(0, 5), slice(5, 12)):  # two batches
+        acc.add(torch.from_numpy(probs[s]), torch.from_numpy(truth[s]), torch.from_numpy(cls[s]))
+    fast = acc.score((h, w))
+    grid = ps.default_grid((h, w))
+    q = np.round(probs * 255).astype(np.uint8)
+    total = 0.0
+    for c in range(4):
+        d = ps.ClassData.from_dense(q[None, :, c], truth[:, c], cls[None, :, c], t_min=grid.t_min)
+        total += ps.in_sample(ps.fold_tables(d.vals[0], cls[:, c], d, np.zeros(n, int), 1, grid), grid)[0]
+    assert fast == pytest.approx(total / (n * 4), abs=1e-12)
+    assert fast > (~truth.any((2, 3))).mean()  # the planted signal beats all-empty
+
+
+def test_steps_per_epoch_and_warmup(tiny_set, tmp_path):
+    from steel_ray.dataset import BalancedSampler, StepsSampler
+
+    presence = np.array([[0, 0, 0, 0]] * 6 + [[0, 0, 1, 0]] * 3 + [[1, 0, 0, 0]], bool)
+    s = StepsSampler(len(presence), 25, BalancedSampler(presence, "upsample", seed=1), seed=1)
+    s.set_epoch(3)
+    first = list(s)
+    assert len(first) == 25 and list(s) == first  # deterministic for the epoch
+    s.set_epoch(4)
+    assert list(s) != first
+    plain = StepsSampler(10, 25, None, seed=0)
+    draws = list(plain)
+    assert np.bincount(draws, minlength=10).min() >= 2  # whole passes, then a cut
+    cfg = TrialConfig.from_dict({**TINY, "epochs": 3, "steps_per_epoch": 3, "warmup_steps": 4, "sampler": "none"})
+    data = prepare_run(tiny_set, tmp_path, 3)
+    res = fit_fold(cfg, 0, data, tmp_path, progress=False, write_oof=False)
+    lrs = [m["lr"] for m in res.history]
+    lr = cfg.optim.lr
+    # 3 of 4 warm-up steps: lr/100 + 3/4 of the way up; then cosine over the remaining 5 steps
+    assert lrs[0] == pytest.approx(lr * (0.01 + 0.99 * 3 / 4))
+    assert lrs[1] == pytest.approx(lr * (1 + np.cos(np.pi * 2 / 5)) / 2)
+    assert lrs[2] == pytest.approx(0.0, abs=1e-12)
+    assert {"val_dice_pp", "val_all_empty", "val_dice_3", "val_all_empty_3"} <= set(res.history[0])
+    assert res.best_val_dice_pp == max(m["val_dice_pp"] for m in res.history)
+
+
+def test_demo_settings_learn_better_than_all_empty(tmp_path):
+    """The demo space's reference trial, trained for its steps on a small synthetic set, beats all-empty."""
+    import yaml
+
+    from steel_ray import synth
+
+    sp = yaml.safe_load(open("search_spaces/demo.yaml"))
+    flat = {**sp["fixed"], **sp["points_to_evaluate"][0]}
+    data_dir = synth.generate(tmp_path / "data", n_train=96, n_test=1, height=64, width=400, seed=11)
+    data = prepare_run(data_dir, tmp_path / "run", 3)
+    res = fit_fold(TrialConfig.from_dict(flat), 0, data, tmp_path / "run", progress=False, write_oof=False)
+    best = res.history[res.best_epoch - 1]
+    assert res.best_val_dice_pp > best["val_all_empty"] + 0.01, res.history
