@@ -32,7 +32,7 @@ from . import ppsearch as ps
 from .data import N_CLASSES, DataError
 from .io import atomic_write_text
 
-__all__ = ["BlendPool", "load_blend_pool", "optimize", "BlendResult", "select", "write_blend_json", "main"]
+__all__ = ["BlendPool", "load_blend_pool", "optimize", "BlendResult", "select", "write_blend_json", "blend_run", "summary_lines", "main"]
 
 log = logging.getLogger("steel_ray.blend")
 BASELINE_AREAS = (500, 500, 1000, 2000)  # px at 256x1600 (the original solution's recipe)
@@ -245,14 +245,19 @@ def _full_tables(pool: BlendPool, c: int, weights, fill_holes: bool, grid, image
 
 def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_weights: bool = False,
              init_sorted: int = 0, fill_holes: bool = False, nested: bool = True, workers: int = 1, seed: int = 0,
-             selection_resolution: str = "auto") -> BlendResult:
-    """Select the ensemble, tune per-class post-processing and compute the honest scores."""
+             selection_resolution: str = "auto", choice: str = "smooth") -> BlendResult:
+    """Select the ensemble, tune per-class post-processing and compute the honest scores.
+
+    ``choice`` is how a post-processing point is chosen from a Dice table (``smooth`` or
+    ``argmax``, see :class:`ppsearch.Grid`), everywhere: selection, final tuning, cross-fitting
+    and the nested folds.
+    """
     t0 = time.time()
-    grid = ps.default_grid(pool.shape)
+    grid = ps.default_grid(pool.shape, choice)
     grids = [grid] * N_CLASSES
     n, k, m_all = len(pool.image_ids), pool.n_folds, len(pool.model_ids)
     settings = {"max_members": max_members, "bags": bags, "per_class_weights": per_class_weights,
-                "init_sorted": init_sorted, "seed": seed,
+                "init_sorted": init_sorted, "seed": seed, "choice": choice,
                 "grid": {"pixel_levels": grid.levels.tolist(), "min_areas": grid.min_areas.tolist(),
                          "cls_thresholds": grid.cls_thresholds.tolist()}}
 
@@ -280,7 +285,7 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     log.info("selection done in %.1fs: %s", time.time() - t0, {pool.model_ids[i]: round(float(x), 3) for i, x in enumerate(weights[0]) if x > 0})
 
     # final tuning at full resolution
-    post, in_s, cf, per_class, curves = {}, 0.0, 0.0, {}, {}
+    post, in_s, cf, per_class, curves, all_empty = {}, 0.0, 0.0, {}, {}, 0.0
     for c in range(N_CLASSES):
         tables = _full_tables(pool, c, weights[c], fill_holes, grid)
         s_in, ch = ps.in_sample(tables, grid)
@@ -289,6 +294,9 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         cf += s_cf
         post[str(c + 1)] = {"pixel_threshold": ch.pixel_threshold, "min_area": ch.min_area,
                             "cls_threshold": ch.cls_threshold, "fill_holes": fill_holes}
+        edges = grid.edges(ch)
+        if edges:
+            log.warning("class %d: chosen point on the grid's edge (%s): the optimum may lie outside the grid", c + 1, "; ".join(edges))
         ti, ai, gi = grid.index(ch)
         tot = tables.sum(0) / n
         curves[str(c + 1)] = {"pixel_threshold": (grid.levels / 255).tolist(), "dice_vs_threshold": tot[:, ai, gi].tolist(),
@@ -298,12 +306,15 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         blended, cls_b = ps.blend_u8(d.vals, weights[c]), ps.blend_cls(d.cls, weights[c])
         pair = ps.score_point(blended, cls_b, d, ch) if not fill_holes else None
         empty = d.true_area == 0
+        all_empty += float(empty.sum())
         if pair is not None:
             kept_pred = _pred_nonempty(blended, cls_b, d, ch)
             per_class[str(c + 1)] = {"dice": float(pair.mean()), "fp_rate_on_empty": float(kept_pred[empty].mean()) if empty.any() else 0.0,
                                      "n_true": int((~empty).sum()), "n_empty": int(empty.sum())}
         else:
             per_class[str(c + 1)] = {"dice": float(s_in / n), "n_true": int((~empty).sum()), "n_empty": int(empty.sum())}
+        per_class[str(c + 1)]["all_empty"] = float(empty.mean())
+        per_class[str(c + 1)]["on_grid_edge"] = edges
 
     timings["final_tuning"] = time.time() - t0 - timings["selection"]
     # best single model and baseline (full resolution)
@@ -323,7 +334,7 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     timings["singles_and_baseline"] = time.time() - t0 - timings["selection"] - timings["final_tuning"]
     # nested: the whole procedure without fold k, scored on fold k
     t_n = time.time()
-    nested_total, nested_weights = float("nan"), []
+    nested_total, nested_weights = None, []
     if nested and k > 1:
         nested_total = 0.0
         jobs = list(range(k))
@@ -334,8 +345,10 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         nested_total /= pool.n_pairs
     timings["nested"] = time.time() - t_n
     settings["timings"] = {k_: round(v, 2) for k_, v in timings.items()}
-    scores = {"in_sample": float(in_s / pool.n_pairs), "cross_fitted": float(cf / pool.n_pairs), "nested": float(nested_total),
-              "best_single": float(best_single), "best_single_model": max(singles, key=singles.get), "baseline": float(base / pool.n_pairs)}
+    scores = {"in_sample": float(in_s / pool.n_pairs), "cross_fitted": float(cf / pool.n_pairs),
+              "nested": None if nested_total is None else float(nested_total),
+              "best_single": float(best_single), "best_single_model": max(singles, key=singles.get), "baseline": float(base / pool.n_pairs),
+              "all_empty": all_empty / pool.n_pairs}
     traj_out = [{"members": int(s), "cross_fitted": float(v) / pool.n_pairs} for s, v, _ in traj]
     log.info("scores: %s (%.1fs)", {k_: (round(v, 6) if isinstance(v, float) else v) for k_, v in scores.items()}, time.time() - t0)
     return BlendResult(pool.model_ids, weights, post, scores, per_class, traj_out, curves, nested_weights, fill_holes,
@@ -435,40 +448,75 @@ def main(argv=None) -> int:
     ap.add_argument("--selection-resolution", choices=["auto", "ds4", "full"], default="auto",
                     help="maps the selection runs on (auto: ds4 when the image is at least 128 px high); "
                          "the final tuning and the scores are always at full resolution")
+    ap.add_argument("--choice", choices=list(ps.CHOICE_RULES), default="smooth",
+                    help="how a post-processing point is chosen: smooth (best mean over neighbouring grid points, "
+                         "default: small pools overfit less) or argmax (the best point)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    models = a.models
-    state = Path(a.run) / "search.json"
-    if models is None and state.exists():
-        saved = json.loads(state.read_text())
-        models = saved.get("selected_models")
-        if models is None and saved.get("selected"):
-            from .config import TrialConfig
+    from . import console
 
-            models = [TrialConfig.from_dict(c).model_id() for c in saved["selected"]]
-        if models:
-            log.info("blending the search's completed models %s (screening-only configs are left out)", models)
+    console.setup(a.run if Path(a.run).is_dir() else None, False, "blend")
     try:
-        pool = load_blend_pool(a.run, model_ids=models, allow_partial=a.allow_partial, keep_dense=a.fill_holes)
+        blend_run(a.run, a.models, max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
+                  init_sorted=a.init_sorted, allow_partial=a.allow_partial, fill_holes=a.fill_holes, nested=not a.no_nested,
+                  workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def search_models(run) -> list[str] | None:
+    """The search's completed models (RUN/search.json), or None when the run has no search state."""
+    state = Path(run) / "search.json"
+    if not state.exists():
+        return None
+    saved = json.loads(state.read_text())
+    models = saved.get("selected_models")
+    if models is None and saved.get("selected"):
+        from .config import TrialConfig
+
+        models = [TrialConfig.from_dict(c).model_id() for c in saved["selected"]]
+    return models or None
+
+
+def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, **opts) -> dict:
+    """Blend a run's pool (default: the search's completed models, else the whole pool), write
+    blend.json and the report, print the score summary; returns the blend.json document."""
+    if models is None:
+        models = search_models(run)
+        if models:
+            log.info("blending the search's completed models %s (screening-only configs are left out)", models)
+    pool = load_blend_pool(run, model_ids=models, allow_partial=allow_partial, keep_dense=fill_holes)
     if pool.left_out:
         log.warning("left out (missing folds): %s", pool.left_out)
-    res = optimize(pool, a.max_members, a.bags, a.per_class_weights, a.init_sorted, a.fill_holes, not a.no_nested, a.workers,
-                   a.seed, a.selection_resolution)
-    out = Path(a.run) / "blend"
-    doc = blend_json(res, pool, a.run)
+    res = optimize(pool, fill_holes=fill_holes, **opts)
+    out = Path(run) / "blend"
+    doc = blend_json(res, pool, run)
     write_blend_json(doc, out / "blend.json")
     from .report import write_report
 
-    html = write_report(doc, pool, a.run, out)
-    s = res.scores
-    print(f"blend: {len(doc['members'])} member(s); scores in_sample {s['in_sample']:.6f} cross_fitted {s['cross_fitted']:.6f} "
-          f"nested {s['nested']:.6f} best_single {s['best_single']:.6f} baseline {s['baseline']:.6f}")
-    print(f"blend.json: {out / 'blend.json'}\nreport:     {html}")
-    return 0
+    html = write_report(doc, pool, run, out)
+    for line in summary_lines(doc):
+        print(line)
+    print(f"blend.json: {out / 'blend.json'}\nreport:     {html}  (and report.md)")
+    return doc
+
+
+def summary_lines(doc: dict) -> list[str]:
+    """The blend's scores for the console, each beside the all-empty score of the same pairs."""
+    from .report import fmt_score, warnings
+
+    s = doc["scores"]
+    lines = [f"blend: {len(doc['members'])} member(s)"]
+    for k, label in (("all_empty", "all-empty (no defects)"), ("best_single", "best single (cross-fitted)"),
+                     ("baseline", "baseline recipe"), ("in_sample", "blend in-sample"), ("cross_fitted", "blend cross-fitted"),
+                     ("nested", "blend nested")):
+        v = s.get(k)
+        rel = "" if k == "all_empty" or v is None else f"  ({v - s['all_empty']:+.6f} vs all-empty)"
+        lines.append(f"  {label:28} {fmt_score(v)}{rel}")
+    lines += [w for _, w in warnings(doc)]
+    return lines
 
 
 if __name__ == "__main__":

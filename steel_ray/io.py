@@ -24,11 +24,19 @@ def atomic_path(path: str | Path, suffix: str = ".tmp"):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file 0600; the output gets the mode a normal file gets under the umask
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

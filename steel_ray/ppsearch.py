@@ -19,24 +19,52 @@ import numpy as np
 
 from .metric import dice_from_counts
 
-__all__ = ["Grid", "default_grid", "ClassData", "blend_u8", "blend_cls", "fold_tables", "tables_from_counts",
+__all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables", "tables_from_counts",
            "area_inter_dense", "Choice",
            "choose", "cross_fitted", "in_sample", "score_point"]
 
 SEVERSTAL_AREA = 256 * 1600
 
 
+CHOICE_RULES = ("smooth", "argmax")
+
+
 @dataclass(frozen=True)
 class Grid:
-    """Search grid for one class: uint8 pixel levels, min areas (full-res pixels), gate thresholds."""
+    """Search grid for one class: uint8 pixel levels, min areas (full-res pixels), gate thresholds.
+
+    ``rule`` is how a point is chosen from a Dice table over the grid: ``argmax`` takes the
+    best point; ``smooth`` (default) takes the best point of the table averaged over each
+    point's neighbours (a 3x3x3 box, edges replicated), which small pools overfit less.
+    """
 
     levels: np.ndarray  # uint8 levels k: a pixel is on when blended_u8 >= k (threshold k/255)
     min_areas: np.ndarray  # float, pixels at full resolution; 0 = off
     cls_thresholds: np.ndarray  # float; 0 = gate off
+    rule: str = "smooth"
+
+    def __post_init__(self):
+        if self.rule not in CHOICE_RULES:
+            raise ValueError(f"choice rule {self.rule!r} is not one of {list(CHOICE_RULES)}")
 
     @property
     def t_min(self) -> int:
         return int(self.levels.min())
+
+    def edges(self, c: "Choice") -> list[str]:
+        """Which of a chosen point's parameters sit on the grid's edge (the optimum may lie beyond).
+
+        min area 0 and gate 0 are "off", a natural bound, not an edge.
+        """
+        t, a, g = self.index(c)
+        out = []
+        if t == 0 or t == len(self.levels) - 1:
+            out.append(f"pixel_threshold {c.pixel_threshold:.3f} is the grid's {'lowest' if t == 0 else 'highest'} level")
+        if a == len(self.min_areas) - 1 and len(self.min_areas) > 1:
+            out.append(f"min_area {c.min_area:g} is the grid's largest")
+        if g == len(self.cls_thresholds) - 1 and len(self.cls_thresholds) > 1:
+            out.append(f"cls_threshold {c.cls_threshold:g} is the grid's highest")
+        return out
 
     def index(self, c: "Choice") -> tuple[int, int, int]:
         """(level, area, gate) position of a chosen point in a ``(..., T, A, G)`` table."""
@@ -44,13 +72,18 @@ class Grid:
                 int(np.flatnonzero(self.cls_thresholds == c.cls_threshold)[0]))
 
 
-def default_grid(shape) -> Grid:
-    """Thresholds 0.25..0.80, min areas 0..4000 px (scaled from 256x1600), gate off or 0.3..0.8."""
-    levels = np.unique(np.ceil(np.round(np.arange(0.25, 0.8001, 0.05) * 255, 9)).astype(np.int64))
+def default_grid(shape, rule: str = "smooth") -> Grid:
+    """Thresholds 0.05..0.95, min areas 0..32000 px (scaled from 256x1600), gate off or 0.1..0.9.
+
+    Wide enough that an optimum on the edge means something is off (a model that is
+    under-confident everywhere, say): :meth:`Grid.edges` reports it.
+    """
+    levels = np.unique(np.ceil(np.round(np.arange(0.05, 0.9501, 0.05) * 255, 9)).astype(np.int64))
     scale = shape[0] * shape[1] / SEVERSTAL_AREA
-    areas = np.array([0, 50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000, 2500, 3000, 4000], float)
-    cls = np.array([0.0, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8])
-    return Grid(levels, np.round(areas * scale), cls)
+    areas = np.array([0, 50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000, 2500, 3000, 4000, 5000, 6500,
+                      8000, 10000, 12000, 16000, 20000, 24000, 32000], float)
+    cls = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9])
+    return Grid(levels, np.round(areas * scale), cls, rule)
 
 
 @dataclass
@@ -183,8 +216,23 @@ class Choice:
         return self.level / 255.0
 
 
+def smoothed(table: np.ndarray) -> np.ndarray:
+    """The (T, A, G) table averaged over each point's 3x3x3 neighbourhood (edges replicated)."""
+    from scipy.ndimage import uniform_filter
+
+    return uniform_filter(np.asarray(table, np.float64), size=3, mode="nearest")
+
+
 def _argmax(table: np.ndarray, grid: Grid) -> Choice:
-    """First maximum in (level, area, gate) order: the lowest of tied parameter values."""
+    """First maximum in (level, area, gate) order: the lowest of tied parameter values.
+
+    With ``grid.rule == "smooth"`` the maximum of the smoothed table; ties in the smoothed
+    table go to the point with the higher raw value, then the lowest parameters.
+    """
+    if grid.rule == "smooth":
+        sm = smoothed(table)
+        top = sm >= sm.max() - 1e-9 * max(1.0, abs(sm.max()))
+        table = np.where(top, table, -np.inf)
     t, a, g = np.unravel_index(int(np.argmax(table)), table.shape)
     return Choice(int(grid.levels[t]), float(grid.min_areas[a]), float(grid.cls_thresholds[g]))
 

@@ -15,6 +15,7 @@ from .io import atomic_write_text
 __all__ = ["write_report"]
 
 SCORE_HELP = {
+    "all_empty": "predicting no defect anywhere, on the same pairs: the floor every other score must beat",
     "in_sample": "post-processing tuned and scored on the same OOF (optimistic)",
     "cross_fitted": "post-processing chosen on K-1 folds, scored on the held-out fold",
     "nested": "whole procedure (selection included) rerun without fold k, scored on fold k: the estimate to trust",
@@ -86,24 +87,63 @@ def _correlation(pool) -> np.ndarray | None:
 def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
     s = doc["scores"]
     t = {}
-    t["scores"] = pd.DataFrame([{"score": k, "value": f"{s[k]:.6f}", "meaning": SCORE_HELP[k]} for k in SCORE_HELP])
+    t["scores"] = pd.DataFrame([{"score": k, "value": fmt_score(s.get(k)),
+                                 "vs all_empty": "" if k == "all_empty" or s.get(k) is None else f"{s[k] - s['all_empty']:+.6f}",
+                                 "meaning": SCORE_HELP[k]} for k in SCORE_HELP])
     t["weights"] = pd.DataFrame([{"model_id": m["model_id"], "weight": m["weight"] if m["weight"] is not None else
                                   ", ".join(f"{k}:{v:.3f}" for k, v in m["class_weights"].items()),
                                   "folds": len(m["checkpoints"]),
                                   "single cross_fitted": round(doc["single_models_cross_fitted"].get(m["model_id"], float("nan")), 6)}
                                  for m in doc["members"]])
     t["postprocess"] = pd.DataFrame([{"class": c, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in doc["postprocess"][c].items()},
-                                      **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in doc["per_class"][c].items()}}
+                                      **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in doc["per_class"][c].items()
+                                         if k != "on_grid_edge"},
+                                      "on grid edge": "; ".join(doc["per_class"][c].get("on_grid_edge", [])) or "-"}
                                      for c in doc["postprocess"]])
     t["trajectory"] = pd.DataFrame(doc["selection"]["trajectory"])
     res = run / "results.parquet"
     if res.exists():
         r = pd.read_parquet(res)
-        keep = [c for c in ["stage", "model_id", "fold", "status", "epochs_run", "best_val_dice", "wall_s", "error"] if c in r]
-        t["leaderboard"] = r.sort_values("best_val_dice", ascending=False)[keep].head(40)
+        keep = [c for c in ["stage", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "wall_s", "error"]
+                if c in r]
+        key = "best_val_dice_pp" if "best_val_dice_pp" in r else "best_val_dice"
+        t["leaderboard"] = r.sort_values(key, ascending=False)[keep].head(40)
     singles = doc["single_models_cross_fitted"]
     t["singles"] = pd.DataFrame(sorted(singles.items(), key=lambda x: -x[1]), columns=["model_id", "cross_fitted"])
     return t
+
+
+def fmt_score(v) -> str:
+    return "n/a" if v is None else f"{v:.6f}"
+
+
+def headline_text(doc: dict) -> str:
+    """The report's first paragraph: every estimate beside the all-empty score, warnings in plain words."""
+    s = doc["scores"]
+    nested = s.get("nested")
+    parts = [f"All-empty (predict no defect) {s['all_empty']:.6f}; nested estimate {fmt_score(nested)} "
+             f"(in-sample {s['in_sample']:.6f}, cross-fitted {s['cross_fitted']:.6f}); best single model "
+             f"{s['best_single']:.6f} ({s['best_single_model']}); baseline recipe {s['baseline']:.6f}."]
+    if nested is not None:
+        parts.append(f"Optimism of in-sample over nested: {s['in_sample'] - nested:+.6f}.")
+    for c, w in warnings(doc):
+        parts.append(w)
+    return " ".join(parts)
+
+
+def warnings(doc: dict) -> list[tuple[str, str]]:
+    """(kind, sentence) for what a reader must not miss: estimates at or below all-empty, grid edges."""
+    s, out = doc["scores"], []
+    if s.get("nested") is not None and s["nested"] <= s["all_empty"]:
+        out.append(("nested", f"WARNING: the nested estimate is worse than predicting no defects "
+                              f"({s['nested']:.6f} <= all-empty {s['all_empty']:.6f})."))
+    if s["best_single"] <= s["all_empty"]:
+        out.append(("best_single", f"WARNING: the best single model is no better than predicting no defects "
+                                   f"({s['best_single']:.6f} <= all-empty {s['all_empty']:.6f})."))
+    for c, pc in doc["per_class"].items():
+        for e in pc.get("on_grid_edge", []):
+            out.append(("edge", f"Class {c}: {e} (the optimum may lie outside the grid)."))
+    return out
 
 
 def _submit_cmd(run: Path) -> str:
@@ -117,10 +157,7 @@ def write_report(doc: dict, pool, run, out_dir) -> Path:
     labels = list(pool.model_ids)
     plots = _plots(doc, _correlation(pool), labels)
     tables = _tables(doc, run)
-    s = doc["scores"]
-    headline = (f"Nested estimate {s['nested']:.6f} (in-sample {s['in_sample']:.6f}, cross-fitted {s['cross_fitted']:.6f}); "
-                f"best single model {s['best_single']:.6f} ({s['best_single_model']}); baseline recipe {s['baseline']:.6f}. "
-                f"Optimism of in-sample over nested: {s['in_sample'] - s['nested']:+.6f}.")
+    headline = headline_text(doc)
     sections = [
         ("Scores", "scores", None),
         ("Chosen members and weights", "weights", None),

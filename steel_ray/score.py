@@ -23,7 +23,7 @@ from . import rle
 from .data import N_CLASSES, DataError, Labels, check_shapes, label_array, list_images, read_labels
 from .metric import dice_from_counts
 
-__all__ = ["score_labels", "pair_rles"]
+__all__ = ["score_labels", "score_submission", "pair_rles"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,32 @@ def score_labels(truth: Labels, pred: Labels, image_ids: list[str], shape) -> np
     return pair_dice(t, p, shape, str(truth.path), str(pred.path))
 
 
+def score_submission(truth_csv, pred_csv, images=None, shape=(256, 1600)) -> tuple[np.ndarray, np.ndarray]:
+    """(per-pair Dice (N, 4), truth-has-a-mask (N, 4)) of a submission file against a label file.
+
+    ``images`` (a folder) gives the image list and size; without it the truth must be in the
+    old format (every pair listed) and ``shape`` is the image size.
+    """
+    truth = read_labels(truth_csv)
+    pred = read_labels(pred_csv)
+    if images:
+        folder = Path(images)
+        image_ids = list_images(folder)
+        known = set(image_ids)
+        for img, r in zip(truth.table["ImageId"], truth.table["row"]):
+            if img not in known:
+                raise DataError(f"{truth.path}, line {r}: image {img} is not in {folder}")
+        shape = check_shapes(folder, image_ids)
+    elif truth.format == "new":
+        raise DataError(
+            f"{truth.path} is in the new format, which lists only defective images; "
+            "pass --images DIR so that defect-free images are counted"
+        )
+    else:
+        image_ids = list(truth.image_ids)
+    return score_labels(truth, pred, image_ids, shape), pair_rles(truth, image_ids) != ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m steel_ray.score", description=__doc__.split("\n\n")[0])
     ap.add_argument("--truth", required=True, help="label CSV (old or new format)")
@@ -66,31 +92,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        truth = read_labels(a.truth)
-        pred = read_labels(a.pred)
-        if a.images:
-            folder = Path(a.images)
-            image_ids = list_images(folder)
-            known = set(image_ids)
-            for img, r in zip(truth.table["ImageId"], truth.table["row"]):
-                if img not in known:
-                    raise DataError(f"{truth.path}, line {r}: image {img} is not in {folder}")
-            shape = check_shapes(folder, image_ids)
-        elif truth.format == "new":
-            raise DataError(
-                f"{truth.path} is in the new format, which lists only defective images; "
-                "pass --images DIR so that defect-free images are counted"
-            )
-        else:
-            image_ids, shape = list(truth.image_ids), (a.height, a.width)
-        dice = score_labels(truth, pred, image_ids, shape)
+        dice, truth_pos = score_submission(a.truth, a.pred, a.images, (a.height, a.width))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"score {dice.mean():.6f}  ({dice.shape[0]} images x {N_CLASSES} classes)")
-    truth_pos = pair_rles(truth, image_ids) != ""
+    empty = ~truth_pos  # the all-empty submission scores 1 exactly on these pairs
+    print(f"score {dice.mean():.6f}  all-empty {empty.mean():.6f}  ({dice.mean() - empty.mean():+.6f})  "
+          f"({dice.shape[0]} images x {N_CLASSES} classes)")
     for c in range(N_CLASSES):
-        print(f"class {c + 1}: dice {dice[:, c].mean():.6f}  ({int(truth_pos[:, c].sum())} true masks)")
+        print(f"class {c + 1}: dice {dice[:, c].mean():.6f}  all-empty {empty[:, c].mean():.6f}  "
+              f"({int(truth_pos[:, c].sum())} true masks)")
     return 0
 
 

@@ -23,6 +23,7 @@ RUN/results.parquet. An interrupted search continues with --resume; an existing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import console
 from .config import ConfigError
 from .data import DataError
 from .io import atomic_path, atomic_write_text
@@ -39,10 +41,10 @@ from .space import SpaceError, load_space
 from .train import prepare_run
 
 log = logging.getLogger("steel_ray.search")
-METRIC = "best_val_dice"
+METRIC = "best_val_dice_pp"  # post-processed Dice of the fold: what the blend will make of the model
 SCREEN_FOLD = 0
 STATE = "search.json"
-RESULT_COLS = ["stage", "trial_id", "model_id", "fold", "status", "epochs_run", "best_val_dice", "error",
+RESULT_COLS = ["stage", "trial_id", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "error",
                "node_id", "node_ip", "gpu_ids", "wall_s", "config"]
 
 
@@ -69,6 +71,9 @@ def _args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue an interrupted search in RUN")
     ap.add_argument("--no-blend", action="store_true", help="stop after the complete stage")
     ap.add_argument("--smoke", action="store_true", help="tiny run for checking a setup: 1 epoch, 2 samples, top 1")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show Ray's trial tables, worker output and third-party logs on the console "
+                         "(otherwise they go to RUN/logs/search.log)")
     return ap.parse_args(argv)
 
 
@@ -122,13 +127,24 @@ def _results_rows(grid, stage: str) -> list[dict]:
             status = "STOPPED"  # ASHA stopped it early
         err = "" if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}"
         rows.append({
-            "stage": stage, "trial_id": m.get("trial_id", os.path.basename(str(r.path))), "model_id": m.get("model_id", ""),
+            "stage": stage, "trial_id": m.get("trial_id", os.path.basename(str(r.path))), "model_id": m.get("model_id") or _model_id(cfg),
             "fold": int(fold), "status": status, "epochs_run": int(m.get("epoch", 0) or 0),
-            "best_val_dice": float(m.get(METRIC, float("nan"))), "error": err,
+            "best_val_dice_pp": float(m.get(METRIC, float("nan"))),
+            "best_val_dice": float(m.get("best_val_dice", float("nan"))), "error": err,
             "node_id": m.get("node_id", ""), "node_ip": m.get("node_ip", ""), "gpu_ids": m.get("gpu_ids", ""),
             "wall_s": float(m.get("time_total_s", float("nan"))), "config": json.dumps(cfg, sort_keys=True),
         })
     return rows
+
+
+def _model_id(cfg: dict) -> str:
+    """The model id of a trial that failed before reporting ("" for a config that does not even validate)."""
+    from .config import TrialConfig
+
+    try:
+        return TrialConfig.from_dict(cfg).model_id()
+    except ConfigError:
+        return ""
 
 
 def _write_results(run: Path, rows: list[dict]) -> pd.DataFrame:
@@ -144,8 +160,8 @@ def _select_top(rows: list[dict], top: int) -> list[dict]:
     Trials ASHA stopped early compete with their best epoch; if one is selected, its screening
     fold is retrained to the end in the complete stage (it has no OOF yet).
     """
-    ok = [r for r in rows if r["status"] != "ERROR" and r["best_val_dice"] == r["best_val_dice"]]
-    ok.sort(key=lambda r: (-r["best_val_dice"], r["status"] != "TERMINATED"))
+    ok = [r for r in rows if r["status"] != "ERROR" and r[METRIC] == r[METRIC]]
+    ok.sort(key=lambda r: (-r[METRIC], r["status"] != "TERMINATED"))
     seen, out = set(), []
     for r in ok:
         if r["model_id"] not in seen:
@@ -158,7 +174,8 @@ def _select_top(rows: list[dict], top: int) -> list[dict]:
     return out
 
 
-def _tuner(name, trainable, storage_path, tune_config, max_failures, param_space=None, restore=False):
+def _tuner(name, trainable, storage_path, tune_config, max_failures, param_space=None, restore=False, callbacks=None,
+           verbose=False):
     from ray import tune
 
     path = os.path.join(storage_path, name)
@@ -170,9 +187,28 @@ def _tuner(name, trainable, storage_path, tune_config, max_failures, param_space
         storage_path=storage_path,
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        verbose=1,
+        callbacks=callbacks,
+        verbose=1 if verbose else 0,
     )
     return tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config, run_config=run_config)
+
+
+def _fit_stage(stage, total, trainable, storage_path, tune_config, a, param_space=None):
+    """Run one Tune stage with our progress bar; returns Tune's ResultGrid."""
+    from .tune_adapter import ProgressCallback
+
+    progress = ProgressCallback(stage, total)
+    log.info("%s: %d trial(s)", stage, total)
+    tuner = _tuner(stage, trainable, storage_path, tune_config, a.max_failures, param_space=param_space, restore=a.resume,
+                   callbacks=[progress], verbose=a.verbose)
+    try:
+        if a.verbose:
+            return tuner.fit()
+        # Tune prints its experiment boxes and hints to stdout even at verbose=0: into the log file
+        with open(console.log_dir(a.out) / "search.log", "a") as sink, contextlib.redirect_stdout(sink):
+            return tuner.fit()
+    finally:
+        log.info(progress.close())
 
 
 def run_search(a) -> int:
@@ -192,15 +228,18 @@ def run_search(a) -> int:
         space = space.__class__(space.path, tuple(p for p in space.params if p.name != "epochs"),
                                 {**space.fixed, "epochs": 1}, tuple({k: v for k, v in pt.items() if k != "epochs"} for pt in space.points_to_evaluate))
     run.mkdir(parents=True, exist_ok=True)
+    logfile = console.setup(run, a.verbose, "search")
+    log.info("search %s: stage %s; Ray and trial logs: %s", run, state["stage"], logfile)
     data = prepare_run(state["data"], run, state["folds"])
     _save_state(run, state)
     pool = f"{state['storage'].rstrip('/')}/{run.name}/pool" if state["storage"] else str(run)
     storage_path = state["storage"] or str(run / "ray")
 
     if a.address:
-        ray.init(address=a.address, ignore_reinit_error=True, log_to_driver=True)
+        ray.init(address=a.address, ignore_reinit_error=True, log_to_driver=a.verbose)
     elif not ray.is_initialized():
-        ray.init(include_dashboard=False, ignore_reinit_error=True)
+        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=a.verbose)
+    console.route_ray_logs()
     res = {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, pool=pool, default_fold=SCREEN_FOLD, cpus=a.cpus_per_trial), res
@@ -220,7 +259,7 @@ def run_search(a) -> int:
         limiter = ConcurrencyLimiter(searcher, max_concurrent=a.max_concurrent or 2)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(), grace_period=1, reduction_factor=2)
         tc = tune.TuneConfig(metric=METRIC, mode="max", search_alg=limiter, scheduler=scheduler, num_samples=state["num_samples"])
-        grid = _tuner("explore", trainable, storage_path, tc, a.max_failures, restore=a.resume).fit()
+        grid = _fit_stage("explore", state["num_samples"], trainable, storage_path, tc, a)
         rows = _results_rows(grid, "explore")
         _write_results(run, rows)
         state["selected"] = _select_top(rows, state["top"])
@@ -244,8 +283,7 @@ def run_search(a) -> int:
         rows = [r for r in rows if r["stage"] != "complete"]
         if specs:
             tc = tune.TuneConfig(max_concurrent_trials=a.max_concurrent, num_samples=1)
-            grid = _tuner("complete", trainable, storage_path, tc, a.max_failures,
-                          param_space={"spec": tune.grid_search(specs)}, restore=a.resume).fit()
+            grid = _fit_stage("complete", len(specs), trainable, storage_path, tc, a, {"spec": tune.grid_search(specs)})
             rows += _results_rows(grid, "complete")
         _write_results(run, rows)
         sync_pool(pool, run)
@@ -253,30 +291,39 @@ def run_search(a) -> int:
         _save_state(run, state)
 
     df = _write_results(run, rows)
-    _print_summary(df, run)
+    _print_summary(df, run, state.get("selected_models", []))
     if state["stage"] == "blend" and not a.no_blend:
         from . import blend
 
-        blend.main(["--run", str(run)])
+        log.info("blend: selecting the ensemble and post-processing of %d model(s)", len(state.get("selected_models", [])))
+        blend.blend_run(run)
         state["stage"] = "done"
         _save_state(run, state)
     return 0
 
 
-def _print_summary(df: pd.DataFrame, run: Path) -> None:
-    cols = ["stage", "model_id", "fold", "status", "epochs_run", "best_val_dice", "node_ip", "gpu_ids", "wall_s"]
-    with pd.option_context("display.width", 200, "display.max_colwidth", 48, "display.max_rows", 500):
-        print("\n" + df[cols].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    errs = df[df.status == "ERROR"]
-    for _, r in errs.iterrows():
+def _print_summary(df: pd.DataFrame, run: Path, selected: list[str]) -> None:
+    """A few lines: trials per stage and status, the explore leaderboard's top, each completed model."""
+    counts = {f"{st}/{status}": n for (st, status), n in df.groupby(["stage", "status"]).size().items()}
+    print(f"\ntrials: {counts}; every trial: {run / 'results.parquet'}")
+    ex = df[(df.stage == "explore") & (df.status != "ERROR")].sort_values(METRIC, ascending=False).head(5)
+    if len(ex):
+        print("explore, top configs on the screening fold (val Dice post-processed / at threshold 0.5):")
+        for _, r in ex.iterrows():
+            mark = "*" if r.model_id in selected else " "
+            print(f"  {mark} {r.model_id:40} {r[METRIC]:.4f} / {r.best_val_dice:.4f}  {r.status.lower()} after {r.epochs_run} epoch(s)")
+    comp = df[df.model_id.isin(selected)].drop_duplicates(["model_id", "fold"], keep="last")
+    if len(comp):
+        print("completed models (* above), mean over folds (post-processed / at threshold 0.5):")
+        for mid, g in comp.groupby("model_id"):
+            print(f"    {mid:40} {g[METRIC].mean():.4f} / {g.best_val_dice.mean():.4f}  ({len(g)} fold(s))")
+    for _, r in df[df.status == "ERROR"].iterrows():
         print(f"ERROR {r.stage} {r.model_id or r.config} fold {r.fold}: {r.error}")
-    counts = df.groupby(["stage", "status"]).size().to_dict()
-    print(f"\ntrials: {counts}; results table: {run / 'results.parquet'}")
 
 
 def main(argv=None) -> int:
     a = _args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    console.setup(None, a.verbose)
     try:
         return run_search(a)
     except (SearchError, SpaceError, ConfigError, DataError) as e:

@@ -6,9 +6,11 @@ changes between releases: these calls are written against Ray 2.x's ``ray.tune``
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ from . import oof
 from .config import TrialConfig
 from .train import FoldData, checkpoint_dir, fit_fold
 
-__all__ = ["PruneAwareOptunaSearch", "run_trial", "is_remote", "pool_meta", "put_file", "sync_pool"]
+__all__ = ["PruneAwareOptunaSearch", "ProgressCallback", "run_trial", "is_remote", "pool_meta", "put_file", "sync_pool"]
 
 log = logging.getLogger(__name__)
 RESERVED = ("fold",)  # config keys that are not trial config keys
@@ -55,6 +57,55 @@ class PruneAwareOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return None
         return super().on_trial_complete(trial_id, result, error)
+
+
+class ProgressCallback(tune.Callback):
+    """Our console line for a Tune stage: trials done/total, best so far, elapsed and ETA (a tqdm bar).
+
+    Ray's own trial tables go to the log file (``verbose=0``); this is what a user watches.
+    """
+
+    def __init__(self, stage: str, total: int, metric: str = "best_val_dice_pp"):
+        self.stage, self.total, self.metric = stage, total, metric
+        self.best, self.best_model, self.done, self.errors, self.bar = float("-inf"), "", 0, 0, None
+
+    def _ensure_bar(self):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.stage, unit="trial", dynamic_ncols=True, file=sys.stderr,
+                            bar_format="{desc}: {n_fmt}/{total_fmt} trials |{bar:20}| {elapsed}<{remaining} {postfix}")
+        return self.bar
+
+    def setup(self, **info):
+        self._ensure_bar()
+
+    def _postfix(self):
+        best = f"best {self.best:.4f} ({self.best_model})" if self.best > float("-inf") else "best -"
+        return best + (f", {self.errors} failed" if self.errors else "")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        v = result.get(self.metric)
+        if v is not None and v > self.best:
+            self.best, self.best_model = float(v), result.get("model_id", "")
+            self._ensure_bar().set_postfix_str(self._postfix())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        bar = self._ensure_bar()
+        bar.update(1)
+        bar.set_postfix_str(self._postfix())
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.errors += 1
+        self.on_trial_complete(iteration, trials, trial, **info)
+
+    def close(self) -> str:
+        """Close the bar; returns a one-line summary of the stage."""
+        if self.bar is not None:
+            self.bar.close()
+        best = f"best {self.metric} {self.best:.4f} ({self.best_model})" if self.best > float("-inf") else "no result"
+        return f"{self.stage}: {self.done} trial(s) ended ({self.errors} failed); {best}"
 
 
 def is_remote(uri: str) -> bool:
@@ -122,6 +173,25 @@ def _node_info() -> dict:
     return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": gpus}
 
 
+@contextlib.contextmanager
+def _trial_log(run: Path, model_id: str, fold: int):
+    """The trial's own log lines (epochs, resume, OOF) in RUN/logs/trials/<model>-fold<k>.log."""
+    path = Path(run) / "logs" / "trials" / f"{model_id}-fold{fold}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    lg = logging.getLogger("steel_ray")
+    lg.addHandler(handler)
+    old_level = lg.level
+    lg.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(old_level)
+        handler.close()
+
+
 def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold: int = 0, cpus: float = 1.0):
     """One trial = one (config, fold): train with checkpoints through Tune, then write the OOF.
 
@@ -142,8 +212,10 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
     if done is not None:
         log.info("%s fold %d: OOF already in the pool, reusing it", model_id, fold)
         best = float(done.get("best_val_dice", float("nan")))
-        tune.report({**info, "epoch": int(done.get("epochs_run", cfg.train.epochs)), "val_dice": best,
-                     "best_val_dice": best, "best_epoch": done.get("best_epoch"), "finished": True, "reused": True})
+        best_pp = float(done.get("best_val_dice_pp", float("nan")))
+        tune.report({**info, "epoch": int(done.get("epochs_run", cfg.train.epochs)), "val_dice": best, "val_dice_pp": best_pp,
+                     "best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": done.get("best_epoch"),
+                     "finished": True, "reused": True})
         return
 
     remote = is_remote(pool)
@@ -163,7 +235,8 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
         metrics = {**metrics, **info, "finished": metrics["epoch"] >= cfg.train.epochs}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
 
-    res = fit_fold(cfg, fold, data, local_run, report=report, progress=False)
+    with _trial_log(local_run, model_id, fold):
+        res = fit_fold(cfg, fold, data, local_run, report=report, progress=False)
     if remote:
         for path in (Path(res.oof_path), Path(res.weights_path)):
             put_file(path, pool, path.relative_to(local_run).as_posix())

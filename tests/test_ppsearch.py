@@ -35,8 +35,8 @@ def _brute(blend, truth, cls_b, folds, grid, fill=False):
 
 
 GRIDS = [
-    ps.Grid(np.array([64, 100, 128, 200]), np.array([0.0, 5, 10, 30]), np.array([0.0, 0.3, 0.6])),
-    ps.Grid(np.array([90, 91, 255]), np.array([0.0, 1, 2, 240]), np.array([0.0, 0.5, 0.99])),
+    ps.Grid(np.array([64, 100, 128, 200]), np.array([0.0, 5, 10, 30]), np.array([0.0, 0.3, 0.6]), rule="argmax"),
+    ps.Grid(np.array([90, 91, 255]), np.array([0.0, 1, 2, 240]), np.array([0.0, 0.5, 0.99]), rule="argmax"),
 ]
 
 
@@ -65,12 +65,26 @@ def test_fill_holes_dense_path_equals_brute_force():
     np.testing.assert_allclose(fast, brute, atol=1e-9)
 
 
+def _differing_folds_pool(grid):
+    """The first planted pool whose folds choose different points (so cross-fitting is exercised)."""
+    for seed in range(40):
+        probs, truth, cls = _class_pool(np.random.default_rng(seed), 30)
+        folds = np.arange(30) % 3
+        data = ps.ClassData.from_dense(probs, truth, cls, t_min=grid.t_min)
+        tables = ps.fold_tables(data.vals[0], cls[0], data, folds, 3, grid)
+        total, picks = ps.cross_fitted(tables, grid)
+        if len(set(picks)) > 1:
+            return tables, total, picks
+    raise AssertionError("no planted pool with folds that choose differently")
+
+
 def test_cross_fitted_chooses_on_other_folds():
-    probs, truth, cls, folds = _pool(3)
     grid = GRIDS[0]
-    data = ps.ClassData.from_dense(probs, truth, cls, t_min=grid.t_min)
-    tables = ps.fold_tables(ps.blend_u8(data.vals, [1, 0, 0]), cls[0], data, folds, 3, grid)
-    total, picks = ps.cross_fitted(tables, grid)
+    tables, total, picks = _differing_folds_pool(grid)
+    assert len(set(picks)) > 1
+    # the held-out score differs from scoring each fold with its own best point
+    own = sum(tables[k].max() for k in range(3))
+    assert total < own - 1e-9
     manual = 0.0
     for k in range(3):
         other = tables[[f for f in range(3) if f != k]].sum(0)
@@ -94,3 +108,59 @@ def test_score_point_matches_postprocess():
     fast = ps.score_point(ps.blend_u8(data.vals, w), ps.blend_cls(cls, w), data, c)
     pp = PostProcess(128 / 255, 10.0, 0.4)
     np.testing.assert_allclose(fast, dice_per_pair(pp.apply(ps.blend_u8(probs, w), ps.blend_cls(cls, w)), truth))
+
+
+def test_smooth_rule_picks_the_best_neighbourhood_not_the_spike():
+    table = np.zeros((5, 4, 3))
+    table[0, 0, 0] = 10.0  # an isolated spike on a corner (what a small pool overfits)
+    table[2:5, 1:4, :] = 6.0  # a broad plateau
+    table[3, 2, 1] = 7.0
+    g = ps.Grid(np.arange(10, 15), np.array([0.0, 1, 2, 3]), np.array([0.0, 0.5, 0.9]), rule="smooth")
+    c = ps.choose(table[None], g)
+    assert g.index(c) == (3, 2, 1)
+    a = ps.choose(table[None], ps.Grid(g.levels, g.min_areas, g.cls_thresholds, rule="argmax"))
+    assert (a.level, a.min_area, a.cls_threshold) == (10, 0.0, 0.0)
+
+
+def _class_pool(rng, n, h=16, w=24):
+    """One class: half the images hold a rectangle; a noisy, under-confident model."""
+    truth = np.zeros((n, h, w), bool)
+    for i in range(n):
+        if rng.random() < 0.4:
+            bh, bw = rng.integers(2, 7), rng.integers(3, 12)
+            y, x = rng.integers(0, h - bh), rng.integers(0, w - bw)
+            truth[i, y:y + bh, x:x + bw] = True
+    p = np.clip(truth * rng.uniform(0.15, 0.6, (n, 1, 1)) + rng.random((n, h, w)) * rng.uniform(0.2, 0.6, (n, 1, 1)), 0, 1)
+    probs = (p * 255).round().astype(np.uint8)[None]
+    cls = np.clip(truth.any((1, 2)) * 0.35 + rng.random(n) * 0.65, 0, 1).astype(np.float32)[None]
+    return probs, truth, cls
+
+
+def test_smooth_choice_generalises_at_least_as_well_as_argmax_on_small_pools():
+    """Choose on a small pool (30 images), score the choice on 2,000 fresh images of the same kind."""
+    grid_s = ps.Grid(np.arange(26, 230, 13), np.array([0.0, 5, 10, 20, 30, 45, 60]), np.array([0.0, 0.2, 0.35, 0.5, 0.65, 0.8]))
+    grid_a = ps.Grid(grid_s.levels, grid_s.min_areas, grid_s.cls_thresholds, rule="argmax")
+    rng = np.random.default_rng(0)
+    big_probs, big_truth, big_cls = _class_pool(rng, 2000)
+    big = ps.ClassData.from_dense(big_probs, big_truth, big_cls, t_min=grid_s.t_min)
+    big_tables = ps.fold_tables(big.vals[0], big_cls[0], big, np.zeros(2000, int), 1, grid_s)[0] / 2000
+    held = {"smooth": [], "argmax": []}
+    differ = 0
+    for seed in range(1, 25):
+        probs, truth, cls = _class_pool(np.random.default_rng(seed), 30)
+        d = ps.ClassData.from_dense(probs, truth, cls, t_min=grid_s.t_min)
+        tables = ps.fold_tables(d.vals[0], cls[0], d, np.zeros(30, int), 1, grid_s)
+        cs, ca = ps.choose(tables, grid_s), ps.choose(tables, grid_a)
+        differ += cs != ca
+        held["smooth"].append(big_tables[grid_s.index(cs)])
+        held["argmax"].append(big_tables[grid_a.index(ca)])
+    assert differ >= 5  # the two rules really choose differently on these pools
+    assert np.mean(held["smooth"]) >= np.mean(held["argmax"])
+
+
+def test_edge_of_grid_is_reported():
+    g = ps.default_grid((256, 1600))
+    assert g.edges(ps.Choice(int(g.levels[0]), 0.0, 0.0)) == [f"pixel_threshold {g.levels[0] / 255:.3f} is the grid's lowest level"]
+    assert g.edges(ps.Choice(int(g.levels[5]), float(g.min_areas[3]), 0.5)) == []
+    assert len(g.edges(ps.Choice(int(g.levels[-1]), float(g.min_areas[-1]), float(g.cls_thresholds[-1])))) == 3
+    assert g.levels[0] / 255 <= 0.05 + 1 / 255 and g.levels[-1] / 255 >= 0.95

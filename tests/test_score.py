@@ -35,6 +35,18 @@ def test_old_and_new_format_same_score(tiny_set, tmp_path):
     n_pairs = 6 * 4
     expected = f"score {(n_pairs - 1) / n_pairs:.6f}"
     assert a.stdout.splitlines()[0].startswith(expected) and b.stdout.splitlines()[0].startswith(expected)
+    # beside it, the all-empty score of the same truth: the share of pairs without a mask
+    n_empty = int((old.EncodedPixels == "").sum())
+    assert f"all-empty {n_empty / n_pairs:.6f}" in a.stdout.splitlines()[0]
+
+
+def test_all_empty_submission_scores_the_all_empty_value(tiny_set, tmp_path):
+    pd.DataFrame({"ImageId": [], "EncodedPixels": [], "ClassId": []}).to_csv(tmp_path / "empty.csv", index=False)
+    r = _run("--truth", str(tiny_set / "test_labels.csv"), "--pred", str(tmp_path / "empty.csv"),
+             "--images", str(tiny_set / "test_images"))
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0].split()
+    assert first[0] == "score" and first[2] == "all-empty" and first[1] == first[3] and first[4] == "(+0.000000)"
 
 
 def test_errors_one_line_no_traceback(tiny_set, tmp_path):

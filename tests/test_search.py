@@ -50,6 +50,15 @@ def test_smoke_search_failing_trial_and_pruning(tiny_set, tmp_path):
     r = _search("--space", space, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 4, "--top", 2,
                 "--max-concurrent", 2, "--max-failures", 0, "--no-blend")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the console shows our progress and summary; Ray's tables, hints and tracebacks go to the log files
+    out = r.stdout + r.stderr
+    for chatter in ("Configuration for experiment", "Trial status", "View detailed results", "Traceback", "ray::"):
+        assert chatter not in out, chatter
+    assert "explore: 4 trial(s) ended" in out and "complete:" in out
+    assert len(r.stdout.splitlines()) <= 20, r.stdout
+    log_text = (run / "logs" / "search.log").read_text()
+    assert "Configuration for experiment" in log_text and "Traceback" in log_text  # the failing trial's error is kept
+    assert list((run / "logs" / "trials").glob("*-fold0.log"))
     state = json.loads((run / "search.json").read_text())
     table, complete = _check_pool(run, len(state["selected"]), 2)
     explore = table[table.stage == "explore"]
