@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from . import oof
 from . import ppsearch as ps
 from .data import N_CLASSES, DataError
-from .io import atomic_write_text
+from .io import write_json
 
 __all__ = ["BlendPool", "load_blend_pool", "optimize", "BlendResult", "select", "write_blend_json", "blend_run", "summary_lines", "main"]
 
@@ -380,9 +380,12 @@ def _map(fn, items, workers):
         return [fn(x) for x in items]
     import multiprocessing as mp
 
+    from .console import sigterm_as_exit
+
     global _MAP_FN
     _MAP_FN = fn
-    with mp.get_context("fork").Pool(min(workers, len(items))) as p:
+    # leaving the with-block (also on Ctrl-C or SIGTERM) terminates the workers: no orphans
+    with sigterm_as_exit(), mp.get_context("fork").Pool(min(workers, len(items))) as p:
         return p.map(_call_map_fn, items)
 
 
@@ -428,7 +431,7 @@ def blend_json(result: BlendResult, pool: BlendPool, run) -> dict:
 
 
 def write_blend_json(doc: dict, path) -> None:
-    atomic_write_text(path, json.dumps(doc, indent=1))
+    write_json(path, doc)
 
 
 def main(argv=None) -> int:

@@ -6,11 +6,14 @@ everything on the console too. Progress bars are :mod:`tqdm` bars on stderr.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
-__all__ = ["setup", "log_dir", "route_ray_logs"]
+__all__ = ["setup", "log_dir", "route_ray_logs", "sigterm_as_exit"]
 
 _FMT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _CONSOLE_FMT = "%(asctime)s %(message)s"
@@ -64,3 +67,21 @@ def route_ray_logs() -> None:
         for h in list(lg.handlers):
             lg.removeHandler(h)
         lg.propagate = True
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """Within the block, SIGTERM raises SystemExit(143) like Ctrl-C raises KeyboardInterrupt, so
+    ``with``/``finally`` clean-ups (worker pools, an embedded Ray) run instead of leaving orphans."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -193,7 +193,7 @@ def label_array(labels: Labels, image_ids, where: str, shape=None) -> np.ndarray
             try:
                 rle.validate(s, shape)
             except ValueError as e:
-                raise DataError(f"{labels.path}, line {r}: {e}") from None
+                raise DataError(f"{labels.path}, line {r} (image {img}, class {c}): {e}") from None
         out[idx[img], c - 1] = s
     unknown = [x for x in labels.image_ids if x not in idx]
     if unknown:

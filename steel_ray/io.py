@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "write_json"]
 
 
 @contextlib.contextmanager
@@ -49,3 +49,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj, indent: int | None = 1) -> None:
+    """Strict JSON, atomically: NaN and infinities are refused (write ``None`` for "no value"),
+    so every parser, in any language, reads what the project writes."""
+    import json
+
+    atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False))

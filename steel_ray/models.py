@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ARCHS, ConfigError, ModelConfig
 
-__all__ = ["build_model", "SteelNet", "supports_attention", "encoder_parameters"]
+__all__ = ["build_model", "check_model_config", "SteelNet", "supports_attention", "encoder_parameters"]
 
 N_CLASSES = 4
 
@@ -93,9 +93,9 @@ class SteelNet(nn.Module):
         return masks, labels
 
 
-def build_model(cfg: ModelConfig) -> SteelNet:
-    """Create the model a :class:`ModelConfig` describes (4 output channels, one per class)."""
-    cls = _arch_class(cfg.arch)
+def _build_kwargs(cfg: ModelConfig) -> dict:
+    """smp constructor arguments for ``cfg``; every name and combination is checked, nothing is built."""
+    _arch_class(cfg.arch)
     _check_encoder(cfg.encoder)
     kwargs = {"encoder_name": cfg.encoder, "encoder_weights": cfg.encoder_weights, "classes": N_CLASSES}
     if cfg.attention != "none":
@@ -105,6 +105,19 @@ def build_model(cfg: ModelConfig) -> SteelNet:
         kwargs["decoder_attention_type"] = cfg.attention
     if cfg.decoder_width is not None:
         kwargs.update(_decoder_kwargs(cfg.arch, int(cfg.decoder_width)))
+    return kwargs
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raise :class:`ConfigError` for a model that cannot be built (arch, encoder, attention,
+    decoder width), before anything is written or trained."""
+    _build_kwargs(cfg)
+
+
+def build_model(cfg: ModelConfig) -> SteelNet:
+    """Create the model a :class:`ModelConfig` describes (4 output channels, one per class)."""
+    cls = _arch_class(cfg.arch)
+    kwargs = _build_kwargs(cfg)
     has_aux = cfg.aux_weight > 0
     if has_aux:
         kwargs["aux_params"] = {"classes": N_CLASSES, "dropout": 0.2}

@@ -203,6 +203,8 @@ class Truth:
 
 def read_truth(run) -> Truth:
     path = Path(run) / "truth.parquet"
+    if not Path(run).is_dir():
+        raise DataError(f"{run}: run folder not found")
     if not path.exists():
         raise DataError(f"{path}: ground-truth table not found (written when the first fold is trained)")
     t = pq.read_table(path)

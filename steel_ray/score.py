@@ -28,9 +28,10 @@ __all__ = ["score_labels", "score_submission", "pair_rles"]
 log = logging.getLogger(__name__)
 
 
-def pair_rles(labels: Labels, image_ids: list[str]) -> np.ndarray:
-    """(N, 4) array of RLE strings for ``image_ids``; an image outside the list is an error."""
-    return label_array(labels, image_ids, "the truth set")
+def pair_rles(labels: Labels, image_ids: list[str], shape=None) -> np.ndarray:
+    """(N, 4) array of RLE strings for ``image_ids``; an image outside the list is an error, and
+    with ``shape`` so is an RLE that does not fit the image (naming the file, line and image)."""
+    return label_array(labels, image_ids, "the truth set", shape)
 
 
 def pair_dice(truth: np.ndarray, pred: np.ndarray, shape, truth_name="truth", pred_name="pred") -> np.ndarray:
@@ -51,8 +52,8 @@ def pair_dice(truth: np.ndarray, pred: np.ndarray, shape, truth_name="truth", pr
 
 def score_labels(truth: Labels, pred: Labels, image_ids: list[str], shape) -> np.ndarray:
     """Per-pair Dice ``(N, 4)`` of a submission against the truth over ``image_ids``."""
-    t = pair_rles(truth, image_ids)
-    p = pair_rles(pred, image_ids)
+    t = pair_rles(truth, image_ids, shape)
+    p = pair_rles(pred, image_ids, shape)
     return pair_dice(t, p, shape, str(truth.path), str(pred.path))
 
 

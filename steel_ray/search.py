@@ -36,7 +36,7 @@ import pandas as pd
 from . import console
 from .config import ConfigError
 from .data import DataError
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, write_json
 from .space import SpaceError, load_space
 from .train import prepare_run
 
@@ -55,8 +55,8 @@ class SearchError(RuntimeError):
 def _args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m steel_ray.search", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    ap.add_argument("--space", help="search space YAML (search_spaces/*.yaml)")
-    ap.add_argument("--data", help="Severstal-layout data folder, readable from every node")
+    ap.add_argument("--space", help="search space YAML (search_spaces/*.yaml); required, except with --resume")
+    ap.add_argument("--data", help="Severstal-layout data folder, readable from every node; required, except with --resume")
     ap.add_argument("--out", required=True, help="run folder on this machine")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--num-samples", type=int, default=16, help="configs Optuna proposes in the explore stage")
@@ -98,7 +98,7 @@ def _load_state(run: Path, a) -> dict:
     if run.exists() and any(run.iterdir()):
         raise SearchError(f"{run} already exists and is not empty; pass --resume to continue it, or choose a new --out")
     if not a.space or not a.data:
-        raise SearchError("--space and --data are required for a new search")
+        raise SearchError("--space and --data are required for a new search (only --resume can leave them out)")
     storage = _where(a.storage)
     state = {
         "space": _where(a.space), "data": _where(a.data), "folds": a.folds,
@@ -110,7 +110,7 @@ def _load_state(run: Path, a) -> dict:
 
 
 def _save_state(run: Path, state: dict) -> None:
-    atomic_write_text(run / STATE, json.dumps(state, indent=1))
+    write_json(run / STATE, state)
 
 
 def _results_rows(grid, stage: str) -> list[dict]:
@@ -227,10 +227,10 @@ def run_search(a) -> int:
     if state["smoke"]:
         space = space.__class__(space.path, tuple(p for p in space.params if p.name != "epochs"),
                                 {**space.fixed, "epochs": 1}, tuple({k: v for k, v in pt.items() if k != "epochs"} for pt in space.points_to_evaluate))
-    run.mkdir(parents=True, exist_ok=True)
+    # the data are read and checked before anything is written: a bad image or label leaves no run folder
+    data = prepare_run(state["data"], run, state["folds"])
     logfile = console.setup(run, a.verbose, "search")
     log.info("search %s: stage %s; Ray and trial logs: %s", run, state["stage"], logfile)
-    data = prepare_run(state["data"], run, state["folds"])
     _save_state(run, state)
     pool = f"{state['storage'].rstrip('/')}/{run.name}/pool" if state["storage"] else str(run)
     storage_path = state["storage"] or str(run / "ray")
@@ -239,6 +239,7 @@ def run_search(a) -> int:
         ray.init(address=a.address, ignore_reinit_error=True, log_to_driver=a.verbose)
     elif not ray.is_initialized():
         ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=a.verbose)
+        a.started_ray = True
     console.route_ray_logs()
     res = {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}
     trainable = tune.with_resources(
@@ -319,16 +320,33 @@ def _print_summary(df: pd.DataFrame, run: Path, selected: list[str]) -> None:
             print(f"    {mid:40} {g[METRIC].mean():.4f} / {g.best_val_dice.mean():.4f}  ({len(g)} fold(s))")
     for _, r in df[df.status == "ERROR"].iterrows():
         print(f"ERROR {r.stage} {r.model_id or r.config} fold {r.fold}: {r.error}")
+    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in run.iterdir() if p.is_dir()}
+    total = sum(sizes.values()) + sum(f.stat().st_size for f in run.iterdir() if f.is_file())
+    big = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:3])
+    print(f"run folder {run}: {total / 2**20:.0f} MiB ({big})")
 
 
 def main(argv=None) -> int:
     a = _args(argv)
     console.setup(None, a.verbose)
     try:
-        return run_search(a)
+        with console.sigterm_as_exit():
+            return run_search(a)
     except (SearchError, SpaceError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _shutdown_embedded_ray(a)
+
+
+def _shutdown_embedded_ray(a) -> None:
+    """Stop the Ray this driver started (also after Ctrl-C or SIGTERM): no agents left behind."""
+    if not getattr(a, "started_ray", False):
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def _check_samples(space: SearchSpace, n: int = 64) -> None:
     """Draw configs from the space with a throwaway sampler: each must be a valid trial config."""
     import optuna
 
-    from .models import supports_attention
+    from .models import check_model_config, supports_attention
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -211,7 +211,7 @@ def _check_samples(space: SearchSpace, n: int = 64) -> None:
         const = space.define_by_run(t)
         flat = {**t.params, **const}
         try:
-            TrialConfig.from_dict(flat)
+            cfg = TrialConfig.from_dict(flat)
         except ConfigError as e:
             raise SpaceError(f"{space.path}: a sampled config is invalid ({e}); sample: {flat}") from None
         if flat.get("attention", "none") != "none" and not supports_attention(flat.get("arch", "Unet")):
@@ -219,4 +219,8 @@ def _check_samples(space: SearchSpace, n: int = 64) -> None:
                 f"{space.path}: attention: {flat['attention']!r} can be sampled with arch={flat.get('arch')!r}, "
                 "which does not support it; add a 'when' on arch"
             )
+        try:
+            check_model_config(cfg.model)
+        except ConfigError as e:
+            raise SpaceError(f"{space.path}: a sampled config cannot be built ({e}); sample: {flat}") from None
         study.tell(t, 0.0)

@@ -213,6 +213,8 @@ def generate(out, n_train=200, n_test=20, height=256, width=1600, seed=0, overwr
     out = Path(out)
     if (out / "train.csv").exists() and not overwrite:
         raise FileExistsError(f"{out}/train.csv exists; pass --overwrite to replace the data set")
+    if n_train < 1 or n_test < 0:
+        raise ValueError(f"n_train >= 1 and n_test >= 0 must hold, but got (n_train={n_train}, n_test={n_test})")
     if height < 16 or width < 16:
         raise ValueError(f"height >= 16 and width >= 16 must hold, but got {height}x{width}")
     root = np.random.SeedSequence(seed)
@@ -238,11 +240,11 @@ def generate(out, n_train=200, n_test=20, height=256, width=1600, seed=0, overwr
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m steel_ray.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="output folder")
-    p.add_argument("--n-train", type=int, default=200)
-    p.add_argument("--n-test", type=int, default=20)
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=1600)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=200, help="training images (default 200; at least 1)")
+    p.add_argument("--n-test", type=int, default=20, help="test images with labels for scoring (default 20; 0 for none)")
+    p.add_argument("--height", type=int, default=256, help="image height in pixels (default 256, as Severstal)")
+    p.add_argument("--width", type=int, default=1600, help="image width in pixels (default 1600, as Severstal)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same data set (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set in OUT")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

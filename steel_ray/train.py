@@ -14,7 +14,6 @@ weights predict the fold's validation images (with the config's flip TTA) into
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
@@ -33,10 +32,10 @@ from .config import ConfigError, TrialConfig, parse_set
 from .data import DataError, TrainSet, folds_hash, load_train, make_folds, write_folds
 from .dataset import BalancedSampler, SteelDataset, StepsSampler, build_transforms
 from .infer import autocast, pick_device, predict_batch
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, write_json
 from .losses import build_loss
 from .metric import dice_per_pair_torch
-from .models import build_model, encoder_parameters
+from .models import build_model, check_model_config, encoder_parameters
 
 __all__ = ["FoldData", "FoldResult", "prepare_run", "fit_fold", "checkpoint_dir", "load_weights", "NonFiniteLossError"]
 
@@ -294,6 +293,9 @@ def fit_fold(
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     loss_fn = build_loss(cfg.loss, cfg.model.aux_weight)
 
+    done = _finished(run, model_id, fold, data.folds_hash, ckdir) if write_oof else None
+    if done is not None:
+        return done
     start, best, best_pp, best_epoch, history = 1, -1.0, -1.0, 0, []
     last = ckdir / "last.pt"
     if last.exists():
@@ -308,7 +310,7 @@ def fit_fold(
         start, best, best_epoch, history = st["epoch"] + 1, st["best_val_dice"], st["best_epoch"], st["history"]
         best_pp = st["best_val_dice_pp"]
         log.info("%s fold %d: resuming after epoch %d", model_id, fold, st["epoch"])
-    atomic_write_text(ckdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    write_json(ckdir / "config.json", cfg.to_dict())
 
     for epoch in range(start, cfg.train.epochs + 1):
         t0 = time.time()
@@ -390,13 +392,29 @@ def fit_fold(
 
     oof_file = None
     if write_oof:
-        extra = {"best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "epochs_run": len(history)}
+        extra = {"best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "epochs_run": len(history),
+                 "history": history}
         oof_file = str(predict_oof(ckdir / "best.pt", fold, data, run, model_id, dev, cfg, progress, extra))
+        last.unlink(missing_ok=True)  # the fold is finished (its OOF is the marker): best.pt is all that is needed
     # The final epoch is reported only once its OOF is on disk: a scheduler may stop the
     # trial as soon as it sees the last epoch's result.
     if report is not None and history:
         report(dict(history[-1]))
     return FoldResult(model_id, fold, len(history), best_epoch, best, best_pp, oof_file, str(ckdir / "best.pt"), history)
+
+
+def _finished(run: Path, model_id: str, fold: int, fold_hash: str, ckdir: Path) -> FoldResult | None:
+    """The result of a fold that is already done (its OOF of this split and its best weights exist)."""
+    path = oof.oof_path(run, model_id, fold)
+    if not (path.exists() and (ckdir / "best.pt").exists()):
+        return None
+    meta = oof.read_meta(path)
+    if meta.get("folds_hash") != fold_hash:
+        raise DataError(f"{path}: OOF of another fold split (folds_hash {meta.get('folds_hash')} != {fold_hash}); use a new run folder")
+    log.info("%s fold %d: already finished (%s); nothing to do", model_id, fold, path)
+    return FoldResult(model_id, fold, int(meta.get("epochs_run", 0)), int(meta.get("best_epoch", 0)),
+                      float(meta.get("best_val_dice", float("nan"))), float(meta.get("best_val_dice_pp", float("nan"))),
+                      str(path), str(ckdir / "best.pt"), list(meta.get("history", [])))
 
 
 def _save(path: Path, obj) -> None:
@@ -445,15 +463,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m steel_ray.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="Severstal-layout folder (train.csv, train_images/)")
     ap.add_argument("--out", required=True, help="run folder (folds, checkpoints, oof/)")
-    ap.add_argument("--fold", type=int, required=True)
+    ap.add_argument("--fold", type=int, required=True, help="the fold to validate on (0..FOLDS-1); the others train")
     ap.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     ap.add_argument("--config", help="YAML file of flat trial config keys")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto (default): CUDA when a GPU is visible")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
+        # everything that can be checked is checked before the run folder is written
         cfg = load_config(a.config, a.set)
+        check_model_config(cfg.model)
+        if not 0 <= a.fold < a.folds:
+            raise ConfigError(f"--fold {a.fold} must be in 0..{a.folds - 1} (--folds {a.folds})")
         data = prepare_run(a.data, a.out, a.folds)
         res = fit_fold(cfg, a.fold, data, a.out, device=a.device)
     except (ConfigError, DataError, NonFiniteLossError) as e:

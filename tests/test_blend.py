@@ -180,3 +180,45 @@ def test_edge_of_grid_warning_fires_when_the_optimum_is_the_lowest_level(tmp_pat
     assert any("lowest level" in e for e in edges)
     assert "grid's edge" in caplog.text
     assert "lowest level" in (tmp_path / "blend" / "report.md").read_text()
+
+
+def test_missing_run_folder_named(capsys):
+    assert blend.main(["--run", "runs/does-not-exist"]) == 2
+    assert "runs/does-not-exist: run folder not found" in capsys.readouterr().err
+
+
+def _children(pid):
+    out = []
+    for stat in __import__("glob").glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.split("/")[2]))
+    return out
+
+
+def test_sigterm_leaves_no_nested_worker_running(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(3)
+    masks = make_truth(rng, n=90, shape=(32, 64), p_defect=1.0)
+    write_run(tmp_path, masks, {f"n{i}": blob_noise_model(rng, masks) for i in range(8)})
+    p = subprocess.Popen([sys.executable, "-m", "steel_ray.blend", "--run", str(tmp_path), "--workers", "2",
+                          "--selection-resolution", "full", "--max-members", "25"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, kids = time.time() + 120, []
+    while time.time() < deadline and p.poll() is None and not kids:
+        kids = _children(p.pid)
+        time.sleep(0.05)
+    assert kids, "the nested workers never started (blend finished too fast to test)"
+    os.kill(p.pid, signal.SIGTERM)
+    p.wait(timeout=30)
+    time.sleep(1.0)
+    alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "Z" not in open(f"/proc/{k}/stat").read().rsplit(")", 1)[1].split()[0]]
+    assert not alive, f"worker(s) {alive} outlived the blend"

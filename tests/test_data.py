@@ -45,7 +45,7 @@ def test_image_without_rows_is_defect_free(tiny_set):
         ("nothere.jpg,1,1 5", r"line 2: image nothere.jpg is not in"),
         ("{img},5,1 5", r"line 2: ClassId '5' is outside 1..4"),
         ("{img},1,1 5 3", r"line 2: RLE has an odd number"),
-        ("{img},1,16380 10", r"line 2: .*past the end of a 64x256 image"),
+        ("{img},1,16380 10", r"line 2 \(image \w+\.jpg, class 1\): .*past the end of a 64x256 image"),
     ],
 )
 def test_bad_rows_name_file_and_row(tiny_set, tmp_path, row, msg):

@@ -62,6 +62,10 @@ def test_errors_one_line_no_traceback(tiny_set, tmp_path):
     bad.write_text(f"ImageId,EncodedPixels,ClassId\n{img},1 3 5,1\n")
     r = _run("--truth", str(tiny_set / "test_labels.csv"), "--pred", str(bad), "--height", "64", "--width", "256")
     assert r.returncode == 2 and "bad.csv, line 2: RLE has an odd number" in r.stderr
+    bad.write_text(f"ImageId,EncodedPixels,ClassId\n{img},,2\n{img},16380 10,1\n")  # runs past 64*256 pixels
+    r = _run("--truth", str(tiny_set / "test_labels.csv"), "--pred", str(bad), "--height", "64", "--width", "256")
+    assert r.returncode == 2 and f"bad.csv, line 3 (image {img}, class 1):" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_pair_dice_known_value():

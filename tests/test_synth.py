@@ -43,3 +43,8 @@ def test_cli(tmp_path, capsys):
     assert synth.main([str(tmp_path / "s"), "--n-train", "4", "--n-test", "2", "--height", "32", "--width", "96"]) == 0
     assert (tmp_path / "s" / "train.csv").exists() and len(list((tmp_path / "s" / "test_images").glob("*.jpg"))) == 2
     assert synth.main([str(tmp_path / "s"), "--n-train", "4"]) == 2
+
+
+def test_cli_refuses_empty_training_set_before_writing(tmp_path, capsys):
+    assert synth.main([str(tmp_path / "z"), "--n-train", "0"]) == 2
+    assert "n_train >= 1" in capsys.readouterr().err and not (tmp_path / "z").exists()

@@ -187,3 +187,28 @@ def test_demo_settings_learn_better_than_all_empty(tmp_path):
     res = fit_fold(TrialConfig.from_dict(flat), 0, data, tmp_path / "run", progress=False, write_oof=False)
     best = res.history[res.best_epoch - 1]
     assert res.best_val_dice_pp > best["val_all_empty"] + 0.01, res.history
+
+
+@pytest.mark.parametrize("sets,msg", [(["--set", "encoder=resnet35"], "encoder='resnet35' is not an smp encoder"),
+                                      (["--fold", "5"], "--fold 5 must be in 0..2"),
+                                      (["--set", "arch=Linknet", "--set", "decoder_width=64"], "decoder_width is not supported")])
+def test_cli_errors_before_side_effects(tiny_set, tmp_path, sets, msg):
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_set), "--out", str(out), "--fold", "0", "--folds", "3", "--set", "encoder=tu-test_resnet", *sets]
+    r = subprocess.run([sys.executable, "-m", "steel_ray.train", *args], capture_output=True, text=True)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not out.exists()  # nothing written, not even folds.csv
+
+
+def test_finished_fold_is_a_no_op_and_keeps_only_best_weights(tiny_set, tmp_path):
+    cfg = TrialConfig.from_dict({**TINY, "epochs": 1})
+    data = prepare_run(tiny_set, tmp_path, 3)
+    first = fit_fold(cfg, 0, data, tmp_path, progress=False)
+    ck = checkpoint_dir(tmp_path, cfg.model_id(), 0)
+    assert (ck / "best.pt").exists() and not (ck / "last.pt").exists()
+    mtime = oof.oof_path(tmp_path, cfg.model_id(), 0).stat().st_mtime_ns
+    again = fit_fold(cfg, 0, data, tmp_path, progress=False, device="cpu")
+    assert oof.oof_path(tmp_path, cfg.model_id(), 0).stat().st_mtime_ns == mtime  # not recomputed
+    assert (again.best_epoch, again.best_val_dice, again.best_val_dice_pp) == (first.best_epoch, first.best_val_dice,
+                                                                              first.best_val_dice_pp)
+    assert [h["epoch"] for h in again.history] == [1]
