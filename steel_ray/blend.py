@@ -51,7 +51,17 @@ class BlendPool:
     ds: list[ps.ClassData]  # 4 classes, 4x downsampled
     left_out: list[str] = field(default_factory=list)
     checkpoints: dict = field(default_factory=dict)  # model_id -> [best.pt per fold]
-    dense_full: list | None = None  # (probs (M,N,H,W) u8, truth (N,H,W)) per class, for --fill-holes
+    truth: oof.Truth | None = None  # ground truth (RLE per image x class), for --fill-holes
+
+    def truth_mask(self, c: int):
+        """``i -> (H, W) bool`` truth of class ``c`` (None where empty), decoded on demand."""
+        from . import rle
+
+        def get(i):
+            s = self.truth.rles[i, c]
+            return rle.decode(s, self.shape) if s else None
+
+        return get
 
     @property
     def n_pairs(self) -> int:
@@ -65,8 +75,11 @@ def _truth_ds(mask: np.ndarray) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), (ww, hh), interpolation=cv2.INTER_AREA) >= 0.5
 
 
-def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, keep_dense=False) -> BlendPool:
-    """Stream the run's OOF pool into pruned per-class arrays (memory ~ kept pixels x models)."""
+def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_holes=False) -> BlendPool:
+    """Stream the run's OOF pool into pruned per-class arrays (memory ~ kept pixels x models).
+
+    ``fill_holes`` also keeps each kept pixel's position (4 bytes a pixel) for the hole-filling search.
+    """
     run = Path(run)
     truth = oof.read_truth(run)
     present = oof.list_pool(run)
@@ -86,7 +99,6 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, keep_d
     parts = {r: [[] for _ in range(N_CLASSES)] for r in ("full", "ds")}
     cls = np.zeros((len(models), n, N_CLASSES), np.float32)
     true_area = {"full": np.zeros((N_CLASSES, n), np.int64), "ds": np.zeros((N_CLASSES, n), np.int64)}
-    dense = [(np.zeros((len(models), n, h, w), np.uint8), np.zeros((n, h, w), bool)) for _ in range(N_CLASSES)] if keep_dense else None
     hh, ww = -(-h // oof.DS), -(-w // oof.DS)
     for f in folds_all:
         readers = [pq.ParquetFile(oof.oof_path(run, m, f)).iter_batches(batch_size=32) for m in models]
@@ -109,10 +121,8 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, keep_d
                     flat = probs.reshape(len(models), len(ids), -1)
                     keep = flat.max(0) >= t_min
                     i_loc, pix = np.nonzero(keep)
-                    parts[res][c].append((rows[i_loc], flat[:, i_loc, pix], tm.reshape(len(ids), -1)[i_loc, pix]))
-                if keep_dense:
-                    dense[c][0][:, rows] = full
-                    dense[c][1][rows] = tmask
+                    parts[res][c].append((rows[i_loc], flat[:, i_loc, pix], tm.reshape(len(ids), -1)[i_loc, pix],
+                                          pix.astype(np.int32) if (fill_holes and res == "full") else None))
     out = {}
     for res, scale in (("full", 1.0), ("ds", float(oof.DS * oof.DS))):
         out[res] = []
@@ -120,12 +130,13 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, keep_d
             img = np.concatenate([p[0] for p in parts[res][c]]).astype(np.int32 if n < 2**23 else np.int64)
             vals = np.concatenate([p[1] for p in parts[res][c]], axis=1)
             tr = np.concatenate([p[2] for p in parts[res][c]])
-            out[res].append(ps.ClassData(img, vals, tr, true_area[res][c], cls[:, :, c].copy(), scale, t_min))
+            pix = np.concatenate([p[3] for p in parts[res][c]]) if (fill_holes and res == "full") else None
+            out[res].append(ps.ClassData(img, vals, tr, true_area[res][c], cls[:, :, c].copy(), scale, t_min, pix))
     ckpts = {m: [str(Path(run) / "checkpoints" / m / f"fold={f}" / "best.pt") for f in folds_all] for m in models}
     log.info("pool: %d models x %d images, kept %.2f%% of full-res pixels (t_min %d)", len(models), n,
              100 * sum(d.vals.shape[1] for d in out["full"]) / (N_CLASSES * n * h * w), t_min)
     return BlendPool(models, list(truth.image_ids), truth.folds, len(folds_all), (h, w), out["full"], out["ds"],
-                     left_out, ckpts, dense)
+                     left_out, ckpts, truth if fill_holes else None)
 
 
 # --------------------------------------------------------------------------- selection
@@ -237,8 +248,8 @@ def _full_tables(pool: BlendPool, c: int, weights, fill_holes: bool, grid, image
     d = pool.full[c]
     folds = pool.folds
     if fill_holes:
-        probs, truth = pool.dense_full[c]
-        area, inter = ps.area_inter_dense(ps.blend_u8(probs, weights), truth, grid.levels, fill_holes=True)
+        area, inter = ps.area_inter_filled(ps.blend_u8(d.vals, weights), d, pool.truth_mask(c), pool.shape, grid.levels,
+                                           desc=f"fill holes, class {c + 1}")
         return ps.tables_from_counts(area, inter, d.true_area, 1.0, ps.blend_cls(d.cls, weights), folds, pool.n_folds, grid)
     return ps.fold_tables(ps.blend_u8(d.vals, weights), ps.blend_cls(d.cls, weights), d, folds, pool.n_folds, grid)
 
@@ -445,7 +456,7 @@ def main(argv=None) -> int:
     ap.add_argument("--init-sorted", type=int, default=0, help="start from the N best single models")
     ap.add_argument("--per-class-weights", action="store_true", help="select weights per class")
     ap.add_argument("--allow-partial", action="store_true", help="blend only models with every fold; report the others")
-    ap.add_argument("--fill-holes", action="store_true", help="fill mask holes (slow exact path: dense maps in memory)")
+    ap.add_argument("--fill-holes", action="store_true", help="fill mask holes (exact, streamed image by image: slower than without)")
     ap.add_argument("--no-nested", action="store_true", help="skip the nested score (faster)")
     ap.add_argument("--workers", type=int, default=1, help="processes for the nested folds")
     ap.add_argument("--selection-resolution", choices=["auto", "ds4", "full"], default="auto",
@@ -490,7 +501,7 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
         models = search_models(run)
         if models:
             log.info("blending the search's completed models %s (screening-only configs are left out)", models)
-    pool = load_blend_pool(run, model_ids=models, allow_partial=allow_partial, keep_dense=fill_holes)
+    pool = load_blend_pool(run, model_ids=models, allow_partial=allow_partial, fill_holes=fill_holes)
     if pool.left_out:
         log.warning("left out (missing folds): %s", pool.left_out)
     res = optimize(pool, fill_holes=fill_holes, **opts)

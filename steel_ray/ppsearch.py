@@ -20,7 +20,7 @@ import numpy as np
 from .metric import dice_from_counts
 
 __all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables", "tables_from_counts",
-           "area_inter_dense", "Choice",
+           "area_inter_dense", "area_inter_filled", "Choice",
            "choose", "cross_fitted", "in_sample", "score_point"]
 
 SEVERSTAL_AREA = 256 * 1600
@@ -101,6 +101,7 @@ class ClassData:
     cls: np.ndarray  # (M, N) float32 member presence probabilities
     area_scale: float  # full-resolution pixels per pixel of this resolution
     t_min: int
+    pix: np.ndarray | None = None  # (P,) int32 flat position of each kept pixel in its image (hole filling only)
 
     @property
     def n_images(self) -> int:
@@ -114,14 +115,15 @@ class ClassData:
         keep = flat.max(axis=0) >= t_min  # (N, hw)
         img, pix = np.nonzero(keep)
         return cls(img.astype(np.int32 if n < 2**23 else np.int64), flat[:, img, pix], truth.reshape(n, -1)[img, pix],
-                   truth.reshape(n, -1).sum(1).astype(np.int64), np.asarray(cls_prob, np.float32), area_scale, t_min)
+                   truth.reshape(n, -1).sum(1).astype(np.int64), np.asarray(cls_prob, np.float32), area_scale, t_min,
+                   pix.astype(np.int32))
 
     def subset(self, image_mask: np.ndarray) -> "ClassData":
         """The same data restricted to the images where ``image_mask`` is true (renumbered)."""
         new_index = np.cumsum(image_mask) - 1
         keep = image_mask[self.img]
         return ClassData(new_index[self.img[keep]], self.vals[:, keep], self.truth[keep], self.true_area[image_mask],
-                         self.cls[:, image_mask], self.area_scale, self.t_min)
+                         self.cls[:, image_mask], self.area_scale, self.t_min, None if self.pix is None else self.pix[keep])
 
 
 def blend_u8(vals: np.ndarray, weights) -> np.ndarray:
@@ -202,6 +204,55 @@ def area_inter_dense(blended: np.ndarray, truth: np.ndarray, levels: np.ndarray,
             m = fill(m)
         area[:, t] = m.sum((1, 2))
         inter[:, t] = (m & truth).sum((1, 2))
+    return area, inter
+
+
+def area_inter_filled(blended: np.ndarray, d: ClassData, truth_mask, shape, levels: np.ndarray, desc: str | None = None):
+    """(N, T) area and intersection with holes filled, streamed image by image from the kept pixels.
+
+    Hole filling is not a histogram operation, so each image's mask is filled once per level,
+    but only inside the bounding box of its kept pixels: a background region that touches that
+    box's edge reaches the image border through the pixels outside the box, so filling the crop
+    equals filling the image. ``truth_mask(i)`` returns image ``i``'s (H, W) bool truth or None
+    when it has none. Memory: one crop at a time (no dense maps).
+    """
+    from scipy.ndimage import binary_fill_holes
+    from tqdm import tqdm
+
+    if d.pix is None:
+        raise ValueError("hole filling needs the kept pixels' positions (load the pool with fill_holes=True)")
+    levels = np.asarray(levels)
+    if levels.min() < d.t_min:
+        raise ValueError(f"grid level {levels.min()} is below the pruning level {d.t_min} of the data")
+    ascending = bool(np.all(np.diff(levels) > 0))
+    h, w = shape
+    n = d.n_images
+    area = np.zeros((n, len(levels)), np.int64)
+    inter = np.zeros_like(area)
+    order = np.argsort(d.img, kind="stable")
+    bounds = np.searchsorted(d.img[order], np.arange(n + 1))
+    for i in tqdm(range(n), desc=desc or "fill holes", unit="img", leave=False, disable=None):
+        sel = order[bounds[i]:bounds[i + 1]]
+        if not sel.size:
+            continue
+        b = blended[sel]
+        if b.max() < levels.min():
+            continue
+        ys, xs = np.divmod(d.pix[sel], w)
+        y0, x0 = ys.min(), xs.min()
+        crop = np.zeros((ys.max() - y0 + 1, xs.max() - x0 + 1), np.uint8)
+        crop[ys - y0, xs - x0] = b
+        tm = truth_mask(i)
+        tcrop = None if tm is None else tm[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]]
+        for t, lv in enumerate(levels):
+            m = crop >= lv
+            if not m.any():
+                if ascending:
+                    break
+                continue
+            f = binary_fill_holes(m)
+            area[i, t] = f.sum()
+            inter[i, t] = 0 if tcrop is None else (f & tcrop).sum()
     return area, inter
 
 

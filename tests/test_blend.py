@@ -222,3 +222,25 @@ def test_sigterm_leaves_no_nested_worker_running(tmp_path):
     time.sleep(1.0)
     alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "Z" not in open(f"/proc/{k}/stat").read().rsplit(")", 1)[1].split()[0]]
     assert not alive, f"worker(s) {alive} outlived the blend"
+
+
+def test_fill_holes_blend_equals_dense_reference(planted):
+    from steel_ray import ppsearch as ps
+
+    run, _, masks = planted
+    pool = blend.load_blend_pool(run, fill_holes=True)
+    r = blend.optimize(pool, max_members=4, fill_holes=True, nested=False, selection_resolution="full")
+    assert all(pp["fill_holes"] for pp in r.postprocess.values())
+    dense = oof.read_pool(run, pool.model_ids)  # full resolution, dense
+    truth = oof.read_truth(run)
+    order = [dense.image_ids.index(i) for i in truth.image_ids]
+    grid = ps.default_grid(pool.shape)
+    total = 0.0
+    for c in range(4):
+        b = blend_u8(dense.probs[:, order, c], r.weights[c])
+        t = truth.masks(range(len(truth.image_ids)), [c])[:, 0]
+        area, inter = ps.area_inter_dense(b, t, grid.levels, fill_holes=True)
+        tables = ps.tables_from_counts(area, inter, t.sum((1, 2)), 1.0, blend_cls(dense.cls[:, order, c], r.weights[c]),
+                                       truth.folds, pool.n_folds, grid)
+        total += ps.in_sample(tables, grid)[0]
+    assert r.scores["in_sample"] == pytest.approx(total / pool.n_pairs, abs=1e-12)

@@ -164,3 +164,39 @@ def test_edge_of_grid_is_reported():
     assert g.edges(ps.Choice(int(g.levels[5]), float(g.min_areas[3]), 0.5)) == []
     assert len(g.edges(ps.Choice(int(g.levels[-1]), float(g.min_areas[-1]), float(g.cls_thresholds[-1])))) == 3
     assert g.levels[0] / 255 <= 0.05 + 1 / 255 and g.levels[-1] / 255 >= 0.95
+
+
+def test_streamed_hole_filling_equals_the_dense_reference():
+    """Rings whose centres sit below the pruning level, rings cut by the image border (not holes),
+    several components per image: the per-image crop fill must equal filling whole images."""
+    rng = np.random.default_rng(7)
+    n, h, w = 24, 24, 40
+    yy, xx = np.mgrid[:h, :w]
+    probs = (rng.random((2, n, h, w)) * 40).astype(np.uint8)  # mostly below t_min
+    truth = np.zeros((n, h, w), bool)
+    for i in range(n):
+        for _ in range(rng.integers(0, 3)):
+            cy, cx = rng.integers(-2, h + 2), rng.integers(-2, w + 2)  # some rings cut by the border
+            r = np.hypot(yy - cy, xx - cx)
+            ring = (r >= rng.uniform(2, 4)) & (r < rng.uniform(5, 7))
+            probs[:, i][:, ring] = rng.integers(90, 255, (2, 1))
+            truth[i] |= r < 6
+    cls = rng.random((2, n)).astype(np.float32)
+    folds = np.arange(n) % 3
+    grid = ps.Grid(np.array([64, 100, 128, 200]), np.array([0.0, 5, 30, 80]), np.array([0.0, 0.5]), rule="argmax")
+    w_ = [0.5, 0.5]
+    blend = ps.blend_u8(probs, w_)
+    dense_area, dense_inter = ps.area_inter_dense(blend, truth, grid.levels, fill_holes=True)
+    plain_area, _ = ps.area_inter_dense(blend, truth, grid.levels, fill_holes=False)
+    assert (dense_area > plain_area).any()  # holes were really filled somewhere
+    d = ps.ClassData.from_dense(probs, truth, cls, t_min=grid.t_min)
+    area, inter = ps.area_inter_filled(ps.blend_u8(d.vals, w_), d, lambda i: truth[i] if truth[i].any() else None,
+                                       (h, w), grid.levels)
+    np.testing.assert_array_equal(area, dense_area)
+    np.testing.assert_array_equal(inter, dense_inter)
+    # and a subset keeps the positions aligned
+    keep = np.arange(n) % 2 == 0
+    sub = d.subset(keep)
+    a2, i2 = ps.area_inter_filled(ps.blend_u8(sub.vals, w_), sub, lambda i: truth[keep][i] if truth[keep][i].any() else None,
+                                  (h, w), grid.levels)
+    np.testing.assert_array_equal(a2, dense_area[keep])
