@@ -1,6 +1,9 @@
 """Torch dataset of Severstal images and masks, albumentations pipelines and a class-balancing sampler."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from pathlib import Path
 
 import albumentations as A
@@ -15,13 +18,48 @@ from .data import N_CLASSES, DataError
 
 __all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "StepsSampler", "read_image", "SAMPLER_MODES"]
 
+log = logging.getLogger(__name__)
 MEAN = (0.485, 0.456, 0.406)
+
+
+def _has_jpeg_end(path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 16))
+        return b"\xff\xd9" in f.read()
 STD = (0.229, 0.224, 0.225)
 
 
-def read_image(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB; an unreadable or wrongly sized file names itself."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (libjpeg prints "Premature end of JPEG file" there, not through Python)."""
+    try:
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def read_image(path: str | Path, shape: tuple[int, int] | None = None, quiet: bool = False) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB; an unreadable or wrongly sized file names itself.
+
+    ``quiet``: the decoder's own stderr chatter is silenced and a truncated JPEG (no end-of-image
+    marker) is logged once, by name, as a warning of ours (single-threaded callers only).
+    """
+    if quiet:
+        with _quiet_stderr():
+            img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is not None and str(path).lower().endswith((".jpg", ".jpeg")) and not _has_jpeg_end(path):
+            log.warning("%s: truncated JPEG (no end-of-image marker); the decoded part is used, the rest is grey", path)
+    else:
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DataError(f"{path}: unreadable or corrupt image")
     if shape is not None and img.shape[:2] != tuple(shape):

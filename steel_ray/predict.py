@@ -111,7 +111,7 @@ def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, s
         batch, ids = [], []
         for p in paths[start:start + batch_size]:
             try:
-                batch.append(read_image(p, shape))
+                batch.append(read_image(p, shape, quiet=True))
                 ids.append(p.name)
             except DataError as e:
                 if not skip_bad:

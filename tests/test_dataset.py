@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -78,3 +79,20 @@ def test_balanced_sampler_modes():
     assert list(s) != idx and list(BalancedSampler(presence, "upsample", seed=1)) == idx
     with pytest.raises(ValueError, match="sampler mode 'x'"):
         BalancedSampler(presence, "x")
+
+
+def test_truncated_jpeg_read_quietly_names_itself(tmp_path):
+    """libjpeg's own 'Premature end of JPEG file' is silenced; our warning names the file instead."""
+    import subprocess
+    import sys
+
+    ok, buf = cv2.imencode(".jpg", (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.tobytes()[: len(buf) // 2])
+    code = ("import logging; logging.basicConfig(level=logging.WARNING, format='%(message)s');"
+            f"from steel_ray.dataset import read_image; print(read_image({str(path)!r}, (64, 96), quiet={{}}).shape)")
+    loud = subprocess.run([sys.executable, "-c", code.format(False)], capture_output=True, text=True)
+    quiet = subprocess.run([sys.executable, "-c", code.format(True)], capture_output=True, text=True)
+    assert loud.returncode == quiet.returncode == 0 and "(64, 96, 3)" in quiet.stdout
+    assert "Premature end of JPEG file" in loud.stderr  # the case really happens
+    assert "Premature end" not in quiet.stderr and f"{path}: truncated JPEG" in quiet.stderr
