@@ -1,13 +1,13 @@
 """Training throughput, data-pipeline throughput and OOF size per image.
 
-Run:  .venv/bin/python benchmarks/bench_train.py [--steps 3] [--skip-oof]
+Run:  .venv/bin/python benchmarks/bench_train.py [--steps 3] [--batch-sizes 8] [--workers 0,2] [--skip-oof]
 
-1. Train-step images/s for (FPN, se_resnext50_32x4d) and (Unet, resnet34) on 256x512 crops,
-   batch 8: fp32 vs AMP + channels_last on CUDA when a GPU is visible; CPU fp32 otherwise
-   (the AMP row is then the baseline repeated, marked n/a).
+1. Train-step images/s and peak GPU memory for (FPN, se_resnext50_32x4d) and (Unet, resnet34) on
+   256x512 crops per batch size: fp32 (the baseline a careful user starts from) vs bf16 autocast +
+   channels_last on CUDA when a GPU is visible; CPU fp32 otherwise (the AMP row is marked n/a).
 2. The data pipeline (JPEG decode + RLE decode + crop/flip/brightness augmentations) in
-   images/s for one worker, on Severstal-sized synthetic images: a GPU at N images/s needs
-   about N / this many DataLoader workers.
+   images/s for one worker, and through a DataLoader with ``--workers`` workers (batch 16),
+   printed beside the fastest GPU step rate of (1): the loader keeps up when it is the larger.
 3. OOF bytes per image per model (zstd Parquet), full resolution and 4x-downsampled, from a
    small model trained briefly on a 256x1600 synthetic set.
 """
@@ -32,7 +32,11 @@ from steel_ray.models import build_model
 
 
 def train_step_rate(arch, encoder, device, amp, steps, batch=8, crop=(256, 512)):
+    """(images/s, peak GPU memory GiB or nan) of training steps."""
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats()
     cfg = TrialConfig.from_dict({"arch": arch, "encoder": encoder, "loss": "bce_dice"})
     model = build_model(cfg.model).to(device).train()
     if amp:
@@ -63,7 +67,12 @@ def train_step_rate(arch, encoder, device, amp, steps, batch=8, crop=(256, 512))
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0)
+    rate = batch * steps / (time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del model, opt, x, y
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rate, peak
 
 
 def pipeline_rate(data_dir, n=60):
@@ -75,6 +84,25 @@ def pipeline_rate(data_dir, n=60):
     t0 = time.perf_counter()
     for i in range(n):
         ds[i % len(ds)]
+    return n / (time.perf_counter() - t0)
+
+
+def loader_rate(data_dir, workers: int, batch: int = 16, batches: int = 12):
+    """Images/s through a DataLoader with ``workers`` workers (what feeds the GPU in a trial)."""
+    from torch.utils.data import DataLoader
+
+    ts = load_train(data_dir)
+    ds = SteelDataset(ts.images_dir, ts.image_ids, ts.rles, ts.shape, build_transforms(True, crop=(256, 512)))
+    dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                    persistent_workers=workers > 0)
+    it = iter(dl)
+    next(it)  # start-up (worker processes)
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            n += len(next(it)["image"])
+        except StopIteration:
+            it = iter(dl)
     return n / (time.perf_counter() - t0)
 
 
@@ -101,30 +129,40 @@ def oof_bytes(data_dir, run_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3, help="timed train steps per row")
+    ap.add_argument("--batch-sizes", default="8", help="comma list of batch sizes (default 8; the GPU check uses 16,32)")
+    ap.add_argument("--workers", default="0,2", help="comma list of DataLoader worker counts for the loader rate")
     ap.add_argument("--skip-oof", action="store_true")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hw = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {hw}, torch {torch.__version__}")
-    print(f"\n{'model':34}{'fp32 img/s':>12}{'AMP+CL img/s':>14}{'ratio':>8}")
+    print(f"\n{'model':30}{'batch':>6}{'fp32 img/s':>12}{'bf16+CL img/s':>15}{'ratio':>8}{'peak GiB fp32/bf16':>21}")
+    best_gpu = 0.0
     for arch, enc in (("FPN", "se_resnext50_32x4d"), ("Unet", "resnet34")):
-        base = train_step_rate(arch, enc, device, False, a.steps)
-        if device.type == "cuda":
-            fast = train_step_rate(arch, enc, device, True, a.steps)
-            print(f"{arch + ' ' + enc:34}{base:12.2f}{fast:14.2f}{fast / base:7.2f}x")
-        else:
-            print(f"{arch + ' ' + enc:34}{base:12.2f}{'n/a':>14}{'':>8}")
+        for bs in [int(b) for b in a.batch_sizes.split(",")]:
+            base, mem = train_step_rate(arch, enc, device, False, a.steps, batch=bs)
+            if device.type == "cuda":
+                fast, mem_f = train_step_rate(arch, enc, device, True, a.steps, batch=bs)
+                best_gpu = max(best_gpu, fast)
+                print(f"{arch + ' ' + enc:30}{bs:6d}{base:12.2f}{fast:15.2f}{fast / base:7.2f}x{mem:10.2f} / {mem_f:.2f}")
+            else:
+                print(f"{arch + ' ' + enc:30}{bs:6d}{base:12.2f}{'n/a':>15}{'':>8}{'n/a':>21}")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         synth.generate(data, n_train=48, n_test=1, height=256, width=1600, seed=0)
         rate = pipeline_rate(data)
         print(f"\ndata pipeline (256x1600 JPEG -> 256x512 crop + flips + brightness/contrast): {rate:.1f} images/s per worker")
+        for nw in [int(w) for w in a.workers.split(",")]:
+            lr = loader_rate(data, nw)
+            vs = f" vs GPU step rate {best_gpu:.1f} img/s: {'keeps up' if lr >= best_gpu else 'too slow'}" if best_gpu else ""
+            print(f"  DataLoader, {nw} worker(s), batch 16: {lr:.1f} images/s{vs}")
         if not a.skip_oof:
             full, ds4, n = oof_bytes(data, Path(tmp) / "run")
             print(f"\nOOF bytes per image per model (zstd, {n} images, 4 classes): full {full / 1024:.1f} KiB, ds4 {ds4 / 1024:.1f} KiB"
                   f" (raw uint8: {4 * 256 * 1600 / 1024:.0f} KiB / {4 * 64 * 400 / 1024:.0f} KiB)")
             print(f"  -> 12,568 images: full {full * 12568 / 2**30:.2f} GiB, ds4 {ds4 * 12568 / 2**30:.3f} GiB per model")
-    print(f"\nreproduce: .venv/bin/python benchmarks/bench_train.py --steps {a.steps}")
+    print(f"\nreproduce: .venv/bin/python benchmarks/bench_train.py --steps {a.steps} --batch-sizes {a.batch_sizes} "
+          f"--workers {a.workers}{' --skip-oof' if a.skip_oof else ''}")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ class DataConfig:
     resize_height: int | None = None
     resize_width: int | None = None
     sampler: str = "none"
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None: the trial's CPUs on CUDA, 0 on CPU
 
     @property
     def crop(self):
@@ -113,11 +113,13 @@ class TrainConfig:
     tta: str = "hflip"  # test-time augmentation for the out-of-fold predictions
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
     grad_clip: float = 0.0  # max gradient norm, 0 = off
+    deterministic: bool = False  # CUDA: reproducible kernels instead of cuDNN autotuning (slower)
+    compile: bool = False  # torch.compile the model for the training steps
 
 
 _SECTIONS = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
 # keys that change neither the model nor its predictions (not part of the model id)
-_RUNTIME_KEYS = {"num_workers"}
+_RUNTIME_KEYS = {"num_workers", "compile"}
 
 
 @dataclass(frozen=True)
@@ -193,11 +195,13 @@ class TrialConfig:
                               "(onecycle warms up by itself)")
         _number("seed", tr.seed, int, 0)
         _choice("tta", tr.tta, TTAS)
-        if not isinstance(tr.amp, bool):
-            raise ConfigError(f"amp={tr.amp!r} must be true or false")
+        for key in ("amp", "deterministic", "compile"):
+            if not isinstance(getattr(tr, key), bool):
+                raise ConfigError(f"{key}={getattr(tr, key)!r} must be true or false")
         _number("grad_clip", tr.grad_clip, float, 0)
         _number("batch_size", da.batch_size, int, 1)
-        _number("num_workers", da.num_workers, int, 0)
+        if da.num_workers is not None:
+            _number("num_workers", da.num_workers, int, 0)
         _choice("sampler", da.sampler, SAMPLERS)
         for a, b in (("crop_height", "crop_width"), ("resize_height", "resize_width")):
             va, vb = getattr(da, a), getattr(da, b)

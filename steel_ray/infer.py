@@ -10,7 +10,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TTA_FLIPS", "predict_batch", "autocast", "pick_device"]
+__all__ = ["TTA_FLIPS", "VIEWS", "tta_views", "predict_batch", "autocast", "pick_device"]
 
 # dims to flip for each TTA view of an NCHW batch
 TTA_FLIPS = {
@@ -19,6 +19,19 @@ TTA_FLIPS = {
     "vflip": [(), (2,)],
     "hflip_vflip": [(), (3,), (2,), (2, 3)],
 }
+# single views, for an explicit list such as "none,hflip,vflip" (exactly those views)
+VIEWS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
+
+
+def tta_views(spec: str) -> list[tuple]:
+    """Flip dims of each TTA view: a config name (``TTA_FLIPS``) or a comma list of ``VIEWS``."""
+    if spec in TTA_FLIPS:
+        return list(TTA_FLIPS[spec])
+    names = [p.strip() for p in str(spec).split(",") if p.strip()]
+    bad = [p for p in names if p not in VIEWS]
+    if bad or not names:
+        raise ValueError(f"TTA {spec!r}: unknown view(s) {bad}; use a comma list of {list(VIEWS)} or one of {list(TTA_FLIPS)}")
+    return list(dict.fromkeys(VIEWS[p] for p in names))
 
 
 def pick_device(device: str | None = "auto") -> torch.device:
@@ -39,8 +52,11 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 @torch.no_grad()
-def predict_batch(model, images: torch.Tensor, out_size, tta: str = "none", amp: bool = True):
+def predict_batch(model, images: torch.Tensor, out_size, tta="none", amp: bool = True):
     """Probabilities ``(B, 4, H, W)`` at ``out_size`` and presence ``(B, 4)``, averaged over TTA.
+
+    ``tta`` is a spec for :func:`tta_views` or a list of flip-dim tuples; ``amp`` is the
+    model's own setting (its config's ``amp``): OOF maps and submissions are computed alike.
 
     Presence is the aux head's sigmoid when the model has one, else the max pixel probability.
     """
@@ -49,7 +65,7 @@ def predict_batch(model, images: torch.Tensor, out_size, tta: str = "none", amp:
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     probs, cls = 0.0, 0.0
-    views = TTA_FLIPS[tta]
+    views = tta_views(tta) if isinstance(tta, str) else list(tta)
     for dims in views:
         xi = torch.flip(x, dims) if dims else x
         with autocast(device, amp):

@@ -29,7 +29,7 @@ import torch
 from . import oof, rle
 from .data import N_CLASSES, DataError, list_images
 from .dataset import build_transforms, read_image
-from .infer import TTA_FLIPS, pick_device, predict_batch
+from .infer import pick_device, predict_batch, tta_views
 from .io import atomic_write_text
 from .metric import PostProcess
 from .ppsearch import blend_cls, blend_u8
@@ -45,18 +45,15 @@ class Member:
     weights: np.ndarray  # (4,) per-class blend weight
     models: list  # fold models (eval mode, on device)
     transform: object  # the member's validation transform (resize + normalise)
-    tta: str
+    tta: list  # flip dims of each view
+    amp: bool  # the member's config amp: predicted in the precision its OOF was scored in
 
 
-def _tta_name(spec: str | None, default: str) -> str:
-    if spec is None:
-        return default
-    parts = {p.strip() for p in spec.split(",") if p.strip()}
-    bad = parts - {"none", "hflip", "vflip"}
-    if bad:
-        raise DataError(f"--tta {spec!r}: unknown view(s) {sorted(bad)}; use none, hflip, vflip separated by commas")
-    h, v = "hflip" in parts, "vflip" in parts
-    return "hflip_vflip" if h and v else "hflip" if h else "vflip" if v else "none"
+def _views(spec: str | None, default: str) -> list:
+    try:
+        return tta_views(default if spec is None else spec)
+    except ValueError as e:
+        raise DataError(f"--tta: {e}") from None
 
 
 def load_members(doc: dict, blend_path, device, tta: str | None = None) -> list[Member]:
@@ -77,7 +74,7 @@ def load_members(doc: dict, blend_path, device, tta: str | None = None) -> list[
                 model = model.to(memory_format=torch.channels_last)
             models.append(model)
         members.append(Member(m["model_id"], w, models, build_transforms(False, resize=cfg.data.resize),
-                              _tta_name(tta, cfg.train.tta)))
+                              _views(tta, cfg.train.tta), cfg.train.amp))
     return members
 
 
@@ -87,7 +84,7 @@ def member_maps(member: Member, images: list[np.ndarray], shape) -> tuple[np.nda
                      for im in images]).float()
     probs, cls = 0.0, 0.0
     for model in member.models:
-        p, c = predict_batch(model, x, shape, member.tta)
+        p, c = predict_batch(model, x, shape, member.tta, member.amp)
         probs = probs + p
         cls = cls + c
     k = len(member.models)
@@ -173,6 +170,10 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             rows = predict_images(doc, members, paths, shape, a.skip_bad, batch_size=a.batch_size, bad=bad)
             n = write_submission(rows, a.out, a.format)
+    except torch.OutOfMemoryError:
+        print(f"error: {a.device} out of memory predicting batches of {a.batch_size} image(s) with {len(doc['members'])} "
+              f"member(s); rerun with a smaller --batch-size (e.g. {max(1, a.batch_size // 2)})", file=sys.stderr)
+        return 2
     except (DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import random
 import sys
 import time
@@ -41,6 +43,7 @@ __all__ = ["FoldData", "FoldResult", "prepare_run", "fit_fold", "checkpoint_dir"
 
 log = logging.getLogger(__name__)
 FOLD_SEED = 42
+SYNC_EVERY = 25  # training steps between host syncs (loss read, NaN/inf check, progress bar)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -100,6 +103,23 @@ class FoldResult:
 
 def checkpoint_dir(run_dir, model_id: str, fold: int) -> Path:
     return Path(run_dir) / "checkpoints" / model_id / f"fold={int(fold)}"
+
+
+def _num_workers(cfg: TrialConfig, dev: torch.device, cpus: float | None) -> int:
+    """DataLoader workers: the config's ``num_workers``, else (null) the CPUs given to the trial
+    when a GPU trains (the CPUs then only feed it), and 0 on CPU (the CPUs train)."""
+    if cfg.data.num_workers is not None:
+        return int(cfg.data.num_workers)
+    if dev.type != "cuda":
+        return 0
+    return max(1, int(cpus if cpus is not None else (os.cpu_count() or 1)))
+
+
+def _cuda_flags(deterministic: bool) -> None:
+    """cuDNN autotuning for speed; ``deterministic`` trades it for reproducible kernels."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def _seed_everything(seed: int, fold: int, epoch: int, transform) -> int:
@@ -209,8 +229,10 @@ def _validate(model, loader, loss_fn, device, amp, shape):
     pp = _PPCounts()
     with torch.no_grad():
         for b in loader:
-            x = b["image"].to(device)
-            masks = b["mask"].to(device)
+            x = b["image"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            masks = b["mask"].to(device, non_blocking=True)
             with autocast(device, amp):
                 logits, cls_logits = model(x)
             logits = logits.float()
@@ -246,6 +268,7 @@ def fit_fold(
     device: str | None = "auto",
     write_oof: bool = True,
     progress: bool = True,
+    cpus: float | None = None,
 ) -> FoldResult:
     """Train ``config`` on every fold but ``fold``, validate on ``fold``, write its OOF to ``out_dir``.
 
@@ -280,13 +303,19 @@ def fit_fold(
     n_samples = len(sampler) if sampler is not None else len(train_ds)
     drop_last = n_samples >= bs
     steps = n_samples // bs if drop_last else 1
-    nw = cfg.data.num_workers
-    val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, num_workers=nw, pin_memory=dev.type == "cuda")
+    nw = _num_workers(cfg, dev, cpus)
+    # the validation loader lives for the whole fold: its workers persist; the training loader is
+    # rebuilt each epoch because its workers are reseeded from (seed, fold, epoch) for resumable runs
+    val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, num_workers=nw, pin_memory=dev.type == "cuda",
+                            persistent_workers=nw > 0)
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        _cuda_flags(cfg.train.deterministic)
+    # compiled for the training steps only; weights are saved from (and validation runs) the plain module
+    step_model = torch.compile(model) if cfg.train.compile else model
     opt = _optimizer(cfg, model)
     sched, per_step = _scheduler(cfg, opt, steps)
     use_scaler = amp and not torch.cuda.is_bf16_supported()
@@ -329,20 +358,18 @@ def fit_fold(
             pin_memory=dev.type == "cuda",
         )
         model.train()
-        run_loss, seen = 0.0, 0
+        # the loss is summed on the device and read (one host sync) every SYNC_EVERY steps: a
+        # NaN/inf anywhere in the interval poisons the sum, so the check still stops the fold
+        run_loss, seen, checked, total = torch.zeros((), dtype=torch.float64, device=dev), 0, 0, 0.0
         bar = tqdm(loader, desc=f"{model_id} f{fold} e{epoch}", leave=False, disable=not progress or None)
+        n_steps = len(loader)
         for step, b in enumerate(bar):
             x = b["image"].to(dev, non_blocking=True)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(dev, amp):
-                logits, cls_logits = model(x)
-            loss, _ = loss_fn(logits, b["mask"].to(dev), cls_logits, b["presence"].to(dev))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"{model_id} fold {fold} epoch {epoch} step {step}: training loss is {loss.item()} "
-                    f"(lr={cfg.optim.lr}, loss={cfg.loss.loss}); stopping this fold"
-                )
+                logits, cls_logits = step_model(x)
+            loss, _ = loss_fn(logits, b["mask"].to(dev, non_blocking=True), cls_logits, b["presence"].to(dev, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.train.grad_clip > 0:
@@ -352,9 +379,17 @@ def fit_fold(
             scaler.update()
             if per_step:
                 sched.step()
-            run_loss += loss.item() * len(x)
+            run_loss += loss.detach().double() * len(x)
             seen += len(x)
-            bar.set_postfix(loss=f"{run_loss / seen:.4f}")
+            if (step + 1) % SYNC_EVERY == 0 or step + 1 == n_steps:
+                total = float(run_loss)
+                if not math.isfinite(total):
+                    raise NonFiniteLossError(
+                        f"{model_id} fold {fold} epoch {epoch} steps {checked}-{step}: training loss is {total} "
+                        f"(lr={cfg.optim.lr}, loss={cfg.loss.loss}); stopping this fold"
+                    )
+                checked = step + 1
+                bar.set_postfix(loss=f"{total / seen:.4f}")
         val_loss, pair_dice, empty, val_pp = _validate(model, val_loader, loss_fn, dev, amp, ts.shape)
         dm = {**_dice_metrics(pair_dice, empty), "val_dice_pp": val_pp}
         val_dice = dm["val_dice"]
@@ -366,7 +401,7 @@ def fit_fold(
             _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold, "epoch": epoch, "val_dice": val_dice})
         metrics = {
             "epoch": epoch,
-            "train_loss": run_loss / max(seen, 1),
+            "train_loss": total / max(seen, 1),
             "val_loss": val_loss,
             **dm,
             "best_val_dice": best,
@@ -433,7 +468,8 @@ def predict_oof(weights, fold, data: FoldData, run, model_id, device, cfg: Trial
     va_idx = np.flatnonzero(data.folds == fold)
     ids = [ts.image_ids[i] for i in va_idx]
     ds = SteelDataset(ts.images_dir, ids, None, ts.shape, build_transforms(False, resize=cfg.data.resize), full_size_mask=True)
-    loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=_num_workers(cfg, device, None),
+                        pin_memory=device.type == "cuda")
     h, w = ts.shape
     with oof.OOFWriter(run, model_id, fold, h, w, data.folds_hash, cfg.to_dict(), extra=extra) as wr:
         for b in tqdm(loader, desc=f"oof {model_id} f{fold}", leave=False, disable=not progress or None):

@@ -236,7 +236,7 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
 
     with _trial_log(local_run, model_id, fold):
-        res = fit_fold(cfg, fold, data, local_run, report=report, progress=False)
+        res = fit_fold(cfg, fold, data, local_run, report=report, progress=False, cpus=cpus)
     if remote:
         for path in (Path(res.oof_path), Path(res.weights_path)):
             put_file(path, pool, path.relative_to(local_run).as_posix())

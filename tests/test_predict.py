@@ -59,7 +59,7 @@ def test_fold_models_reproduce_stored_oof(tiny_run):
     ts = data.train
     for m, spec in zip(members, doc["members"]):
         for k in range(2):
-            single = predict.Member(m.model_id, m.weights, [m.models[k]], m.transform, m.tta)
+            single = predict.Member(m.model_id, m.weights, [m.models[k]], m.transform, m.tta, m.amp)
             idx = np.flatnonzero(data.folds == k)[:6]
             images = [predict.read_image(ts.images_dir / ts.image_ids[i], ts.shape) for i in idx]
             maps, cls = predict.member_maps(single, images, ts.shape)
@@ -88,3 +88,41 @@ def test_skip_bad_and_missing_checkpoint(tiny_run, tiny_set, tmp_path):
     bj.write_text(json.dumps(doc))
     r = _predict("--run", run, "--images", images, "--out", out, "--blend", bj)
     assert r.returncode == 2 and "missing checkpoint(s): " + str(tmp_path / "gone" / "best.pt") in r.stderr
+
+
+def test_tta_list_means_exactly_those_views():
+    from steel_ray.infer import tta_views
+
+    assert tta_views("none,hflip,vflip") == [(), (3,), (2,)]  # no combined flip
+    assert tta_views("hflip_vflip") == [(), (3,), (2,), (2, 3)]  # the config name keeps its meaning
+    assert tta_views("hflip") == [(), (3,)] and tta_views("vflip,vflip") == [(2,)]
+    with pytest.raises(ValueError, match=r"unknown view\(s\) \['diag'\]"):
+        tta_views("none,diag")
+
+
+def test_predict_uses_each_members_precision_and_views(tiny_run, monkeypatch):
+    """The amp setting of a member's config reaches the forward pass, as in its OOF."""
+    run, data = tiny_run
+    doc = json.loads((run / "blend" / "blend.json").read_text())
+    members = predict.load_members(doc, "blend.json", torch.device("cpu"), tta="none,vflip")
+    configs = {m["model_id"]: TrialConfig.from_dict(json.loads((run / "checkpoints" / m["model_id"] / "fold=0" / "config.json")
+                                                               .read_text())) for m in doc["members"]}
+    seen = []
+    real = predict.predict_batch
+
+    def spy(model, x, shape, tta, amp):
+        seen.append((tta, amp))
+        return real(model, x, shape, tta, amp)
+
+    monkeypatch.setattr(predict, "predict_batch", spy)
+    ts = data.train
+    images = [predict.read_image(ts.images_dir / ts.image_ids[0], ts.shape)]
+    for m in members:
+        assert m.amp == configs[m.model_id].train.amp
+        seen.clear()
+        predict.member_maps(m, images, ts.shape)
+        assert seen == [([(), (2,)], configs[m.model_id].train.amp)] * len(m.models)
+    off = predict.Member(members[0].model_id, members[0].weights, members[0].models, members[0].transform, [()], False)
+    seen.clear()
+    predict.member_maps(off, images, ts.shape)
+    assert {a for _, a in seen} == {False}
