@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -36,6 +35,7 @@ def train_step_rate(arch, encoder, device, amp, steps, batch=8, crop=(256, 512))
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.cuda.empty_cache()  # the previous row's tensors are gone with its call
         torch.cuda.reset_peak_memory_stats()
     cfg = TrialConfig.from_dict({"arch": arch, "encoder": encoder, "loss": "bce_dice"})
     model = build_model(cfg.model).to(device).train()
@@ -69,9 +69,6 @@ def train_step_rate(arch, encoder, device, amp, steps, batch=8, crop=(256, 512))
         torch.cuda.synchronize()
     rate = batch * steps / (time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del model, opt, x, y
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rate, peak
 
 

@@ -101,7 +101,10 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_h
     true_area = {"full": np.zeros((N_CLASSES, n), np.int64), "ds": np.zeros((N_CLASSES, n), np.int64)}
     hh, ww = -(-h // oof.DS), -(-w // oof.DS)
     for f in folds_all:
-        readers = [pq.ParquetFile(oof.oof_path(run, m, f)).iter_batches(batch_size=32) for m in models]
+        paths = [oof.oof_path(run, m, f) for m in models]
+        for p in paths:  # split, size, image set: checked before any map is read
+            oof.check_fold_file(p, truth, f)
+        readers = [pq.ParquetFile(p).iter_batches(batch_size=32) for p in paths]
         for batches in zip(*readers):
             ids = batches[0].column("image_id").to_pylist()
             order = [ids] + [b.column("image_id").to_pylist() for b in batches[1:]]
@@ -111,8 +114,8 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_h
             for mi, b in enumerate(batches):
                 cls[mi, rows] = np.asarray(b.column("cls").to_pylist(), np.float32)
             for c in range(N_CLASSES):
-                full = np.stack([np.frombuffer(b"".join(b.column(f"p{c + 1}").to_pylist()), np.uint8).reshape(len(ids), h, w) for b in batches])
-                dsm = np.stack([np.frombuffer(b"".join(b.column(f"p{c + 1}_ds{oof.DS}").to_pylist()), np.uint8).reshape(len(ids), hh, ww) for b in batches])
+                full = np.stack([oof.maps(b, f"p{c + 1}", (h, w), p) for b, p in zip(batches, paths)])
+                dsm = np.stack([oof.maps(b, f"p{c + 1}_ds{oof.DS}", (hh, ww), p) for b, p in zip(batches, paths)])
                 tmask = truth.masks(rows, [c])[:, 0]
                 tds = np.stack([_truth_ds(t) for t in tmask])
                 true_area["full"][c, rows] = tmask.sum((1, 2))

@@ -1,7 +1,6 @@
 """Segmentation losses (built on segmentation_models_pytorch.losses) and the aux-head loss."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -262,6 +262,43 @@ class Pool:
     resolution: str  # "full" or "ds4"
 
 
+def check_fold_file(path, truth: Truth, fold: int) -> list[str]:
+    """Check one (model, fold) OOF file against the run before any map is read; returns its image ids.
+
+    Refused, with a one-line error naming the file: another fold split (folds_hash), another
+    image size, a duplicate image, and an image set that is not exactly the fold's (missing or
+    extra images).
+    """
+    meta = read_meta(path)
+    if meta.get("folds_hash") != truth.folds_hash:
+        raise DataError(f"{path}: fold split {meta.get('folds_hash')} differs from the run's {truth.folds_hash}")
+    shape = (int(meta.get("height", -1)), int(meta.get("width", -1)))
+    if shape != tuple(truth.shape):
+        raise DataError(f"{path}: maps are {shape[0]}x{shape[1]}, the run's images {truth.shape[0]}x{truth.shape[1]}")
+    ids = pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{path}: image {dup} appears more than once")
+    expected = {truth.image_ids[i] for i in np.flatnonzero(truth.folds == fold)}
+    missing, extra = sorted(expected - set(ids)), sorted(set(ids) - expected)
+    if missing or extra:
+        what = (f"{len(missing)} image(s) of fold {fold} missing (e.g. {missing[0]})" if missing else
+                f"{len(extra)} image(s) not in fold {fold} (e.g. {extra[0]})")
+        raise DataError(f"{path}: {what}; the file holds {len(ids)} images, the fold {len(expected)}")
+    return ids
+
+
+def maps(batch, column: str, shape, path) -> np.ndarray:
+    """(B, h, w) uint8 maps of one blob column; a blob of the wrong size names the file and image."""
+    blobs = batch.column(column).to_pylist()
+    size = shape[0] * shape[1]
+    for i, b in enumerate(blobs):
+        if len(b) != size:
+            raise DataError(f"{path}: {column} of image {batch.column('image_id')[i]} has {len(b)} bytes, "
+                            f"expected {shape[0]}x{shape[1]} = {size}")
+    return np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), *shape)
+
+
 def read_pool(run, model_ids=None, folds=None, classes=None, resolution: str = "full", truth: Truth | None = None) -> Pool:
     """Read OOF maps into numpy, column by column (only the requested classes and resolution).
 
@@ -288,9 +325,7 @@ def read_pool(run, model_ids=None, folds=None, classes=None, resolution: str = "
     for mi, m in enumerate(model_ids):
         for f in folds:
             path = oof_path(run, m, f)
-            meta = read_meta(path)
-            if meta.get("folds_hash") != truth.folds_hash:
-                raise DataError(f"{path}: fold split {meta.get('folds_hash')} differs from the run's {truth.folds_hash}")
+            check_fold_file(path, truth, f)
             pf = pq.ParquetFile(path)
             cols = ["image_id", "cls"] + [f"p{c + 1}{suffix}" for c in classes]
             for batch in pf.iter_batches(columns=cols, batch_size=64):
@@ -301,8 +336,7 @@ def read_pool(run, model_ids=None, folds=None, classes=None, resolution: str = "
                     raise DataError(f"{path}: image {e.args[0]} is not in fold {f} of the run's truth table") from None
                 cls[mi, rows] = np.asarray(batch.column("cls").to_pylist(), np.float32)
                 for k, c in enumerate(classes):
-                    blobs = batch.column(f"p{c + 1}{suffix}").to_pylist()
-                    probs[mi, rows, k] = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(rows), hh, ww)
+                    probs[mi, rows, k] = maps(batch, f"p{c + 1}{suffix}", (hh, ww), path)
                 seen[mi, rows] = True
     if not seen.all():
         mi, j = np.argwhere(~seen)[0]

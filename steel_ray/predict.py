@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", required=True, help="folder of images to predict")
     ap.add_argument("--out", required=True, help="submission CSV to write")
     ap.add_argument("--blend", help="blend.json (default RUN/blend/blend.json)")
-    ap.add_argument("--format", choices=["new", "old"], default="new", help="new (default): ImageId,EncodedPixels,ClassId; old: ImageId_ClassId,EncodedPixels")
+    ap.add_argument("--format", choices=["new", "old"], default="new",
+                    help="new (default): ImageId,EncodedPixels,ClassId; old: ImageId_ClassId,EncodedPixels")
     ap.add_argument("--tta", help="views, e.g. none or hflip,vflip (default: each member's OOF TTA)")
     ap.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto (default): CUDA when a GPU is visible")

@@ -226,7 +226,8 @@ def run_search(a) -> int:
     space = load_space(state["space"])  # an invalid space fails here, before Ray starts
     if state["smoke"]:
         space = space.__class__(space.path, tuple(p for p in space.params if p.name != "epochs"),
-                                {**space.fixed, "epochs": 1}, tuple({k: v for k, v in pt.items() if k != "epochs"} for pt in space.points_to_evaluate))
+                                {**space.fixed, "epochs": 1},
+                                tuple({k: v for k, v in pt.items() if k != "epochs"} for pt in space.points_to_evaluate))
     # the data are read and checked before anything is written: a bad image or label leaves no run folder
     data = prepare_run(state["data"], run, state["folds"])
     logfile = console.setup(run, a.verbose, "search")

@@ -398,7 +398,8 @@ def fit_fold(
         # the best epoch is the one the blend would do best with: highest post-processed Dice
         if val_pp > best_pp:
             best_pp, best, best_epoch = val_pp, val_dice, epoch
-            _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold, "epoch": epoch, "val_dice": val_dice})
+            _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold,
+                                      "epoch": epoch, "val_dice": val_dice})
         metrics = {
             "epoch": epoch,
             "train_loss": total / max(seen, 1),

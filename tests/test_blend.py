@@ -5,8 +5,8 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-
 from blend_pools import blob_noise_model, make_truth, noise_model, signal_model, write_run
+
 from steel_ray import blend, oof
 from steel_ray.metric import PostProcess, dice_per_pair
 from steel_ray.ppsearch import blend_cls, blend_u8
@@ -244,3 +244,45 @@ def test_fill_holes_blend_equals_dense_reference(planted):
                                        truth.folds, pool.n_folds, grid)
         total += ps.in_sample(tables, grid)[0]
     assert r.scores["in_sample"] == pytest.approx(total / pool.n_pairs, abs=1e-12)
+
+
+def _crafted(tmp_path, planted, how):
+    """A copy of the planted run whose model b_good2 fold 1 file is rewritten as ``how`` says."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run, _, masks = planted
+    work = tmp_path / how
+    shutil.copytree(run, work)
+    path = oof.oof_path(work, "b_good2", 1)
+    t = pq.read_table(path)
+    md = dict(t.schema.metadata)
+    if how == "other_split":
+        md[b"steel_ray.folds_hash"] = b"0123456789abcdef"
+    elif how == "missing":
+        t = t.slice(0, t.num_rows - 3)
+    elif how == "extra":
+        other = pq.read_table(oof.oof_path(work, "b_good2", 0)).slice(0, 1)
+        t = pa.concat_tables([t, other.cast(t.schema)])
+    elif how == "duplicate":
+        t = pa.concat_tables([t, t.slice(0, 1)])
+    elif how == "wrong_shape":
+        col = t.column("p2").to_pylist()
+        col[4] = col[4][:-64]
+        t = t.set_column(t.schema.get_field_index("p2"), "p2", pa.array(col, t.schema.field("p2").type))
+    pq.write_table(t.replace_schema_metadata(md), path)
+    return work, path
+
+
+@pytest.mark.parametrize("how,msg", [("other_split", "fold split 0123456789abcdef differs from the run's"),
+                                     ("missing", "3 image(s) of fold 1 missing"),
+                                     ("extra", "1 image(s) not in fold 1"),
+                                     ("duplicate", "appears more than once"),
+                                     ("wrong_shape", "p2 of image")])
+def test_crafted_bad_oof_files_are_refused_naming_the_file(planted, tmp_path, capsys, how, msg):
+    work, path = _crafted(tmp_path, planted, how)
+    assert blend.main(["--run", str(work), "--no-nested"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: ") and msg in err and len(err.splitlines()) == 1, err
+    with pytest.raises(oof.DataError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        oof.read_pool(work, ["a_good", "b_good2"])

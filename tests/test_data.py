@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel_ray import data, rle
+from steel_ray import data
 from steel_ray.data import DataError
 
 

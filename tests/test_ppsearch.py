@@ -182,7 +182,6 @@ def test_streamed_hole_filling_equals_the_dense_reference():
             probs[:, i][:, ring] = rng.integers(90, 255, (2, 1))
             truth[i] |= r < 6
     cls = rng.random((2, n)).astype(np.float32)
-    folds = np.arange(n) % 3
     grid = ps.Grid(np.array([64, 100, 128, 200]), np.array([0.0, 5, 30, 80]), np.array([0.0, 0.5]), rule="argmax")
     w_ = [0.5, 0.5]
     blend = ps.blend_u8(probs, w_)
