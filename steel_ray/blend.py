@@ -31,6 +31,7 @@ from . import oof
 from . import ppsearch as ps
 from .data import N_CLASSES, DataError
 from .io import write_json
+from .oof import HOLDOUT
 
 __all__ = ["BlendPool", "load_blend_pool", "optimize", "BlendResult", "select", "write_blend_json", "blend_run", "summary_lines", "main"]
 
@@ -510,6 +511,8 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
     res = optimize(pool, fill_holes=fill_holes, **opts)
     out = Path(run) / "blend"
     doc = blend_json(res, pool, run)
+    if (Path(run) / HOLDOUT).exists():
+        doc = score_holdout(run, doc, out / "blend.json")
     write_blend_json(doc, out / "blend.json")
     from .report import write_report
 
@@ -517,6 +520,42 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
     for line in summary_lines(doc):
         print(line)
     print(f"blend.json: {out / 'blend.json'}\nreport:     {html}  (and report.md)")
+    return doc
+
+
+def score_holdout(run, doc: dict, blend_path, n_boot: int = 2000) -> dict:
+    """Predict the run's holdout images with the chosen blend (the predict path, every fold model)
+    and score them: ``scores.holdout`` with a 95% bootstrap interval over images, beside the
+    holdout's all-empty score. The predictions are kept as RUN/blend/holdout_submission.csv."""
+    import torch
+
+    from . import predict
+    from .infer import pick_device
+    from .score import pair_dice
+
+    h = json.loads((Path(run) / HOLDOUT).read_text())
+    device = pick_device("auto")
+    members = predict.load_members(doc, blend_path, device)
+    paths = [Path(h["images_dir"]) / i for i in h["image_ids"]]
+    sub = Path(blend_path).parent / "holdout_submission.csv"
+    with torch.inference_mode():
+        rows = list(predict.predict_images(doc, members, paths, tuple(doc["image_shape"])))
+    predict.write_submission(rows, sub)
+    pred = np.array([r for _, r in rows], dtype=object)
+    truth = np.array(h["rles"], dtype=object)
+    dice = pair_dice(truth, pred, tuple(doc["image_shape"]), "holdout truth", str(sub))
+    per_image = dice.mean(1)
+    rng = np.random.default_rng(0)
+    boot = per_image[rng.integers(0, len(per_image), (n_boot, len(per_image)))].mean(1)
+    empty = truth == ""
+    doc = dict(doc)
+    doc["scores"] = {**doc["scores"], "holdout": float(dice.mean())}
+    doc["holdout"] = {"n_images": len(paths), "fraction": h["fraction"], "ci95": [float(np.quantile(boot, 0.025)),
+                                                                                  float(np.quantile(boot, 0.975))],
+                      "all_empty": float(empty.mean()), "per_class": {str(c + 1): float(dice[:, c].mean()) for c in range(N_CLASSES)},
+                      "submission": str(sub)}
+    log.info("holdout (%d images, never tuned on): %.6f [%.6f, %.6f], all-empty %.6f", len(paths), dice.mean(),
+             *doc["holdout"]["ci95"], empty.mean())
     return doc
 
 
@@ -532,6 +571,12 @@ def summary_lines(doc: dict) -> list[str]:
         v = s.get(k)
         rel = "" if k == "all_empty" or v is None else f"  ({v - s['all_empty']:+.6f} vs all-empty)"
         lines.append(f"  {label:28} {fmt_score(v)}{rel}")
+    if "holdout" in doc:
+        h = doc["holdout"]
+        lines.append(f"holdout ({h['n_images']} images nobody tuned on):")
+        lines.append(f"  {'all-empty (no defects)':28} {h['all_empty']:.6f}")
+        lines.append(f"  {'blend':28} {s['holdout']:.6f}  ({s['holdout'] - h['all_empty']:+.6f} vs all-empty; "
+                     f"95% CI {h['ci95'][0]:.6f}-{h['ci95'][1]:.6f})")
     lines += [w for _, w in warnings(doc)]
     return lines
 

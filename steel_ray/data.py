@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +158,6 @@ class TrainSet:
     rles: np.ndarray  # object (N, 4): RLE string, "" when empty
     shape: tuple[int, int]
     label_format: str = "new"
-    _index: dict = field(default_factory=dict, repr=False)
 
     @property
     def presence(self) -> np.ndarray:
@@ -172,10 +171,11 @@ class TrainSet:
         """(4, H, W) bool ground-truth mask of image ``i``."""
         return np.stack([rle.decode(s, self.shape) for s in self.rles[i]])
 
-    def index_of(self, image_id: str) -> int:
-        if not self._index:
-            self._index.update({k: i for i, k in enumerate(self.image_ids)})
-        return self._index[image_id]
+    def subset(self, keep: np.ndarray) -> "TrainSet":
+        """The same set restricted to the images where ``keep`` (bool, N) is true."""
+        keep = np.asarray(keep, bool)
+        return TrainSet(self.root, self.images_dir, [i for i, k in zip(self.image_ids, keep) if k], self.rles[keep],
+                        self.shape, self.label_format)
 
 
 def label_array(labels: Labels, image_ids, where: str, shape=None) -> np.ndarray:
@@ -233,6 +233,22 @@ def make_folds(presence: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
     for k, (_, val) in enumerate(skf.split(np.zeros(len(y)), y)):
         folds[val] = k
     return folds
+
+
+def make_holdout(presence: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Bool (N,) mask of a multilabel-stratified holdout of ``fraction`` of the images (same labels
+    as the folds: 4 class presences plus "no defect"); deterministic for a seed."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    presence = np.asarray(presence, dtype=bool)
+    if not 0 < fraction < 1:
+        raise ValueError(f"0 < holdout < 1 must hold, but got holdout={fraction}")
+    y = np.concatenate([presence, ~presence.any(axis=1, keepdims=True)], axis=1).astype(int)
+    split = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    _, test = next(split.split(np.zeros(len(y)), y))
+    out = np.zeros(len(y), bool)
+    out[test] = True
+    return out
 
 
 def folds_hash(image_ids, folds) -> str:

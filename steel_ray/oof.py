@@ -80,6 +80,8 @@ def _schema(meta: dict) -> pa.Schema:
     return pa.schema(fields, metadata=md)
 
 
+HOLDOUT = "holdout.json"  # RUN/holdout.json: the images set aside before the folds, with their labels
+
 def oof_path(run: str | Path, model_id: str, fold: int) -> Path:
     return Path(run) / "oof" / f"model_id={model_id}" / f"fold={int(fold)}" / "part-0.parquet"
 

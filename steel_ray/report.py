@@ -18,7 +18,9 @@ SCORE_HELP = {
     "all_empty": "predicting no defect anywhere, on the same pairs: the floor every other score must beat",
     "in_sample": "post-processing tuned and scored on the same OOF (optimistic)",
     "cross_fitted": "post-processing chosen on K-1 folds, scored on the held-out fold",
-    "nested": "whole procedure (selection included) rerun without fold k, scored on fold k: the estimate to trust",
+    "nested": "whole procedure (selection included) rerun without fold k, scored on fold k: the blend's cross-validated "
+              "estimate (the config choice and best epochs upstream saw every fold)",
+    "holdout": "the chosen blend on images set aside before the folds (search --holdout): the estimate to trust",
     "best_single": "best single model, same post-processing search, cross-fitted",
     "baseline": "plain mean of all models, threshold 0.5, min areas 500/500/1000/2000 px (scaled), gate 0.5",
 }
@@ -88,8 +90,9 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
     s = doc["scores"]
     t = {}
     t["scores"] = pd.DataFrame([{"score": k, "value": fmt_score(s.get(k)),
-                                 "vs all_empty": "" if k == "all_empty" or s.get(k) is None else f"{s[k] - s['all_empty']:+.6f}",
-                                 "meaning": SCORE_HELP[k]} for k in SCORE_HELP])
+                                 "vs all_empty": "" if k == "all_empty" or s.get(k) is None else
+                                 f"{s[k] - (doc['holdout']['all_empty'] if k == 'holdout' else s['all_empty']):+.6f}",
+                                 "meaning": SCORE_HELP[k]} for k in SCORE_HELP if k != "holdout" or "holdout" in s])
     t["weights"] = pd.DataFrame([{"model_id": m["model_id"], "weight": m["weight"] if m["weight"] is not None else
                                   ", ".join(f"{k}:{v:.3f}" for k, v in m["class_weights"].items()),
                                   "folds": len(m["checkpoints"]),
@@ -121,7 +124,12 @@ def headline_text(doc: dict) -> str:
     """The report's first paragraph: every estimate beside the all-empty score, warnings in plain words."""
     s = doc["scores"]
     nested = s.get("nested")
-    parts = [f"All-empty (predict no defect) {s['all_empty']:.6f}; nested estimate {fmt_score(nested)} "
+    parts = []
+    if "holdout" in doc:
+        h = doc["holdout"]
+        parts.append(f"Holdout ({h['n_images']} images nobody tuned on; the estimate to trust) {s['holdout']:.6f} "
+                     f"(95% CI {h['ci95'][0]:.6f}-{h['ci95'][1]:.6f}) vs its all-empty {h['all_empty']:.6f}.")
+    parts += [f"All-empty (predict no defect) {s['all_empty']:.6f}; nested estimate {fmt_score(nested)} "
              f"(in-sample {s['in_sample']:.6f}, cross-fitted {s['cross_fitted']:.6f}); best single model "
              f"{s['best_single']:.6f} ({s['best_single_model']}); baseline recipe {s['baseline']:.6f}."]
     if nested is not None:

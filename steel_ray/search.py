@@ -59,6 +59,9 @@ def _args(argv=None):
     ap.add_argument("--data", help="Severstal-layout data folder, readable from every node; required, except with --resume")
     ap.add_argument("--out", required=True, help="run folder on this machine")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="fraction of the images set aside before the folds (multilabel-stratified): never trained, "
+                         "validated, tuned or blended on; the chosen blend is scored on it at the end (default 0: none)")
     ap.add_argument("--num-samples", type=int, default=16, help="configs Optuna proposes in the explore stage")
     ap.add_argument("--top", type=int, default=3, help="configs trained on every fold")
     ap.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what resources allow)")
@@ -101,7 +104,7 @@ def _load_state(run: Path, a) -> dict:
         raise SearchError("--space and --data are required for a new search (only --resume can leave them out)")
     storage = _where(a.storage)
     state = {
-        "space": _where(a.space), "data": _where(a.data), "folds": a.folds,
+        "space": _where(a.space), "data": _where(a.data), "folds": a.folds, "holdout": a.holdout,
         "num_samples": min(a.num_samples, 2) if a.smoke else a.num_samples,
         "top": min(a.top, 1) if a.smoke else a.top, "seed": a.seed, "storage": storage, "smoke": a.smoke,
         "stage": "explore", "selected": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -229,7 +232,7 @@ def run_search(a) -> int:
                                 {**space.fixed, "epochs": 1},
                                 tuple({k: v for k, v in pt.items() if k != "epochs"} for pt in space.points_to_evaluate))
     # the data are read and checked before anything is written: a bad image or label leaves no run folder
-    data = prepare_run(state["data"], run, state["folds"])
+    data = prepare_run(state["data"], run, state["folds"], holdout=state.get("holdout", 0.0))
     logfile = console.setup(run, a.verbose, "search")
     log.info("search %s: stage %s; Ray and trial logs: %s", run, state["stage"], logfile)
     _save_state(run, state)

@@ -14,6 +14,7 @@ weights predict the fold's validation images (with the config's flip TTA) into
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from . import oof
 from .config import ConfigError, TrialConfig, parse_set
-from .data import DataError, TrainSet, folds_hash, load_train, make_folds, write_folds
+from .data import DataError, TrainSet, folds_hash, load_train, make_folds, make_holdout, write_folds
 from .dataset import BalancedSampler, SteelDataset, StepsSampler, build_transforms
 from .infer import autocast, pick_device, predict_batch
 from .io import atomic_path, write_json
@@ -63,14 +64,27 @@ class FoldData:
         return folds_hash(self.train.image_ids, self.folds)
 
 
-def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED) -> FoldData:
+HOLDOUT = oof.HOLDOUT
+
+
+def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, holdout: float = 0.0) -> FoldData:
     """Load the data, make (or reuse) the run's folds and write folds.csv and truth.parquet once.
 
-    An existing run with a different split (other images, fold count or seed) is an error:
-    OOF files of two splits must never be mixed.
+    ``holdout`` > 0 first sets aside that fraction of the images (multilabel-stratified, seeded):
+    they are never trained on, validated on or blended, and are listed with their labels in
+    RUN/holdout.json for the final, untouched score. An existing run with a different split
+    (other images, holdout, fold count or seed) is an error: OOF files of two splits must never be mixed.
     """
     run = Path(run_dir)
     ts = load_train(data_dir)
+    if holdout:
+        held = make_holdout(ts.presence, holdout, fold_seed)
+        doc = {"fraction": holdout, "seed": fold_seed, "images_dir": str(Path(ts.images_dir).resolve()),
+               "image_ids": [i for i, h in zip(ts.image_ids, held) if h], "rles": ts.rles[held].tolist()}
+        hpath = run / HOLDOUT
+        if hpath.exists() and json.loads(hpath.read_text())["image_ids"] != doc["image_ids"]:
+            raise DataError(f"{hpath}: this run set aside other holdout images; use a new --out folder")
+        ts = ts.subset(~held)
     folds = make_folds(ts.presence, n_folds, fold_seed)
     fd = FoldData(ts, folds, n_folds)
     fpath = run / "folds.csv"
@@ -83,6 +97,8 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED) -> 
             )
     else:
         write_folds(fpath, ts.image_ids, folds)
+    if holdout and not (run / HOLDOUT).exists():
+        write_json(run / HOLDOUT, doc)
     if not (run / "truth.parquet").exists():
         oof.write_truth(run, ts, folds, fd.folds_hash)
     return fd

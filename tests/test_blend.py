@@ -286,3 +286,47 @@ def test_crafted_bad_oof_files_are_refused_naming_the_file(planted, tmp_path, ca
     assert err.startswith(f"error: {path}: ") and msg in err and len(err.splitlines()) == 1, err
     with pytest.raises(oof.DataError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         oof.read_pool(work, ["a_good", "b_good2"])
+
+
+def test_holdout_is_never_trained_on_and_scored_like_a_submission(tiny_set, tmp_path):
+    """A run with a holdout: the images are in no fold, truth or OOF file; scores.holdout equals
+    steel_ray.score of the holdout predictions against the holdout labels."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from steel_ray.config import TrialConfig
+    from steel_ray.data import load_train
+    from steel_ray.train import fit_fold, prepare_run
+
+    run = tmp_path / "run"
+    data = prepare_run(tiny_set, run, 2, holdout=0.25)
+    h = json.loads((run / "holdout.json").read_text())
+    held = set(h["image_ids"])
+    # about 25% of 48 (stratification rounds per label), none in the training set
+    assert 8 <= len(held) <= 14 and not held & set(data.train.image_ids)
+    assert not held & set(pd.read_csv(run / "folds.csv").image_id)
+    assert not held & set(oof.read_truth(run).image_ids)
+    cfg = TrialConfig.from_dict({"arch": "FPN", "encoder": "tu-test_efficientnet", "epochs": 1, "batch_size": 8, "lr": 3e-3})
+    for k in range(2):
+        fit_fold(cfg, k, data, run, progress=False)
+    assert not held & set(oof.read_pool(run).image_ids)
+    doc = blend.blend_run(run, max_members=2, nested=False)
+    s, hd = doc["scores"], doc["holdout"]
+    assert hd["ci95"][0] <= s["holdout"] <= hd["ci95"][1] and hd["n_images"] == len(held)
+    # the same number from the scoring CLI, on a label file of the holdout images
+    ts = load_train(tiny_set)
+    rows = [(i, c + 1, ts.rles[ts.image_ids.index(i), c]) for i in h["image_ids"] for c in range(4)]
+    labels = pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
+    labels[labels.EncodedPixels != ""].to_csv(tmp_path / "holdout_labels.csv", index=False)
+    img_dir = tmp_path / "holdout_images"
+    img_dir.mkdir()
+    for i in h["image_ids"]:
+        shutil.copy(tiny_set / "train_images" / i, img_dir / i)
+    r = subprocess.run([sys.executable, "-m", "steel_ray.score", "--truth", str(tmp_path / "holdout_labels.csv"),
+                        "--pred", hd["submission"], "--images", str(img_dir)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[1] == f"{s['holdout']:.6f}" and f"all-empty {hd['all_empty']:.6f}" in r.stdout
+    md = (run / "blend" / "report.md").read_text()
+    assert md.split("\n")[2].startswith(f"Holdout ({len(held)} images nobody tuned on; the estimate to trust) {s['holdout']:.6f}")
