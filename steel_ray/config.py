@@ -34,6 +34,7 @@ ATTENTIONS = ("none", "scse")
 SAMPLERS = ("none", "upsample", "downsample", "weighted")
 TTAS = ("none", "hflip", "vflip", "hflip_vflip")
 ENCODER_WEIGHTS = (None, "imagenet")
+OOF_EPOCHS = ("best", "last")
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,7 @@ class TrainConfig:
     tta: str = "hflip"  # test-time augmentation for the out-of-fold predictions
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
     grad_clip: float = 0.0  # max gradient norm, 0 = off
+    oof_epoch: str = "best"  # the weights kept for the OOF and predict: best (by val_dice_pp) or last epoch
     deterministic: bool = False  # CUDA: reproducible kernels instead of cuDNN autotuning (slower)
     compile: bool = False  # torch.compile the model for the training steps
 
@@ -195,6 +197,7 @@ class TrialConfig:
                               "(onecycle warms up by itself)")
         _number("seed", tr.seed, int, 0)
         _choice("tta", tr.tta, TTAS)
+        _choice("oof_epoch", tr.oof_epoch, OOF_EPOCHS)
         for key in ("amp", "deterministic", "compile"):
             if not isinstance(getattr(tr, key), bool):
                 raise ConfigError(f"{key}={getattr(tr, key)!r} must be true or false")

@@ -411,8 +411,9 @@ def fit_fold(
         val_dice = dm["val_dice"]
         if sched is not None and not per_step:
             sched.step(val_loss)
-        # the best epoch is the one the blend would do best with: highest post-processed Dice
-        if val_pp > best_pp:
+        # the best epoch is the one the blend would do best with: highest post-processed Dice;
+        # oof_epoch=last keeps the last epoch instead (no choice made on the fold's labels)
+        if val_pp > best_pp or cfg.train.oof_epoch == "last":
             best_pp, best, best_epoch = val_pp, val_dice, epoch
             _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold,
                                       "epoch": epoch, "val_dice": val_dice})

@@ -212,3 +212,15 @@ def test_finished_fold_is_a_no_op_and_keeps_only_best_weights(tiny_set, tmp_path
     assert (again.best_epoch, again.best_val_dice, again.best_val_dice_pp) == (first.best_epoch, first.best_val_dice,
                                                                               first.best_val_dice_pp)
     assert [h["epoch"] for h in again.history] == [1]
+
+
+def test_oof_epoch_last_keeps_the_last_epoch(tiny_set, tmp_path):
+    """oof_epoch=last: no epoch is chosen on the fold's labels, even when an earlier one scored higher."""
+    cfg = TrialConfig.from_dict({**TINY, "epochs": 3, "steps_per_epoch": 2, "lr": 0.05, "oof_epoch": "last"})
+    data = prepare_run(tiny_set, tmp_path, 3)
+    res = fit_fold(cfg, 0, data, tmp_path, progress=False)
+    assert res.best_epoch == 3 and res.best_val_dice_pp == res.history[-1]["val_dice_pp"]
+    assert oof.read_meta(res.oof_path)["best_epoch"] == 3
+    best = TrialConfig.from_dict({**TINY, "epochs": 3, "steps_per_epoch": 2, "lr": 0.05})
+    res_b = fit_fold(best, 0, data, tmp_path, progress=False)
+    assert res_b.best_val_dice_pp == max(h["val_dice_pp"] for h in res_b.history)
