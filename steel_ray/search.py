@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -108,8 +109,16 @@ def _load_state(run: Path, a) -> dict:
         "num_samples": min(a.num_samples, 2) if a.smoke else a.num_samples,
         "top": min(a.top, 1) if a.smoke else a.top, "seed": a.seed, "storage": storage, "smoke": a.smoke,
         "stage": "explore", "selected": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # the run's identity: what it writes under --storage lives under STORAGE/<run_id>/, so two
+        # runs with the same --out name never share a pool, an experiment or a checkpoint
+        "run_id": f"{run.name}-{uuid.uuid4().hex[:12]}",
     }
     return state
+
+
+def run_id(state: dict) -> str:
+    """The run's id (runs from before ids existed: their folder name, as their storage used)."""
+    return state.get("run_id") or Path(state.get("out", "run")).name
 
 
 def _save_state(run: Path, state: dict) -> None:
@@ -236,8 +245,9 @@ def run_search(a) -> int:
     logfile = console.setup(run, a.verbose, "search")
     log.info("search %s: stage %s; Ray and trial logs: %s", run, state["stage"], logfile)
     _save_state(run, state)
-    pool = f"{state['storage'].rstrip('/')}/{run.name}/pool" if state["storage"] else str(run)
-    storage_path = state["storage"] or str(run / "ray")
+    root = f"{state['storage'].rstrip('/')}/{run_id(state)}" if state["storage"] else None
+    pool = f"{root}/pool" if root else str(run)
+    storage_path = f"{root}/ray" if root else str(run / "ray")
 
     if a.address:
         ray.init(address=a.address, ignore_reinit_error=True, log_to_driver=a.verbose)

@@ -209,6 +209,9 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
     info = {"model_id": model_id, "fold": fold, **_node_info()}
 
     done = pool_meta(pool, model_id, fold)
+    if done is not None and done.get("folds_hash") != data.folds_hash:
+        raise ValueError(f"{pool}: the OOF of {model_id} fold {fold} belongs to another fold split "
+                         f"({done.get('folds_hash')} != {data.folds_hash}); it is not reused")
     if done is not None:
         log.info("%s fold %d: OOF already in the pool, reusing it", model_id, fold)
         best = float(done.get("best_val_dice", float("nan")))
@@ -237,7 +240,7 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
 
     with _trial_log(local_run, model_id, fold):
         res = fit_fold(cfg, fold, data, local_run, report=report, progress=False, cpus=cpus)
-    if remote:
-        for path in (Path(res.oof_path), Path(res.weights_path)):
+    if remote:  # weights first: the OOF file marks the fold done, so it must arrive last
+        for path in (Path(res.weights_path), Path(res.oof_path)):
             put_file(path, pool, path.relative_to(local_run).as_posix())
         shutil.rmtree(local_run, ignore_errors=True)

@@ -143,8 +143,11 @@ def test_multi_node_gpu_cluster(tiny_set, tmp_path):
     assert set(ran.node_id) == worker_ids  # trials ran on both GPU workers, none on the head
     assert set(ran.gpu_ids) == {"0"}  # each worker has one (declared) GPU, id 0
     # the pool in shared storage is complete too (trials wrote there, the driver synced it)
-    pool_dir = storage / run.name / "pool"
+    rid = json.loads((run / "search.json").read_text())["run_id"]
+    assert rid.startswith("run-") and [p.name for p in storage.iterdir()] == [rid]  # everything under STORAGE/<run id>/
+    pool_dir = storage / rid / "pool"
     assert {m: f for m, f in oof.list_pool(pool_dir).items() if m in complete} == {m: [0, 1] for m in complete}
+    assert (storage / rid / "ray" / "explore").is_dir() and (storage / rid / "ray" / "complete").is_dir()
 
 
 def test_resume_checks_saved_settings(tmp_path):
