@@ -116,9 +116,9 @@ def _load_state(run: Path, a) -> dict:
     return state
 
 
-def run_id(state: dict) -> str:
+def run_id(state: dict, run: Path) -> str:
     """The run's id (runs from before ids existed: their folder name, as their storage used)."""
-    return state.get("run_id") or Path(state.get("out", "run")).name
+    return state.get("run_id") or run.name
 
 
 def _save_state(run: Path, state: dict) -> None:
@@ -245,7 +245,7 @@ def run_search(a) -> int:
     logfile = console.setup(run, a.verbose, "search")
     log.info("search %s: stage %s; Ray and trial logs: %s", run, state["stage"], logfile)
     _save_state(run, state)
-    root = f"{state['storage'].rstrip('/')}/{run_id(state)}" if state["storage"] else None
+    root = f"{state['storage'].rstrip('/')}/{run_id(state, run)}" if state["storage"] else None
     pool = f"{root}/pool" if root else str(run)
     storage_path = f"{root}/ray" if root else str(run / "ray")
 
