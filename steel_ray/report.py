@@ -186,7 +186,7 @@ def write_report(doc: dict, pool, run, out_dir) -> Path:
         md += [f"## {title}", ""]
         h.append(f"<h2>{html.escape(title)}</h2>")
         if tkey and tkey in tables:
-            md += [tables[tkey].to_markdown(index=False) if _has_tabulate() else tables[tkey].to_string(index=False), ""]
+            md += [tables[tkey].to_markdown(index=False, disable_numparse=True) if _has_tabulate() else tables[tkey].to_string(index=False), ""]
             h.append(tables[tkey].to_html(index=False, escape=True))
         if pkey and pkey in plots:
             h.append(f"<img alt='{pkey}' src='data:image/png;base64,{plots[pkey]}'/>")
