@@ -20,7 +20,7 @@ import numpy as np
 from .metric import dice_from_counts
 
 __all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables", "tables_from_counts",
-           "area_inter_dense", "area_inter_filled", "Choice",
+           "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice",
            "choose", "cross_fitted", "in_sample", "score_point"]
 
 SEVERSTAL_AREA = 256 * 1600
@@ -150,7 +150,13 @@ def _area_inter(blended: np.ndarray, d: ClassData, levels: np.ndarray):
     key = d.img.astype(np.int64) * 256 + blended if n >= 2**23 else d.img * 256 + blended
     h_all = np.bincount(key, minlength=n * 256).reshape(n, 256)
     h_true = np.bincount(key[d.truth], minlength=n * 256).reshape(n, 256)
-    suf_all = np.cumsum(h_all[:, ::-1], axis=1)[:, ::-1]  # suf[i, v] = #pixels with value >= v
+    return counts_from_histograms(h_all, h_true, levels)
+
+
+def counts_from_histograms(h_all: np.ndarray, h_true: np.ndarray, levels) -> tuple[np.ndarray, np.ndarray]:
+    """(N, T) predicted area and intersection at each level from (N, 256) per-image histograms of
+    the uint8 values over all pixels and over true pixels (suffix sums: #pixels with value >= v)."""
+    suf_all = np.cumsum(h_all[:, ::-1], axis=1)[:, ::-1]
     suf_true = np.cumsum(h_true[:, ::-1], axis=1)[:, ::-1]
     return suf_all[:, levels], suf_true[:, levels]
 

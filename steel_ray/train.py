@@ -229,10 +229,8 @@ class _PPCounts:
         n, n_cls = h_all.shape[:2]
         total = 0.0
         for c in range(n_cls):
-            suf_all = np.cumsum(h_all[:, c, ::-1], axis=1)[:, ::-1]
-            suf_true = np.cumsum(h_true[:, c, ::-1], axis=1)[:, ::-1]
-            tables = ps.tables_from_counts(suf_all[:, grid.levels], suf_true[:, grid.levels], suf_true[:, 0], 1.0, cls[:, c],
-                                           np.zeros(n, int), 1, grid)
+            area, inter = ps.counts_from_histograms(h_all[:, c], h_true[:, c], grid.levels)
+            tables = ps.tables_from_counts(area, inter, h_true[:, c].sum(1), 1.0, cls[:, c], np.zeros(n, int), 1, grid)
             total += ps.in_sample(tables, grid)[0]
         return total / (n * n_cls)
 
