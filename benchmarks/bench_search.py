@@ -127,10 +127,11 @@ def main():
               flush=True)
     ray.shutdown()
     grid_best = results["grid"][0]["best"]
+    empty = next((r["all_empty"] for rs in results.values() for r in rs if r["all_empty"] == r["all_empty"]), float("nan"))
     print(f"\nspace: {len(grid_space)} configs x {FIXED['epochs']} epochs of {FIXED['steps_per_epoch']} steps; budget {budget} "
           f"trial-epochs ({a.budget_frac:.0%} of the grid's {len(grid_space) * FIXED['epochs']}); 2 trials at once on "
           f"{os.cpu_count()} cores; synthetic {a.n_train} images 128x800 (resized 64x400), fold 0 of 3; "
-          f"all-empty on the fold {results['grid'][0]['all_empty']:.4f}")
+          f"all-empty on the fold {empty:.4f}")
     print(f"{'method':13}{'seeds':>6}{'trials':>20}{'trial-epochs':>22}{'best ' + METRIC:>30}{'gap to grid':>30}{'wall s':>20}")
     for name, rs in results.items():
         best = [r["best"] for r in rs]
