@@ -44,8 +44,6 @@ def setup(run_dir=None, verbose: bool = False, name: str = "run") -> Path | None
     console._steel_ray = True  # type: ignore[attr-defined]
     root.addHandler(console)
     logging.captureWarnings(True)
-    if not verbose:
-        logging.getLogger("py.warnings").propagate = True
     path = None
     if run_dir is not None:
         path = log_dir(run_dir) / f"{name}.log"

@@ -205,7 +205,7 @@ def _tuner(name, trainable, storage_path, tune_config, max_failures, param_space
     return tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config, run_config=run_config)
 
 
-def _fit_stage(stage, total, trainable, storage_path, tune_config, a, param_space=None):
+def _fit_stage(stage, total, trainable, storage_path, tune_config, a, logfile, param_space=None):
     """Run one Tune stage with our progress bar; returns Tune's ResultGrid."""
     from .tune_adapter import ProgressCallback
 
@@ -217,7 +217,7 @@ def _fit_stage(stage, total, trainable, storage_path, tune_config, a, param_spac
         if a.verbose:
             return tuner.fit()
         # Tune prints its experiment boxes and hints to stdout even at verbose=0: into the log file
-        with open(console.log_dir(a.out) / "search.log", "a") as sink, contextlib.redirect_stdout(sink):
+        with open(logfile, "a") as sink, contextlib.redirect_stdout(sink):
             return tuner.fit()
     finally:
         log.info(progress.close())
@@ -274,7 +274,7 @@ def run_search(a) -> int:
         limiter = ConcurrencyLimiter(searcher, max_concurrent=a.max_concurrent or 2)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(), grace_period=1, reduction_factor=2)
         tc = tune.TuneConfig(metric=METRIC, mode="max", search_alg=limiter, scheduler=scheduler, num_samples=state["num_samples"])
-        grid = _fit_stage("explore", state["num_samples"], trainable, storage_path, tc, a)
+        grid = _fit_stage("explore", state["num_samples"], trainable, storage_path, tc, a, logfile)
         rows = _results_rows(grid, "explore")
         _write_results(run, rows)
         state["selected"] = _select_top(rows, state["top"])
@@ -298,7 +298,7 @@ def run_search(a) -> int:
         rows = [r for r in rows if r["stage"] != "complete"]
         if specs:
             tc = tune.TuneConfig(max_concurrent_trials=a.max_concurrent, num_samples=1)
-            grid = _fit_stage("complete", len(specs), trainable, storage_path, tc, a, {"spec": tune.grid_search(specs)})
+            grid = _fit_stage("complete", len(specs), trainable, storage_path, tc, a, logfile, {"spec": tune.grid_search(specs)})
             rows += _results_rows(grid, "complete")
         _write_results(run, rows)
         sync_pool(pool, run)
