@@ -53,6 +53,8 @@ class BlendPool:
     left_out: list[str] = field(default_factory=list)
     checkpoints: dict = field(default_factory=dict)  # model_id -> [best.pt per fold]
     truth: oof.Truth | None = None  # ground truth (RLE per image x class), for --fill-holes
+    classifiers: list[str] = field(default_factory=list)  # task: classify models of the pool
+    clf: np.ndarray | None = None  # (Mc, N, 4) float32 classifier presence (OOF), None without classifiers
 
     def truth_mask(self, c: int):
         """``i -> (H, W) bool`` truth of class ``c`` (None where empty), decoded on demand."""
@@ -93,6 +95,12 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_h
     models = [m for m in candidates if m not in left_out]
     if not models:
         raise DataError(f"{run}: no model has OOF for every fold ({len(folds_all)} folds); nothing to blend")
+    tasks = {m: oof.task_of(run, m, folds_all) for m in models}
+    classifiers = [m for m in models if tasks[m] == "classify"]
+    models = [m for m in models if tasks[m] == "segment"]
+    if not models:
+        raise DataError(f"{run}: the pool has classifiers {classifiers} but no segmentation model; a blend needs masks")
+    clf = np.stack([oof.read_presence(run, m, truth, folds_all) for m in classifiers]) if classifiers else None
     grid = ps.default_grid(truth.shape)
     t_min = grid.t_min if t_min is None else t_min
     n, h, w = len(truth.image_ids), *truth.shape
@@ -136,11 +144,13 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_h
             tr = np.concatenate([p[2] for p in parts[res][c]])
             pix = np.concatenate([p[3] for p in parts[res][c]]) if (fill_holes and res == "full") else None
             out[res].append(ps.ClassData(img, vals, tr, true_area[res][c], cls[:, :, c].copy(), scale, t_min, pix))
-    ckpts = {m: [str(Path(run) / "checkpoints" / m / f"fold={f}" / "best.pt") for f in folds_all] for m in models}
+    ckpts = {m: [str(Path(run) / "checkpoints" / m / f"fold={f}" / "best.pt") for f in folds_all] for m in models + classifiers}
     log.info("pool: %d models x %d images, kept %.2f%% of full-res pixels (t_min %d)", len(models), n,
              100 * sum(d.vals.shape[1] for d in out["full"]) / (N_CLASSES * n * h * w), t_min)
+    if classifiers:
+        log.info("pool: %d classifier(s) for the gate: %s", len(classifiers), classifiers)
     return BlendPool(models, list(truth.image_ids), truth.folds, len(folds_all), (h, w), out["full"], out["ds"],
-                     left_out, ckpts, truth if fill_holes else None)
+                     left_out, ckpts, truth if fill_holes else None, classifiers, clf)
 
 
 # --------------------------------------------------------------------------- selection
@@ -229,6 +239,60 @@ def select(datas, folds, n_folds, grids, max_members=25, bags=1, bag_fraction=0.
     return weights / max(1, bags), first_traj
 
 
+def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_members=25, patience=5):
+    """Greedy forward selection with replacement of the classifier ensemble, with the segmentation
+    blend ``seg_weights`` (4, M) fixed: the objective is the summed cross-fitted Dice where each
+    class's gate source (segmentation, classifier, mean) is chosen with its post-processing.
+
+    Starts from no classifier (the segmentation-only score); returns the classifier weights (Mc,)
+    at the best step (all zero when no classifier beats segmentation-only gating) and the
+    trajectory [(slots, summed score)]. Stops after ``patience`` steps without a gain.
+    """
+    n_clf = clf.shape[0]
+    counts = {c: ps.area_inter(ps.blend_u8(datas[c].vals, seg_weights[c]), datas[c], grid.levels) for c in range(N_CLASSES)}
+    seg_cls = {c: ps.blend_cls(datas[c].cls, seg_weights[c]) for c in range(N_CLASSES)}
+    seg_tables = {c: _tables(counts[c], datas[c], seg_cls[c], folds, n_folds, grid) for c in range(N_CLASSES)}
+
+    def score(k_counts) -> float:
+        if not k_counts.sum():
+            return sum(ps.cross_fitted(seg_tables[c], grid)[0] for c in range(N_CLASSES))
+        q = np.tensordot(k_counts / k_counts.sum(), clf, axes=1)  # (N, 4)
+        total = 0.0
+        for c in range(N_CLASSES):
+            tabs = {"segmentation": seg_tables[c]}
+            for src in ("classifier", "mean"):
+                tabs[src] = _tables(counts[c], datas[c], ps.gate_signal(seg_cls[c], q[:, c], src), folds, n_folds, grid)
+            total += ps.cross_fitted_source(tabs, grid)[0]
+        return total
+
+    k_counts = np.zeros(n_clf, np.int64)
+    best_score = score(k_counts)
+    best_counts, traj, stale = k_counts.copy(), [(0, best_score)], 0
+    while k_counts.sum() < max_members and stale < patience:
+        scores = []
+        for m in range(n_clf):
+            trial = k_counts.copy()
+            trial[m] += 1
+            scores.append(score(trial))
+        scores = np.array(scores)
+        top = np.flatnonzero(scores >= scores.max() - 1e-12)
+        already = [i for i in top if k_counts[i] > 0]
+        k_counts[already[0] if already else top[0]] += 1
+        s = float(scores.max())
+        traj.append((int(k_counts.sum()), s))
+        if s > best_score + 1e-9:
+            best_score, best_counts, stale = s, k_counts.copy(), 0
+        else:
+            stale += 1
+    w = best_counts / best_counts.sum() if best_counts.sum() else np.zeros(n_clf)
+    return w, traj
+
+
+def _tables(counts, d: ps.ClassData, gate, folds, n_folds, grid):
+    area, inter = counts
+    return ps.tables_from_counts(area, inter, d.true_area, d.area_scale, gate, folds, n_folds, grid)
+
+
 # --------------------------------------------------------------------------- scoring
 
 
@@ -246,16 +310,56 @@ class BlendResult:
     singles: dict
     left_out: list
     settings: dict
+    classifiers: list = field(default_factory=list)  # classifier model ids of the pool
+    clf_weights: np.ndarray | None = None  # (Mc,) classifier ensemble weights (all 0: none used)
 
 
-def _full_tables(pool: BlendPool, c: int, weights, fill_holes: bool, grid, image_mask=None):
+def _class_counts(pool: BlendPool, c: int, weights, fill_holes: bool, grid):
+    """(N, T) predicted area and intersection of class ``c``'s blend at full resolution."""
     d = pool.full[c]
-    folds = pool.folds
+    blended = ps.blend_u8(d.vals, weights)
     if fill_holes:
-        area, inter = ps.area_inter_filled(ps.blend_u8(d.vals, weights), d, pool.truth_mask(c), pool.shape, grid.levels,
-                                           desc=f"fill holes, class {c + 1}")
-        return ps.tables_from_counts(area, inter, d.true_area, 1.0, ps.blend_cls(d.cls, weights), folds, pool.n_folds, grid)
-    return ps.fold_tables(ps.blend_u8(d.vals, weights), ps.blend_cls(d.cls, weights), d, folds, pool.n_folds, grid)
+        return ps.area_inter_filled(blended, d, pool.truth_mask(c), pool.shape, grid.levels, desc=f"fill holes, class {c + 1}")
+    return ps.area_inter(blended, d, grid.levels)
+
+
+def _full_tables(pool: BlendPool, c: int, weights, fill_holes: bool, grid):
+    d = pool.full[c]
+    return _tables(_class_counts(pool, c, weights, fill_holes, grid), d, ps.blend_cls(d.cls, weights), pool.folds, pool.n_folds, grid)
+
+
+def _source_tables(pool: BlendPool, c: int, counts, seg_cls, q, grid) -> dict:
+    """{gate source: (K, T, A, G) tables} of class ``c``: segmentation alone without classifier presence ``q``."""
+    d = pool.full[c]
+    out = {"segmentation": _tables(counts, d, seg_cls, pool.folds, pool.n_folds, grid)}
+    if q is not None:
+        for src in ("classifier", "mean"):
+            out[src] = _tables(counts, d, ps.gate_signal(seg_cls, q, src), pool.folds, pool.n_folds, grid)
+    return out
+
+
+def _clf_blend(pool: BlendPool, clf_weights, image_mask=None):
+    """(N, 4) classifier-ensemble presence, or None when no classifier has weight."""
+    if pool.clf is None or clf_weights is None or not np.any(clf_weights):
+        return None
+    clf = pool.clf if image_mask is None else pool.clf[:, image_mask]
+    return np.tensordot(np.asarray(clf_weights, np.float64), clf, axes=1)
+
+
+def _gate_stats(gate, truth_present, threshold, q) -> dict:
+    """Image-level quality of a class's gate at its chosen threshold (and the classifiers' AUC)."""
+    from sklearn.metrics import roc_auc_score
+
+    t = np.asarray(truth_present, bool)
+    pred = np.asarray(gate) >= threshold
+    tp, fp, fn = int((pred & t).sum()), int((pred & ~t).sum()), int((~pred & t).sum())
+    both = 0 < t.sum() < len(t)
+    return {
+        "auc_gate": float(roc_auc_score(t, gate)) if both else None,
+        "auc_classifiers": float(roc_auc_score(t, q)) if both and q is not None else None,
+        "f1": float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) else 1.0,
+        "fp_rate": float(fp / max(1, (~t).sum())), "fn_rate": float(fn / max(1, t.sum())),
+    }
 
 
 def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_weights: bool = False,
@@ -263,29 +367,37 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
              selection_resolution: str = "auto", choice: str = "smooth") -> BlendResult:
     """Select the ensemble, tune per-class post-processing and compute the honest scores.
 
-    ``choice`` is how a post-processing point is chosen from a Dice table (``smooth`` or
-    ``argmax``, see :class:`ppsearch.Grid`), everywhere: selection, final tuning, cross-fitting
-    and the nested folds.
+    Steps: segmentation selection (greedy, on the selection maps); classifier selection (greedy,
+    segmentation blend fixed; only with classifiers in the pool); final per-class tuning at full
+    resolution (gate source, pixel threshold, min area, gate threshold); best single model and
+    baseline; nested (all of it without fold k, scored on fold k). ``choice`` is how a point is
+    chosen from a Dice table (``smooth`` or ``argmax``, see :class:`ppsearch.Grid`), everywhere.
     """
     t0 = time.time()
     grid = ps.default_grid(pool.shape, choice)
     grids = [grid] * N_CLASSES
-    n, k, m_all = len(pool.image_ids), pool.n_folds, len(pool.model_ids)
+    k = pool.n_folds
     settings = {"max_members": max_members, "bags": bags, "per_class_weights": per_class_weights,
                 "init_sorted": init_sorted, "seed": seed, "choice": choice,
                 "grid": {"pixel_levels": grid.levels.tolist(), "min_areas": grid.min_areas.tolist(),
-                         "cls_thresholds": grid.cls_thresholds.tolist()}}
+                         "cls_thresholds": grid.cls_thresholds.tolist(), "gate_sources": list(ps.GATE_SOURCES)}}
 
-    def run_selection(ds, folds):
+    def run_selection(ds, folds, clf):
+        """(segmentation weights (4, M), classifier weights (Mc,) or None, trajectories) on images ``folds``."""
         if per_class_weights:
             ws, trajs = [], []
             for c in range(N_CLASSES):
                 w, tr = select(ds, folds, k, grids, max_members, bags, init_sorted=init_sorted, classes=[c], seed=seed)
                 ws.append(w)
                 trajs.append(tr)
-            return np.array(ws), trajs[0]
-        w, tr = select(ds, folds, k, grids, max_members, bags, init_sorted=init_sorted, seed=seed)
-        return np.tile(w, (N_CLASSES, 1)), tr
+            w, tr = np.array(ws), trajs[0]
+        else:
+            w, tr = select(ds, folds, k, grids, max_members, bags, init_sorted=init_sorted, seed=seed)
+            w = np.tile(w, (N_CLASSES, 1))
+        if clf is None:
+            return w, None, tr, []
+        cw, ctr = select_classifiers(ds, w, clf, folds, k, grid, max_members)
+        return w, cw, tr, ctr
 
     if selection_resolution == "auto":
         # 4x maps track the full-resolution objective once they keep some detail (Severstal:
@@ -295,49 +407,97 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         raise ValueError(f"selection_resolution={selection_resolution!r}; choose 'auto', 'ds4' or 'full'")
     settings["selection_resolution"] = selection_resolution
     sel_data = pool.ds if selection_resolution == "ds4" else pool.full
-    weights, traj = run_selection(sel_data, pool.folds)
+    weights, clf_w, traj, clf_traj = run_selection(sel_data, pool.folds, pool.clf)
     timings = {"selection": time.time() - t0}
     log.info("selection done in %.1fs: %s", time.time() - t0, {pool.model_ids[i]: round(float(x), 3) for i, x in enumerate(weights[0]) if x > 0})
+    if clf_w is not None:
+        used = {pool.classifiers[i]: round(float(x), 3) for i, x in enumerate(clf_w) if x > 0}
+        log.info("classifier ensemble: %s", used or "none (no classifier beats the segmentation gate, cross-fitted)")
 
-    # final tuning at full resolution
-    post, in_s, cf, per_class, curves, all_empty = {}, 0.0, 0.0, {}, {}, 0.0
+    tuned = _final_tuning(pool, weights, clf_w, fill_holes, grid)
+    timings["final_tuning"] = time.time() - t0 - timings["selection"]
+    singles, best_single, base = _singles_and_baseline(pool, fill_holes, grid)
+    timings["singles_and_baseline"] = time.time() - t0 - timings["selection"] - timings["final_tuning"]
+    # nested: the whole procedure without fold k, scored on fold k
+    t_n = time.time()
+    nested_total, nested_seg, nested_weights = None, None, []
+    if nested and k > 1:
+        nested_total, nested_seg = 0.0, 0.0
+        jobs = list(range(k))
+        outs = _map(lambda f: _nested_fold(pool, sel_data, f, run_selection, grid, fill_holes), jobs, workers)
+        for s_all, s_seg, w in outs:
+            nested_total += s_all
+            nested_seg += s_seg
+            nested_weights.append(w)
+        nested_total /= pool.n_pairs
+        nested_seg /= pool.n_pairs
+    timings["nested"] = time.time() - t_n
+    settings["timings"] = {k_: round(v, 2) for k_, v in timings.items()}
+    settings["classifier_trajectory"] = [{"slots": int(n), "cross_fitted": float(v) / pool.n_pairs} for n, v in clf_traj]
+    n_pairs = pool.n_pairs
+    scores = {"in_sample": float(tuned["in_sample"] / n_pairs), "cross_fitted": float(tuned["cross_fitted"] / n_pairs),
+              "nested": None if nested_total is None else float(nested_total),
+              "cross_fitted_segmentation_only": float(tuned["cross_fitted_seg"] / n_pairs),
+              "nested_segmentation_only": None if nested_seg is None else float(nested_seg),
+              "best_single": float(best_single), "best_single_model": max(singles, key=singles.get), "baseline": float(base / n_pairs),
+              "all_empty": float(tuned["all_empty"] / n_pairs)}
+    traj_out = [{"members": int(s), "cross_fitted": float(v) / pool.n_pairs} for s, v, _ in traj]
+    log.info("scores: %s (%.1fs)", {k_: (round(v, 6) if isinstance(v, float) else v) for k_, v in scores.items()}, time.time() - t0)
+    return BlendResult(pool.model_ids, weights, tuned["post"], scores, tuned["per_class"], traj_out, tuned["curves"], nested_weights,
+                       fill_holes, singles, pool.left_out, settings, list(pool.classifiers), clf_w)
+
+
+def _final_tuning(pool: BlendPool, weights, clf_w, fill_holes: bool, grid) -> dict:
+    """Per class at full resolution: the gate source and post-processing (in-sample), the cross-fitted
+    scores with and without classifiers, curves and per-class statistics."""
+    q_all = _clf_blend(pool, clf_w)
+    # the report's classifier AUC: the chosen ensemble's, else the plain mean of the pool's classifiers
+    q_report = q_all if q_all is not None else (None if pool.clf is None else pool.clf.mean(0))
+    n = len(pool.image_ids)
+    out = {"post": {}, "curves": {}, "per_class": {}, "in_sample": 0.0, "cross_fitted": 0.0, "cross_fitted_seg": 0.0, "all_empty": 0.0}
     for c in range(N_CLASSES):
-        tables = _full_tables(pool, c, weights[c], fill_holes, grid)
-        s_in, ch = ps.in_sample(tables, grid)
-        s_cf, _ = ps.cross_fitted(tables, grid)
-        in_s += s_in
-        cf += s_cf
-        post[str(c + 1)] = {"pixel_threshold": ch.pixel_threshold, "min_area": ch.min_area,
-                            "cls_threshold": ch.cls_threshold, "fill_holes": fill_holes}
+        d = pool.full[c]
+        counts = _class_counts(pool, c, weights[c], fill_holes, grid)
+        seg_cls = ps.blend_cls(d.cls, weights[c])
+        q = None if q_all is None else q_all[:, c]
+        tabs = _source_tables(pool, c, counts, seg_cls, q, grid)
+        s_in, src, ch = ps.in_sample_source(tabs, grid)
+        s_in_seg, _ = ps.in_sample(tabs["segmentation"], grid)
+        out["in_sample"] += s_in
+        out["cross_fitted"] += ps.cross_fitted_source(tabs, grid)[0]
+        out["cross_fitted_seg"] += ps.cross_fitted(tabs["segmentation"], grid)[0]
+        out["post"][str(c + 1)] = {"pixel_threshold": ch.pixel_threshold, "min_area": ch.min_area,
+                                   "cls_threshold": ch.cls_threshold, "fill_holes": fill_holes, "gate_source": src}
         edges = grid.edges(ch)
         if edges:
             log.warning("class %d: chosen point on the grid's edge (%s): the optimum may lie outside the grid", c + 1, "; ".join(edges))
         ti, ai, gi = grid.index(ch)
-        tot = tables.sum(0) / n
-        curves[str(c + 1)] = {"pixel_threshold": (grid.levels / 255).tolist(), "dice_vs_threshold": tot[:, ai, gi].tolist(),
-                              "min_area": grid.min_areas.tolist(), "dice_vs_min_area": tot[ti, :, gi].tolist(),
-                              "cls_threshold": grid.cls_thresholds.tolist(), "dice_vs_cls": tot[ti, ai, :].tolist()}
-        d = pool.full[c]
-        blended, cls_b = ps.blend_u8(d.vals, weights[c]), ps.blend_cls(d.cls, weights[c])
-        pair = ps.score_point(blended, cls_b, d, ch) if not fill_holes else None
+        tot = tabs[src].sum(0) / n
+        out["curves"][str(c + 1)] = {"pixel_threshold": (grid.levels / 255).tolist(), "dice_vs_threshold": tot[:, ai, gi].tolist(),
+                                     "min_area": grid.min_areas.tolist(), "dice_vs_min_area": tot[ti, :, gi].tolist(),
+                                     "cls_threshold": grid.cls_thresholds.tolist(), "dice_vs_cls": tot[ti, ai, :].tolist()}
+        gate = ps.gate_signal(seg_cls, q, src)
         empty = d.true_area == 0
-        all_empty += float(empty.sum())
-        if pair is not None:
-            kept_pred = _pred_nonempty(blended, cls_b, d, ch)
-            per_class[str(c + 1)] = {"dice": float(pair.mean()), "fp_rate_on_empty": float(kept_pred[empty].mean()) if empty.any() else 0.0,
-                                     "n_true": int((~empty).sum()), "n_empty": int(empty.sum())}
-        else:
-            per_class[str(c + 1)] = {"dice": float(s_in / n), "n_true": int((~empty).sum()), "n_empty": int(empty.sum())}
-        per_class[str(c + 1)]["all_empty"] = float(empty.mean())
-        per_class[str(c + 1)]["on_grid_edge"] = edges
+        out["all_empty"] += float(empty.sum())
+        pc = {"dice": float(s_in / n), "dice_segmentation_only": float(s_in_seg / n), "n_true": int((~empty).sum()),
+              "n_empty": int(empty.sum()), "all_empty": float(empty.mean()), "on_grid_edge": edges,
+              "gate": {"source": src, "threshold": ch.cls_threshold,
+                       **_gate_stats(gate, ~empty, ch.cls_threshold, None if q_report is None else q_report[:, c])}}
+        if not fill_holes:
+            area, _ = counts
+            kept = (area[:, ti] > 0) & (area[:, ti] * d.area_scale >= ch.min_area) & (gate >= ch.cls_threshold)
+            pc["fp_rate_on_empty"] = float(kept[empty].mean()) if empty.any() else 0.0
+        out["per_class"][str(c + 1)] = pc
+    return out
 
-    timings["final_tuning"] = time.time() - t0 - timings["selection"]
-    # best single model and baseline (full resolution)
+
+def _singles_and_baseline(pool: BlendPool, fill_holes: bool, grid):
+    """Each segmentation model alone (cross-fitted, its own gate) and the baseline recipe (plain mean)."""
+    m_all = len(pool.model_ids)
     singles = {}
     for mi, mid in enumerate(pool.model_ids):
         e = np.eye(m_all)[mi]
         singles[mid] = sum(ps.cross_fitted(_full_tables(pool, c, e, fill_holes, grid), grid)[0] for c in range(N_CLASSES)) / pool.n_pairs
-    best_single = max(singles.values())
     mean_w = np.full(m_all, 1.0 / m_all)
     base = 0.0
     area_scale = pool.shape[0] * pool.shape[1] / ps.SEVERSTAL_AREA
@@ -345,49 +505,26 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         d = pool.full[c]
         ch = ps.Choice(128, float(round(BASELINE_AREAS[c] * area_scale)), 0.5)
         base += ps.score_point(ps.blend_u8(d.vals, mean_w), ps.blend_cls(d.cls, mean_w), d, ch).sum()
-
-    timings["singles_and_baseline"] = time.time() - t0 - timings["selection"] - timings["final_tuning"]
-    # nested: the whole procedure without fold k, scored on fold k
-    t_n = time.time()
-    nested_total, nested_weights = None, []
-    if nested and k > 1:
-        nested_total = 0.0
-        jobs = list(range(k))
-        outs = _map(lambda f: _nested_fold(pool, sel_data, f, run_selection, grid, fill_holes), jobs, workers)
-        for f, (s, w) in zip(jobs, outs):
-            nested_total += s
-            nested_weights.append(w.tolist())
-        nested_total /= pool.n_pairs
-    timings["nested"] = time.time() - t_n
-    settings["timings"] = {k_: round(v, 2) for k_, v in timings.items()}
-    scores = {"in_sample": float(in_s / pool.n_pairs), "cross_fitted": float(cf / pool.n_pairs),
-              "nested": None if nested_total is None else float(nested_total),
-              "best_single": float(best_single), "best_single_model": max(singles, key=singles.get), "baseline": float(base / pool.n_pairs),
-              "all_empty": all_empty / pool.n_pairs}
-    traj_out = [{"members": int(s), "cross_fitted": float(v) / pool.n_pairs} for s, v, _ in traj]
-    log.info("scores: %s (%.1fs)", {k_: (round(v, 6) if isinstance(v, float) else v) for k_, v in scores.items()}, time.time() - t0)
-    return BlendResult(pool.model_ids, weights, post, scores, per_class, traj_out, curves, nested_weights, fill_holes,
-                       singles, pool.left_out, settings)
-
-
-def _pred_nonempty(blended, cls_b, d: ps.ClassData, ch: ps.Choice) -> np.ndarray:
-    on = blended >= ch.level
-    area = np.bincount(d.img[on], minlength=d.n_images) * d.area_scale
-    return (area > 0) & (area >= ch.min_area) & (cls_b >= ch.cls_threshold)
+    return singles, max(singles.values()), base
 
 
 def _nested_fold(pool: BlendPool, sel_data, f: int, run_selection, grid, fill_holes):
-    """Held-out Dice sum of fold ``f`` for the procedure run on the other folds."""
+    """Held-out Dice sums of fold ``f`` (with the classifiers, segmentation-only) for the procedure
+    run on the other folds, and the weights it chose there."""
     train = pool.folds != f
     ds_sub = [d.subset(train) for d in sel_data]
-    folds_sub = pool.folds[train]
-    w, _ = run_selection(ds_sub, folds_sub)
-    total = 0.0
+    w, cw, _, _ = run_selection(ds_sub, pool.folds[train], None if pool.clf is None else pool.clf[:, train])
+    q_all = _clf_blend(pool, cw)
+    total, seg_total = 0.0, 0.0
     for c in range(N_CLASSES):
-        tables = _full_tables(pool, c, w[c], fill_holes, grid)
-        ch = ps.choose(tables, grid, exclude=f)
-        total += tables[(f, *grid.index(ch))]
-    return total, w
+        d = pool.full[c]
+        counts = _class_counts(pool, c, w[c], fill_holes, grid)
+        tabs = _source_tables(pool, c, counts, ps.blend_cls(d.cls, w[c]), None if q_all is None else q_all[:, c], grid)
+        src, ch = ps.choose_source(tabs, grid, exclude=f)
+        total += tabs[src][(f, *grid.index(ch))]
+        ch_seg = ps.choose(tabs["segmentation"], grid, exclude=f)
+        seg_total += tabs["segmentation"][(f, *grid.index(ch_seg))]
+    return total, seg_total, {"segmentation": w.tolist(), "classifiers": None if cw is None else cw.tolist()}
 
 
 def _map(fn, items, workers):
@@ -425,6 +562,8 @@ def blend_json(result: BlendResult, pool: BlendPool, run) -> dict:
             entry["weight"] = None
             entry["class_weights"] = {str(c + 1): float(result.weights[c, mi]) for c in range(N_CLASSES)}
         members.append(entry)
+    classifiers = [{"model_id": mid, "weight": float(w), "checkpoints": pool.checkpoints[mid]}
+                   for mid, w in zip(result.classifiers, result.clf_weights if result.clf_weights is not None else []) if w > 0]
     return {
         "version": 1,
         "run": str(Path(run).resolve()),
@@ -432,9 +571,14 @@ def blend_json(result: BlendResult, pool: BlendPool, run) -> dict:
         "image_shape": list(pool.shape),
         "semantics": ("blended_u8 = floor(sum_m weight_m * p_m + 0.5) over members' uint8 maps (round(255 p)); a pixel "
                       "is on when blended_u8 / 255 >= pixel_threshold; holes are filled if fill_holes; the class mask is "
-                      "emptied when its area (pixels at image resolution) < min_area or when sum_m weight_m * cls_m < "
-                      "cls_threshold. Each member's map is the mean of its fold models' probabilities, quantised."),
+                      "emptied when its area (pixels at image resolution) < min_area or when its gate < cls_threshold. "
+                      "The gate depends on the class's gate_source: segmentation = sum_m weight_m * cls_m over members "
+                      "(aux head, or max pixel probability); classifier = sum_j weight_j * presence_j over classifiers; "
+                      "mean = the mean of the two. Each member's (and classifier's) output is the mean of its fold "
+                      "models' probabilities; maps are quantised."),
         "members": members,
+        "classifiers": classifiers,
+        "classifier_pool": list(result.classifiers),
         "postprocess": result.postprocess,
         "scores": result.scores,
         "per_class": result.per_class,
@@ -564,18 +708,28 @@ def summary_lines(doc: dict) -> list[str]:
     from .report import fmt_score, warnings
 
     s = doc["scores"]
-    lines = [f"blend: {len(doc['members'])} member(s)"]
-    for k, label in (("all_empty", "all-empty (no defects)"), ("best_single", "best single (cross-fitted)"),
-                     ("baseline", "baseline recipe"), ("in_sample", "blend in-sample"), ("cross_fitted", "blend cross-fitted"),
-                     ("nested", "blend nested")):
+    clf = doc.get("classifiers", [])
+    lines = [f"blend: {len(doc['members'])} member(s)" + (f", {len(clf)} classifier(s) in the gate" if clf else "")]
+    if doc.get("classifier_pool") and not clf:
+        lines.append(f"  no classifier used: none of {len(doc['classifier_pool'])} beat the segmentation gate (cross-fitted)")
+    if clf or doc.get("classifier_pool"):
+        lines.append("  gate source per class: " + ", ".join(f"{c}: {pp.get('gate_source', 'segmentation')}"
+                                                        for c, pp in doc["postprocess"].items()))
+    keys = [("all_empty", "all-empty (no defects)"), ("best_single", "best single (cross-fitted)"),
+            ("baseline", "baseline recipe"), ("in_sample", "blend in-sample"), ("cross_fitted", "blend cross-fitted"),
+            ("nested", "blend nested")]
+    if doc.get("classifier_pool"):
+        keys[-1:-1] = [("cross_fitted_segmentation_only", "cross-fitted, segmentation gate")]
+        keys.append(("nested_segmentation_only", "nested, segmentation gate"))
+    for k, label in keys:
         v = s.get(k)
         rel = "" if k == "all_empty" or v is None else f"  ({v - s['all_empty']:+.6f} vs all-empty)"
-        lines.append(f"  {label:28} {fmt_score(v)}{rel}")
+        lines.append(f"  {label:32} {fmt_score(v)}{rel}")
     if "holdout" in doc:
         h = doc["holdout"]
         lines.append(f"holdout ({h['n_images']} images nobody tuned on):")
-        lines.append(f"  {'all-empty (no defects)':28} {h['all_empty']:.6f}")
-        lines.append(f"  {'blend':28} {s['holdout']:.6f}  ({s['holdout'] - h['all_empty']:+.6f} vs all-empty; "
+        lines.append(f"  {'all-empty (no defects)':32} {h['all_empty']:.6f}")
+        lines.append(f"  {'blend':32} {s['holdout']:.6f}  ({s['holdout'] - h['all_empty']:+.6f} vs all-empty; "
                      f"95% CI {h['ci95'][0]:.6f}-{h['ci95'][1]:.6f})")
     lines += [w for _, w in warnings(doc)]
     return lines

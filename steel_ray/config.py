@@ -23,6 +23,9 @@ __all__ = [
     "LOSSES",
     "OPTIMIZERS",
     "SCHEDULERS",
+    "TASKS",
+    "CLS_LOSSES",
+    "POOLS",
     "parse_set",
 ]
 
@@ -34,6 +37,9 @@ ATTENTIONS = ("none", "scse")
 SAMPLERS = ("none", "upsample", "downsample", "weighted")
 TTAS = ("none", "hflip", "vflip", "hflip_vflip")
 ENCODER_WEIGHTS = (None, "imagenet")
+TASKS = ("segment", "classify")
+CLS_LOSSES = ("bce", "focal")
+POOLS = ("avg", "max", "avgmax")
 OOF_EPOCHS = ("best", "last")
 
 
@@ -62,12 +68,15 @@ def _number(key, value, kind, low=None, high=None, low_open=False):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    task: str = "segment"  # segment: masks; classify: 4 image-level presence logits (the gate)
     arch: str = "Unet"
     encoder: str = "resnet34"
     encoder_weights: str | None = None
     attention: str = "none"
     aux_weight: float = 0.0  # 0 = no auxiliary classification head
     decoder_width: int | None = None  # decoder channels at the coarsest stage (smp default 256); None = default
+    pool: str = "avg"  # classify: pooling of the encoder's last feature map (avg, max, or both concatenated)
+    dropout: float = 0.0  # classify: dropout before the linear head
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class LossConfig:
     loss: str = "bce_dice"
     focal_gamma: float = 2.0
     bce_weight: float = 0.75
+    cls_loss: str = "bce"  # classify: presence loss (bce or focal with focal_gamma)
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,9 @@ class TrainConfig:
 _SECTIONS = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
 # keys that change neither the model nor its predictions (not part of the model id)
 _RUNTIME_KEYS = {"num_workers", "compile"}
+# keys that mean something for one task only: setting one for the other task is an error
+SEGMENT_ONLY = ("arch", "attention", "aux_weight", "decoder_width", "loss", "bce_weight")
+CLASSIFY_ONLY = ("pool", "dropout", "cls_loss")
 
 
 @dataclass(frozen=True)
@@ -152,6 +165,13 @@ class TrialConfig:
             parts[name] = sec(**kw)
         cfg = cls(**parts)
         cfg.validate()
+        task = cfg.model.task
+        wrong = CLASSIFY_ONLY if task == "segment" else SEGMENT_ONLY
+        defaults = TrialConfig().to_dict()
+        bad = sorted(k for k in wrong if k in flat and flat[k] != defaults[k])
+        if bad:
+            other = "classify" if task == "segment" else "segment"
+            raise ConfigError(f"key(s) {bad} apply to task {other!r} only, but this config has task={task!r}")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,13 +185,21 @@ class TrialConfig:
 
     def model_id(self) -> str:
         """Stable, readable id of the model this config trains (same config -> same id)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_KEYS}
+        # keys of the other task do not describe this model (segmentation ids predate the classify task)
+        other = set(CLASSIFY_ONLY) | {"task"} if self.model.task == "segment" else set(SEGMENT_ONLY)
+        d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_KEYS and k not in other}
         h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
         enc = self.model.encoder.replace("/", "_")
+        if self.model.task == "classify":
+            return f"cls-{enc}-{self.loss.cls_loss}-{h}"
         return f"{self.model.arch.lower()}-{enc}-{self.loss.loss}-{h}"
 
     def validate(self) -> None:
         m, lo, op, da, tr = self.model, self.loss, self.optim, self.data, self.train
+        _choice("task", m.task, TASKS)
+        _choice("pool", m.pool, POOLS)
+        _number("dropout", m.dropout, float, 0, 0.95)
+        _choice("cls_loss", lo.cls_loss, CLS_LOSSES)
         _choice("arch", m.arch, ARCHS)
         if not isinstance(m.encoder, str) or not m.encoder:
             raise ConfigError(f"encoder={m.encoder!r} must be an encoder name such as 'resnet34' or 'tu-resnet34'")

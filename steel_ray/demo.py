@@ -5,13 +5,15 @@ Usage::
     python -m steel_ray.demo [--data data/demo] [--run runs/demo]
 
 1. generate a CPU-sized synthetic Severstal set (once; 160 train + 40 test images, 128x800),
-2. search it with search_spaces/demo.yaml on embedded Ray: set 20% of the training images aside
-   (holdout), explore 8 configs on fold 0 (Optuna TPE + ASHA), complete the best 3 on 3 folds,
-   blend them and score the blend on the holdout,
+2. search it on embedded Ray with two spaces, search_spaces/demo.yaml (segmentation) and
+   search_spaces/demo_classifier.yaml (classifiers, the gate): set 20% of the training images
+   aside (holdout), explore 8 configs of each on fold 0 (Optuna TPE + ASHA), complete the best 3
+   segmentation models and the best 2 classifiers on 3 folds, blend them (classifier gate
+   included) and score the blend on the holdout,
 3. write a submission for the synthetic test images with the chosen blend,
 4. score it against the synthetic test labels and print, each beside the all-empty score of the
-   same pairs: the holdout score, the best single model and the blend's nested estimate (OOF
-   pool), and the submission's test score.
+   same pairs: the holdout score, the best single model and the blend's nested estimate with and
+   without the classifiers (OOF pool), and the submission's test score.
 
 About 6 minutes on 2 CPU cores. An interrupted demo continues where it stopped when rerun;
 ``--verbose`` shows Ray's own output (otherwise in RUN/logs/).
@@ -30,7 +32,8 @@ from .report import fmt_score
 
 log = logging.getLogger("steel_ray.demo")
 # the demo's scale: what 2 CPU cores search, blend and predict in about 10 minutes
-DEMO = {"n_train": 160, "n_test": 40, "height": 128, "width": 800, "folds": 3, "num_samples": 8, "top": 3, "holdout": 0.2}
+DEMO = {"n_train": 160, "n_test": 40, "height": 128, "width": 800, "folds": 3, "holdout": 0.2,
+        "spaces": ["search_spaces/demo.yaml", "search_spaces/demo_classifier.yaml"]}
 
 
 def _vs(v, ref) -> str:
@@ -42,9 +45,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--data", default="data/demo", help="synthetic data folder (generated if missing)")
     ap.add_argument("--run", default="runs/demo", help="run folder")
-    ap.add_argument("--space", default="search_spaces/demo.yaml")
-    ap.add_argument("--num-samples", type=int, default=DEMO["num_samples"])
-    ap.add_argument("--top", type=int, default=DEMO["top"])
+    ap.add_argument("--space", action="append", help=f"search space (repeatable; default: {' and '.join(DEMO['spaces'])})")
+    ap.add_argument("--num-samples", type=int, help="configs explored per space (default: each space's num_samples)")
+    ap.add_argument("--top", type=int, help="configs completed per space (default: each space's top)")
     ap.add_argument("--folds", type=int, default=DEMO["folds"])
     ap.add_argument("--holdout", type=float, default=DEMO["holdout"], help="training images set aside and scored at the end")
     ap.add_argument("--verbose", action="store_true", help="show Ray's own output on the console")
@@ -59,8 +62,12 @@ def main(argv=None) -> int:
     state = run / "search.json"
     done = state.exists() and json.loads(state.read_text()).get("stage") == "done"
     if not done:
-        args = ["--space", a.space, "--data", str(data), "--out", str(run), "--folds", str(a.folds),
-                "--num-samples", str(a.num_samples), "--top", str(a.top), "--max-concurrent", "2", "--holdout", str(a.holdout)]
+        spaces = [x for sp in (a.space or DEMO["spaces"]) for x in ("--space", sp)]
+        args = [*spaces, "--data", str(data), "--out", str(run), "--folds", str(a.folds),
+                "--max-concurrent", "2", "--holdout", str(a.holdout)]
+        for flag, v in (("--num-samples", a.num_samples), ("--top", a.top)):
+            if v is not None:
+                args += [flag, str(v)]
         if state.exists():
             args.append("--resume")
         if a.verbose:
@@ -87,6 +94,11 @@ def main(argv=None) -> int:
     print(f"  all-empty (no defects)     {s['all_empty']:.6f}")
     print(f"  best single (cross-fitted) {s['best_single']:.6f}  {_vs(s['best_single'], s['all_empty'])}  {s['best_single_model']}")
     print(f"  blend nested               {fmt_score(s['nested'])}  {_vs(s['nested'], s['all_empty'])}")
+    if "nested_segmentation_only" in s:
+        used = len(doc.get("classifiers", []))
+        print(f"  ... segmentation gate only {fmt_score(s['nested_segmentation_only'])}  "
+              f"{_vs(s['nested_segmentation_only'], s['all_empty'])}  ({used} classifier(s) in the blend's gate"
+              + ("" if used else ": none beat the segmentation gate") + ")")
     print(f"test set ({dice.shape[0]} images, scored with the synthetic labels):")
     print(f"  all-empty (no defects)     {test_empty:.6f}")
     print(f"  submission                 {test:.6f}  {_vs(test, test_empty)}")

@@ -53,7 +53,7 @@ def autocast(device: torch.device, enabled: bool = True):
 
 @torch.no_grad()
 def predict_batch(model, images: torch.Tensor, out_size, tta="none", amp: bool = True):
-    """Probabilities ``(B, 4, H, W)`` at ``out_size`` and presence ``(B, 4)``, averaged over TTA.
+    """Probabilities ``(B, 4, H, W)`` at ``out_size`` (None for a classifier) and presence ``(B, 4)``, averaged over TTA.
 
     ``tta`` is a spec for :func:`tta_views` or a list of flip-dim tuples; ``amp`` is the
     model's own setting (its config's ``amp``): OOF maps and submissions are computed alike.
@@ -70,15 +70,19 @@ def predict_batch(model, images: torch.Tensor, out_size, tta="none", amp: bool =
         xi = torch.flip(x, dims) if dims else x
         with autocast(device, amp):
             logits, cls_logits = model(xi)
+        if cls_logits is not None:  # image-level: the same for a flipped view
+            cls = cls + torch.sigmoid(cls_logits.float())
+        if logits is None:  # a classifier (task: classify) has no masks
+            probs = None
+            continue
         logits = logits.float()
         if dims:
             logits = torch.flip(logits, dims)
         if tuple(logits.shape[-2:]) != tuple(out_size):
             logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
         probs = probs + torch.sigmoid(logits)
-        if cls_logits is not None:
-            cls = cls + torch.sigmoid(cls_logits.float())
-    probs = probs / len(views)
+    if probs is not None:
+        probs = probs / len(views)
     if model.has_aux:
         cls = cls / len(views)
     else:

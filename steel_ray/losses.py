@@ -1,4 +1,4 @@
-"""Segmentation losses (built on segmentation_models_pytorch.losses) and the aux-head loss."""
+"""Segmentation losses (built on segmentation_models_pytorch.losses), the aux-head loss and the classifier loss."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -6,7 +6,7 @@ from torch import nn
 
 from .config import LOSSES, ConfigError, LossConfig
 
-__all__ = ["build_loss", "SteelLoss"]
+__all__ = ["build_loss", "SteelLoss", "PresenceLoss"]
 
 
 def _seg_loss(cfg: LossConfig) -> nn.Module:
@@ -58,5 +58,25 @@ class SteelLoss(nn.Module):
         return total, parts
 
 
-def build_loss(cfg: LossConfig, aux_weight: float = 0.0) -> SteelLoss:
-    return SteelLoss(cfg, aux_weight)
+class PresenceLoss(nn.Module):
+    """Classifier (task: classify) loss on the 4 presence logits: BCE, or sigmoid focal loss
+    (torchvision's, no alpha balancing) with ``focal_gamma``. Same call as :class:`SteelLoss`;
+    the masks are not used."""
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.kind, self.gamma = cfg.cls_loss, cfg.focal_gamma
+
+    def forward(self, mask_logits, masks, cls_logits=None, presence=None):
+        logits = cls_logits.float()
+        if self.kind == "focal":
+            from torchvision.ops import sigmoid_focal_loss
+
+            loss = sigmoid_focal_loss(logits, presence, alpha=-1, gamma=self.gamma, reduction="mean")
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, presence)
+        return loss, {"cls_loss": loss.detach()}
+
+
+def build_loss(cfg: LossConfig, aux_weight: float = 0.0, task: str = "segment") -> SteelLoss | PresenceLoss:
+    return PresenceLoss(cfg) if task == "classify" else SteelLoss(cfg, aux_weight)

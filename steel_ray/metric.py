@@ -119,6 +119,7 @@ class PostProcess:
     min_area: float = 0.0
     cls_threshold: float = 0.0
     fill_holes: bool = False
+    gate_source: str = "segmentation"  # which presence the caller passes as cls_prob (see ppsearch.GATE_SOURCES)
 
     def apply(self, prob: np.ndarray, cls_prob=None) -> np.ndarray:
         """``prob`` is ``(..., H, W)`` (uint8 = prob*255, or float); ``cls_prob`` is ``(...)``."""

@@ -1,9 +1,11 @@
 """Model factory over segmentation-models-pytorch architectures and encoders.
 
-``build_model(cfg)`` returns a :class:`SteelNet`: any smp architecture x any smp encoder name
-(timm ``tu-*`` included), optional scSE decoder attention and an optional auxiliary
-classification head. Its ``forward`` always returns ``(mask_logits, cls_logits or None)`` and
-pads inputs to the encoder stride, so any image size works.
+``build_model(cfg)`` returns a :class:`SteelNet` for ``task: segment``: any smp architecture x
+any smp encoder name (timm ``tu-*`` included), optional scSE decoder attention and an optional
+auxiliary classification head; for ``task: classify`` a :class:`SteelClassifier`: the same
+encoders with a pooled linear head (4 presence logits). ``forward`` always returns
+``(mask_logits or None, cls_logits or None)`` and pads inputs to the encoder stride, so any
+image size works.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 
 from .config import ARCHS, ConfigError, ModelConfig
 
-__all__ = ["build_model", "check_model_config", "SteelNet", "supports_attention", "encoder_parameters"]
+__all__ = ["build_model", "check_model_config", "SteelNet", "SteelClassifier", "supports_attention", "encoder_parameters"]
 
 N_CLASSES = 4
 
@@ -84,8 +86,7 @@ class SteelNet(nn.Module):
     def forward(self, x: torch.Tensor):
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.stride, (-w) % self.stride
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        x = _pad(x, self.stride)
         out = self.net(x)
         masks, labels = out if self.has_aux else (out, None)
         if ph or pw:
@@ -93,10 +94,49 @@ class SteelNet(nn.Module):
         return masks, labels
 
 
+def _pad(x: torch.Tensor, stride: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+    return x
+
+
+class SteelClassifier(nn.Module):
+    """Image-level multilabel classifier: smp/timm encoder -> pooled last feature map -> dropout ->
+    linear (4 presence logits). ``forward`` returns ``(None, cls_logits)``.
+
+    smp's ``aux_params`` head hangs off a segmentation model (a decoder is built and run for
+    nothing); this is the same encoder factory without the decoder.
+    """
+
+    has_aux = True  # presence comes from the head (see infer.predict_batch)
+
+    def __init__(self, encoder: nn.Module, pool: str, dropout: float, stride: int = 32):
+        super().__init__()
+        self.encoder = encoder
+        self.pool = pool
+        self.stride = stride
+        width = encoder.out_channels[-1] * (2 if pool == "avgmax" else 1)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, N_CLASSES))
+
+    def forward(self, x: torch.Tensor):
+        f = self.encoder(_pad(x, self.stride))[-1]
+        if self.pool == "avg":
+            v = f.mean(dim=(-2, -1))
+        elif self.pool == "max":
+            v = f.amax(dim=(-2, -1))
+        else:
+            v = torch.cat([f.mean(dim=(-2, -1)), f.amax(dim=(-2, -1))], dim=1)
+        return None, self.head(v)
+
+
 def _build_kwargs(cfg: ModelConfig) -> dict:
     """smp constructor arguments for ``cfg``; every name and combination is checked, nothing is built."""
-    _arch_class(cfg.arch)
     _check_encoder(cfg.encoder)
+    if cfg.task == "classify":
+        return {"name": cfg.encoder, "weights": cfg.encoder_weights}
+    _arch_class(cfg.arch)
     kwargs = {"encoder_name": cfg.encoder, "encoder_weights": cfg.encoder_weights, "classes": N_CLASSES}
     if cfg.attention != "none":
         if not supports_attention(cfg.arch):
@@ -114,13 +154,18 @@ def check_model_config(cfg: ModelConfig) -> None:
     _build_kwargs(cfg)
 
 
-def build_model(cfg: ModelConfig) -> SteelNet:
-    """Create the model a :class:`ModelConfig` describes (4 output channels, one per class)."""
-    cls = _arch_class(cfg.arch)
+def build_model(cfg: ModelConfig) -> SteelNet | SteelClassifier:
+    """Create the model a :class:`ModelConfig` describes (4 outputs, one per class)."""
+    import segmentation_models_pytorch as smp
+
     kwargs = _build_kwargs(cfg)
     has_aux = cfg.aux_weight > 0
-    if has_aux:
-        kwargs["aux_params"] = {"classes": N_CLASSES, "dropout": 0.2}
+    if cfg.task == "classify":
+        cls = lambda **kw: smp.encoders.get_encoder(kw["name"], in_channels=3, depth=5, weights=kw["weights"])  # noqa: E731
+    else:
+        cls = _arch_class(cfg.arch)
+        if has_aux:
+            kwargs["aux_params"] = {"classes": N_CLASSES, "dropout": 0.2}
     try:
         net = cls(**kwargs)
     except (OSError, ConnectionError, RuntimeError) as e:
@@ -135,6 +180,8 @@ def build_model(cfg: ModelConfig) -> SteelNet:
         if cfg.encoder_weights:
             raise ConfigError(f"encoder {cfg.encoder!r} has no {cfg.encoder_weights!r} weights: {e}") from e
         raise
+    if cfg.task == "classify":
+        return SteelClassifier(net, cfg.pool, cfg.dropout, int(getattr(net, "output_stride", 32) or 32))
     stride = getattr(net.encoder, "output_stride", 32) or 32
     return SteelNet(net, int(stride), has_aux)
 

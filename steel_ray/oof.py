@@ -9,8 +9,11 @@ OOF columns: ``image_id`` (string); ``p1``..``p4`` (binary: uint8 row-major H x 
 ``round(255 * probability)``, full resolution); ``p1_ds4``..``p4_ds4`` (the same maps 4x
 area-downsampled, ``ceil(H/4) x ceil(W/4)``); ``cls`` (4 x float32 per-class presence
 probability: the aux head, or the max pixel probability without one). zstd compression; no
-statistics or dictionary on the blob columns. Schema metadata (``steel_ray.*`` keys): height,
-width, quantisation, ds factor, fold-split hash, package version, model id, fold, config.
+statistics or dictionary on the blob columns. Schema metadata (``steel_ray.*`` keys): task,
+height, width, quantisation, ds factor, fold-split hash, package version, model id, fold, config.
+
+A classifier's file (``task: classify``) has the same layout and metadata with ``task=classify``
+and two columns only: ``image_id`` and ``cls`` (its presence probabilities, TTA-averaged).
 Files are written to a dot-prefixed temporary name and renamed when complete: a crash never
 leaves a readable half file (dot-files are also skipped by pyarrow dataset discovery).
 """
@@ -38,6 +41,9 @@ __all__ = [
     "write_truth",
     "read_truth",
     "list_pool",
+    "task_of",
+    "read_presence",
+    "check_fold_file",
     "read_pool",
     "Pool",
     "PoolGapError",
@@ -72,9 +78,13 @@ def downsample(u8: np.ndarray, factor: int = DS) -> np.ndarray:
     return out.reshape(u8.shape[:-2] + (hh, ww))
 
 
+TASKS = ("segment", "classify")
+
+
 def _schema(meta: dict) -> pa.Schema:
     fields = [pa.field("image_id", pa.string())]
-    fields += [pa.field(c, pa.binary()) for c in BLOB_COLS]
+    if meta.get("task", "segment") == "segment":
+        fields += [pa.field(c, pa.binary()) for c in BLOB_COLS]
     fields += [pa.field("cls", pa.list_(pa.float32(), N_CLASSES))]
     md = {f"steel_ray.{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
     return pa.schema(fields, metadata=md)
@@ -92,9 +102,13 @@ class OOFWriter:
     Use as a context manager; an exception inside the block discards the temporary file.
     """
 
-    def __init__(self, run, model_id, fold, height, width, folds_hash, config=None, row_group=32, extra=None):
+    def __init__(self, run, model_id, fold, height, width, folds_hash, config=None, row_group=32, extra=None, task="segment"):
+        if task not in TASKS:
+            raise ValueError(f"task={task!r}; choose one of {list(TASKS)}")
         self.path = oof_path(run, model_id, fold)
+        self.task = task
         self.meta = {
+            "task": task,
             "height": int(height),
             "width": int(width),
             "quantisation": QUANTISATION,
@@ -125,8 +139,17 @@ class OOFWriter:
         )
         return self
 
-    def add(self, image_ids, probs_u8: np.ndarray, cls: np.ndarray) -> None:
-        """Append images: ``probs_u8`` ``(n, 4, H, W)`` uint8 at full resolution, ``cls`` ``(n, 4)``."""
+    def add(self, image_ids, probs_u8: np.ndarray | None, cls: np.ndarray) -> None:
+        """Append images: ``probs_u8`` ``(n, 4, H, W)`` uint8 at full resolution (None for a
+        classifier), ``cls`` ``(n, 4)``."""
+        if self.task == "classify":
+            cls = np.asarray(cls, np.float32)
+            if cls.shape != (len(image_ids), N_CLASSES):
+                raise ValueError(f"classifier OOF presence must be ({len(image_ids)}, {N_CLASSES}), got {cls.shape}")
+            self._buf += [{"image_id": str(img), "cls": [float(x) for x in cls[i]]} for i, img in enumerate(image_ids)]
+            if len(self._buf) >= self.row_group:
+                self._flush()
+            return
         probs_u8 = np.ascontiguousarray(probs_u8, dtype=np.uint8)
         h, w = self.meta["height"], self.meta["width"]
         if probs_u8.shape[1:] != (N_CLASSES, h, w):
@@ -220,6 +243,32 @@ def read_truth(run) -> Truth:
         shape=(int(md["steel_ray.height"]), int(md["steel_ray.width"])),
         folds_hash=md["steel_ray.folds_hash"],
     )
+
+
+def task_of(run, model_id: str, folds) -> str:
+    """The task (segment | classify) of a pool model, from its OOF files' metadata (files written
+    before classifiers existed are segmentation); one model with files of two tasks is refused."""
+    tasks = {}
+    for f in folds:
+        path = oof_path(run, model_id, f)
+        tasks[str(path)] = read_meta(path).get("task", "segment")
+    if len(set(tasks.values())) > 1:
+        raise DataError(f"model {model_id} has OOF files of different tasks: {tasks}")
+    return next(iter(tasks.values()), "segment")
+
+
+def read_presence(run, model_id: str, truth: Truth, folds) -> np.ndarray:
+    """(N, 4) float32 presence of one model over the truth's images (its folds' files checked)."""
+    pos = {k: i for i, k in enumerate(truth.image_ids)}
+    out = np.full((len(truth.image_ids), N_CLASSES), np.nan, np.float32)
+    for f in folds:
+        path = oof_path(run, model_id, f)
+        ids = check_fold_file(path, truth, f)
+        cls = np.asarray(pq.read_table(path, columns=["cls"]).column("cls").to_pylist(), np.float32).reshape(len(ids), N_CLASSES)
+        if not np.isfinite(cls).all() or cls.min() < 0 or cls.max() > 1:
+            raise DataError(f"{path}: presence probabilities must be finite and in [0, 1]")
+        out[[pos[i] for i in ids]] = cls
+    return out
 
 
 def list_pool(run) -> dict[str, list[int]]:

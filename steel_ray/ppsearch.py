@@ -20,8 +20,9 @@ import numpy as np
 from .metric import dice_from_counts
 
 __all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables", "tables_from_counts",
-           "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice",
-           "choose", "cross_fitted", "in_sample", "score_point"]
+           "area_inter", "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice",
+           "choose", "cross_fitted", "in_sample", "score_point", "GATE_SOURCES", "gate_signal", "choose_source",
+           "cross_fitted_source", "in_sample_source"]
 
 SEVERSTAL_AREA = 256 * 1600
 
@@ -144,7 +145,7 @@ def blend_cls(cls: np.ndarray, weights) -> np.ndarray:
     return (w[:, None] * cls).sum(0) if cls.ndim == 2 else (w[:, None, None] * cls).sum(0)
 
 
-def _area_inter(blended: np.ndarray, d: ClassData, levels: np.ndarray):
+def area_inter(blended: np.ndarray, d: ClassData, levels: np.ndarray):
     """(N, T) predicted area and intersection at every level, from histograms + suffix sums."""
     n = d.n_images
     key = d.img.astype(np.int64) * 256 + blended if n >= 2**23 else d.img * 256 + blended
@@ -169,7 +170,7 @@ def fold_tables(blended: np.ndarray, cls_b: np.ndarray, d: ClassData, folds: np.
     """
     if grid.t_min < d.t_min:
         raise ValueError(f"grid level {grid.t_min} is below the pruning level {d.t_min} of the data")
-    area, inter = _area_inter(blended, d, grid.levels)
+    area, inter = area_inter(blended, d, grid.levels)
     return tables_from_counts(area, inter, d.true_area, d.area_scale, cls_b, folds, n_folds, grid)
 
 
@@ -319,8 +320,61 @@ def in_sample(tables: np.ndarray, grid: Grid) -> tuple[float, Choice]:
 def score_point(blended, cls_b, d: ClassData, choice: Choice, image_mask=None) -> np.ndarray:
     """Pair Dice of every image for one fixed choice (used for baselines and reports)."""
     g = Grid(np.array([choice.level]), np.array([choice.min_area]), np.array([choice.cls_threshold]))
-    area, inter = _area_inter(blended, d, g.levels)
+    area, inter = area_inter(blended, d, g.levels)
     area, inter = area[:, 0], inter[:, 0]
     kept = (area * d.area_scale >= choice.min_area) & (cls_b >= choice.cls_threshold)
     dice = dice_from_counts(np.where(kept, inter, 0), np.where(kept, area, 0), d.true_area)
     return dice if image_mask is None else dice[image_mask]
+
+
+# --------------------------------------------------------------------------- gate sources
+# The presence signal that gates a class's masks: the segmentation members' (aux head or max
+# pixel), the classifier ensemble's, or their mean. Listed in tie-break order: on equal scores
+# the simpler gate (no classifier) wins.
+GATE_SOURCES = {"segmentation": 0.0, "classifier": 1.0, "mean": 0.5}
+
+
+def gate_signal(seg_cls: np.ndarray, clf: np.ndarray | None, source: str) -> np.ndarray:
+    """``(1 - a) * seg_cls + a * clf`` with ``a`` the source's classifier share (0, 1 or 0.5)."""
+    a = GATE_SOURCES[source]
+    if a == 0.0:
+        return np.asarray(seg_cls)
+    if clf is None:
+        raise ValueError(f"gate source {source!r} needs classifier presence")
+    return (1.0 - a) * np.asarray(seg_cls, np.float64) + a * np.asarray(clf, np.float64)
+
+
+def choose_source(tables: dict, grid: Grid, exclude=None) -> tuple[str, Choice]:
+    """The (gate source, grid point) with the highest Dice over the used folds.
+
+    ``tables`` maps each available source to its ``(K, T, A, G)`` tables. Sources compete on the
+    value the grid's rule ranks by (the smoothed table's maximum for ``smooth``); ties keep
+    the earlier source of :data:`GATE_SOURCES`.
+    """
+    best = None
+    for src in GATE_SOURCES:
+        if src not in tables:
+            continue
+        t = tables[src]
+        use = [f for f in range(t.shape[0]) if exclude is None or f not in np.atleast_1d(exclude)]
+        tab = t[use].sum(0)
+        val = float(smoothed(tab).max() if grid.rule == "smooth" else tab.max())
+        if best is None or val > best[0] + 1e-9 * max(1.0, abs(val)):
+            best = (val, src, _argmax(tab, grid))
+    return best[1], best[2]
+
+
+def cross_fitted_source(tables: dict, grid: Grid) -> tuple[float, list[tuple[str, Choice]]]:
+    """:func:`cross_fitted` with the gate source chosen on the other folds too."""
+    total, picks = 0.0, []
+    k = next(iter(tables.values())).shape[0]
+    for f in range(k):
+        src, c = choose_source(tables, grid, exclude=f)
+        total += tables[src][(f, *grid.index(c))]
+        picks.append((src, c))
+    return total, picks
+
+
+def in_sample_source(tables: dict, grid: Grid) -> tuple[float, str, Choice]:
+    src, c = choose_source(tables, grid)
+    return float(tables[src].sum(0)[grid.index(c)]), src, c

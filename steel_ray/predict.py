@@ -7,7 +7,8 @@ Usage::
         [--batch-size 8] [--device auto|cpu|cuda] [--skip-bad]
 
 Each member's fold models are averaged (mean probability), quantised to uint8 exactly as the
-OOF maps were, blended with the blend's weights and post-processed as blend.json defines it,
+OOF maps were, blended with the blend's weights and post-processed as blend.json defines it
+(each class gated by its ``gate_source``: the members' presence, the classifiers', or their mean),
 through the same functions the blend used for scoring (``ppsearch.blend_u8``,
 ``metric.PostProcess``). TTA defaults to each member's own OOF TTA. Images are streamed in
 batches; the CSV is written atomically.
@@ -32,7 +33,7 @@ from .dataset import build_transforms, read_image
 from .infer import pick_device, predict_batch, tta_views
 from .io import atomic_write_text
 from .metric import PostProcess
-from .ppsearch import blend_cls, blend_u8
+from .ppsearch import blend_cls, blend_u8, gate_signal
 
 __all__ = ["Member", "load_members", "member_maps", "predict_images", "main"]
 
@@ -47,6 +48,7 @@ class Member:
     transform: object  # the member's validation transform (resize + normalise)
     tta: list  # flip dims of each view
     amp: bool  # the member's config amp: predicted in the precision its OOF was scored in
+    task: str = "segment"  # classify: a classifier of the gate (blend.json "classifiers"); weights then equal its weight
 
 
 def _views(spec: str | None, default: str) -> list:
@@ -57,14 +59,16 @@ def _views(spec: str | None, default: str) -> list:
 
 
 def load_members(doc: dict, blend_path, device, tta: str | None = None) -> list[Member]:
-    """Load every fold checkpoint of every member; missing checkpoints are listed by path."""
+    """Load every fold checkpoint of every member and of every classifier of the gate (task
+    ``classify``, listed after the members); missing checkpoints are listed by path."""
     from .train import load_weights
 
-    missing = [p for m in doc["members"] for p in m["checkpoints"] if not Path(p).exists()]
+    entries = [(m, "segment") for m in doc["members"]] + [(m, "classify") for m in doc.get("classifiers", [])]
+    missing = [p for m, _ in entries for p in m["checkpoints"] if not Path(p).exists()]
     if missing:
         raise DataError(f"{blend_path}: missing checkpoint(s): " + ", ".join(missing))
     members = []
-    for m in doc["members"]:
+    for m, task in entries:
         w = (np.array([m["class_weights"][str(c + 1)] for c in range(N_CLASSES)]) if m.get("weight") is None
              else np.full(N_CLASSES, float(m["weight"])))
         models, cfg = [], None
@@ -73,22 +77,24 @@ def load_members(doc: dict, blend_path, device, tta: str | None = None) -> list[
             if device.type == "cuda":
                 model = model.to(memory_format=torch.channels_last)
             models.append(model)
+        if cfg.model.task != task:
+            raise DataError(f"{blend_path}: {m['model_id']} is a {cfg.model.task} model but is listed as a {task} one")
         members.append(Member(m["model_id"], w, models, build_transforms(False, resize=cfg.data.resize),
-                              _views(tta, cfg.train.tta), cfg.train.amp))
+                              _views(tta, cfg.train.tta), cfg.train.amp, task))
     return members
 
 
 def member_maps(member: Member, images: list[np.ndarray], shape) -> tuple[np.ndarray, np.ndarray]:
-    """(B, 4, H, W) uint8 map and (B, 4) presence of one member: mean over its fold models."""
+    """(B, 4, H, W) uint8 map (None for a classifier) and (B, 4) presence of one member: mean over its fold models."""
     x = torch.stack([torch.from_numpy(np.ascontiguousarray(member.transform(image=im)["image"].transpose(2, 0, 1)))
                      for im in images]).float()
     probs, cls = 0.0, 0.0
     for model in member.models:
         p, c = predict_batch(model, x, shape, member.tta, member.amp)
-        probs = probs + p
+        probs = None if p is None else probs + p
         cls = cls + c
     k = len(member.models)
-    return oof.quantize((probs / k).cpu().numpy()), (cls / k).cpu().numpy()
+    return None if probs is None else oof.quantize((probs / k).cpu().numpy()), (cls / k).cpu().numpy()
 
 
 def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, skip_bad=False, progress=True,
@@ -101,6 +107,8 @@ def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, s
     from tqdm import tqdm
 
     post = [PostProcess(**doc["postprocess"][str(c + 1)]) for c in range(N_CLASSES)]
+    clfs = [m for m in members if m.task == "classify"]
+    members = [m for m in members if m.task == "segment"]
     weights = np.stack([m.weights for m in members], axis=1)  # (4, M)
     bad = [] if bad is None else bad
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress or None)
@@ -119,7 +127,11 @@ def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, s
         if batch:
             maps, cls = zip(*(member_maps(m, batch, shape) for m in members))
             maps, cls = np.stack(maps), np.stack(cls)  # (M, B, 4, H, W), (M, B, 4)
-            masks = np.stack([post[c].apply(blend_u8(maps[:, :, c], weights[c]), blend_cls(cls[:, :, c], weights[c]))
+            # the classifier ensemble's presence (B, 4): sum_j weight_j * presence_j, as the blend scored it
+            q = sum(m.weights[0] * member_maps(m, batch, shape)[1] for m in clfs) if clfs else None
+            masks = np.stack([post[c].apply(blend_u8(maps[:, :, c], weights[c]),
+                                            gate_signal(blend_cls(cls[:, :, c], weights[c]), None if q is None else q[:, c],
+                                                        post[c].gate_source))
                               for c in range(N_CLASSES)], axis=1)
             for i, img in enumerate(ids):
                 yield img, [rle.encode(masks[i, c]) for c in range(N_CLASSES)]
@@ -178,7 +190,8 @@ def main(argv=None) -> int:
     except (DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {a.out}: {n} images x {N_CLASSES} classes ({a.format} format), {len(members)} member(s) on {device}")
+    print(f"wrote {a.out}: {n} images x {N_CLASSES} classes ({a.format} format), {len(doc['members'])} member(s)"
+          + (f" and {len(doc['classifiers'])} classifier(s)" if doc.get("classifiers") else "") + f" on {device}")
     if bad:
         print(f"{len(bad)} bad image(s) given empty predictions:")
         for b in bad:

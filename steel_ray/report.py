@@ -21,6 +21,9 @@ SCORE_HELP = {
     "nested": "whole procedure (selection included) rerun without fold k, scored on fold k: the blend's cross-validated "
               "estimate (the config choice and best epochs upstream saw every fold)",
     "holdout": "the chosen blend on images set aside before the folds (search --holdout): the estimate to trust",
+    "cross_fitted_segmentation_only": "as cross_fitted, with every class gated by the segmentation members (no classifier)",
+    "nested_segmentation_only": "as nested, with every class gated by the segmentation members: the gain from the "
+                                "classifiers is nested minus this",
     "best_single": "best single model, same post-processing search, cross-fitted",
     "baseline": "plain mean of all models, threshold 0.5, min areas 500/500/1000/2000 px (scaled), gate 0.5",
 }
@@ -92,7 +95,7 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
     t["scores"] = pd.DataFrame([{"score": k, "value": fmt_score(s.get(k)),
                                  "vs all_empty": "" if k == "all_empty" or s.get(k) is None else
                                  f"{s[k] - (doc['holdout']['all_empty'] if k == 'holdout' else s['all_empty']):+.6f}",
-                                 "meaning": SCORE_HELP[k]} for k in SCORE_HELP if k != "holdout" or "holdout" in s])
+                                 "meaning": SCORE_HELP[k]} for k in SCORE_HELP if k in s])
     t["weights"] = pd.DataFrame([{"model_id": m["model_id"], "weight": m["weight"] if m["weight"] is not None else
                                   ", ".join(f"{k}:{v:.3f}" for k, v in m["class_weights"].items()),
                                   "folds": len(m["checkpoints"]),
@@ -100,9 +103,15 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
                                  for m in doc["members"]])
     t["postprocess"] = pd.DataFrame([{"class": c, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in doc["postprocess"][c].items()},
                                       **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in doc["per_class"][c].items()
-                                         if k != "on_grid_edge"},
+                                         if k not in ("on_grid_edge", "gate")},
                                       "on grid edge": "; ".join(doc["per_class"][c].get("on_grid_edge", [])) or "-"}
                                      for c in doc["postprocess"]])
+    if doc.get("classifier_pool"):
+        t["gate"] = _gate_table(doc)
+        t["classifiers"] = pd.DataFrame([{"model_id": m["model_id"], "weight": round(m["weight"], 4), "folds": len(m["checkpoints"])}
+                                         for m in doc.get("classifiers", [])] or
+                                        [{"model_id": "(none: no classifier beat the segmentation gate, cross-fitted)",
+                                          "weight": "", "folds": ""}])
     t["trajectory"] = pd.DataFrame(doc["selection"]["trajectory"])
     res = run / "results.parquet"
     if res.exists():
@@ -114,6 +123,23 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
     singles = doc["single_models_cross_fitted"]
     t["singles"] = pd.DataFrame(sorted(singles.items(), key=lambda x: -x[1]), columns=["model_id", "cross_fitted"])
     return t
+
+
+def _gate_table(doc: dict) -> pd.DataFrame:
+    """Per class: the gate's source and threshold, its image-level quality, the classifiers' AUC and
+    the class's Dice with and without the classifiers (in-sample, same post-processing search)."""
+    def r(v):
+        return "-" if v is None else round(v, 4)
+
+    rows = []
+    for c, pc in doc["per_class"].items():
+        g = pc.get("gate", {})
+        rows.append({"class": c, "gate source": g.get("source", "segmentation"), "threshold": g.get("threshold"),
+                     "classifier AUC" + ("" if doc.get("classifiers") else " (pool mean)"): r(g.get("auc_classifiers")),
+                     "gate AUC": r(g.get("auc_gate")), "F1": r(g.get("f1")),
+                     "FP rate (empty images)": r(g.get("fp_rate")), "FN rate (defect images)": r(g.get("fn_rate")),
+                     "Dice": r(pc.get("dice")), "Dice, segmentation gate": r(pc.get("dice_segmentation_only"))})
+    return pd.DataFrame(rows)
 
 
 def fmt_score(v) -> str:
@@ -134,6 +160,16 @@ def headline_text(doc: dict) -> str:
              f"{s['best_single']:.6f} ({s['best_single_model']}); baseline recipe {s['baseline']:.6f}."]
     if nested is not None:
         parts.append(f"Optimism of in-sample over nested: {s['in_sample'] - nested:+.6f}.")
+    if doc.get("classifier_pool"):
+        n_used = len(doc.get("classifiers", []))
+        seg = s.get("nested_segmentation_only")
+        if n_used:
+            parts.append(f"Classifier gate: {n_used} classifier(s); nested {fmt_score(nested)} with them vs "
+                         f"{fmt_score(seg)} with the segmentation gate alone"
+                         + (f" ({nested - seg:+.6f})." if nested is not None and seg is not None else "."))
+        else:
+            parts.append(f"No classifier is used: none of the pool's {len(doc['classifier_pool'])} beat the segmentation "
+                         "gate on the cross-fitted score.")
     for c, w in warnings(doc):
         parts.append(w)
     return " ".join(parts)
@@ -171,6 +207,8 @@ def write_report(doc: dict, pool, run, out_dir) -> Path:
         ("Chosen members and weights", "weights", None),
         ("Ensemble score versus number of members", "trajectory", "members"),
         ("Per-class post-processing, Dice and false-positive rate on empty pairs", "postprocess", "curves"),
+        ("Classifier ensemble (the gate)", "classifiers", None),
+        ("Per-class gate: source, image-level quality, Dice with and without the classifiers", "gate", None),
         ("Single models (cross-fitted, full resolution)", "singles", None),
         ("Model correlation", None, "corr"),
         ("Search leaderboard (results.parquet)", "leaderboard", None),

@@ -2,15 +2,16 @@
 
 Usage::
 
-    python -m steel_ray.search --space search_spaces/demo.yaml --data data/demo --out runs/demo \
-        [--folds 3] [--num-samples 8] [--top 2] [--max-concurrent 2] [--cpus-per-trial 1] \
+    python -m steel_ray.search --space search_spaces/demo.yaml [--space search_spaces/demo_classifier.yaml] \
+        --data data/demo --out runs/demo [--folds 3] [--num-samples 8] [--top 2] [--max-concurrent 2] [--cpus-per-trial 1] \
         [--gpus-per-trial 0] [--address auto] [--storage s3://bucket/runs] [--resume] [--no-blend] [--smoke]
 
 Stages:
-  explore   Optuna (TPE, seeded) proposes --num-samples configs; each trains on the screening
-            fold (fold 0); ASHA (time attribute: epoch) stops the weak ones, and those reach
-            Optuna as PRUNED.
-  complete  the --top best configs are trained on every fold (one trial per config x fold, no
+  explore   per space (--space may repeat: segmentation and classifier spaces, each explored
+            on its own with its own Optuna study, --num-samples and --top): Optuna (TPE,
+            seeded) proposes --num-samples configs; each trains on the screening fold (fold 0);
+            ASHA (time attribute: epoch) stops the weak ones, and those reach Optuna as PRUNED.
+  complete  each space's --top best configs are trained on every fold (one trial per config x fold, no
             early stopping), reusing the screening-fold OOF of trials that ran to the end.
             Each then has OOF for every training image: a "model" of the pool.
   blend     the blend optimizer and its report (unless --no-blend).
@@ -45,7 +46,7 @@ log = logging.getLogger("steel_ray.search")
 METRIC = "best_val_dice_pp"  # post-processed Dice of the fold: what the blend will make of the model
 SCREEN_FOLD = 0
 STATE = "search.json"
-RESULT_COLS = ["stage", "trial_id", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "error",
+RESULT_COLS = ["stage", "space", "trial_id", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "error",
                "node_id", "node_ip", "gpu_ids", "wall_s", "config"]
 
 
@@ -56,15 +57,19 @@ class SearchError(RuntimeError):
 def _args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m steel_ray.search", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    ap.add_argument("--space", help="search space YAML (search_spaces/*.yaml); required, except with --resume")
+    ap.add_argument("--space", action="append",
+                    help="search space YAML (search_spaces/*.yaml); repeat it to search several spaces (e.g. a "
+                         "segmentation and a classifier space) in one run; required, except with --resume")
     ap.add_argument("--data", help="Severstal-layout data folder, readable from every node; required, except with --resume")
     ap.add_argument("--out", required=True, help="run folder on this machine")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--holdout", type=float, default=0.0,
                     help="fraction of the images set aside before the folds (multilabel-stratified): never trained, "
                          "validated, tuned or blended on; the chosen blend is scored on it at the end (default 0: none)")
-    ap.add_argument("--num-samples", type=int, default=16, help="configs Optuna proposes in the explore stage")
-    ap.add_argument("--top", type=int, default=3, help="configs trained on every fold")
+    ap.add_argument("--num-samples", type=int, default=None,
+                    help="configs Optuna proposes per space in the explore stage (default: the space's num_samples, else 16)")
+    ap.add_argument("--top", type=int, default=None,
+                    help="configs of each space trained on every fold (default: the space's top, else 3)")
     ap.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what resources allow)")
     ap.add_argument("--cpus-per-trial", type=float, default=1.0)
     ap.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
@@ -94,10 +99,14 @@ def _load_state(run: Path, a) -> dict:
         if not path.exists():
             raise SearchError(f"{path} not found: nothing to resume in {run}")
         state = json.loads(path.read_text())
-        for k in ("space", "data", "storage"):
+        state.setdefault("spaces", [state["space"]])
+        for k in ("data", "storage"):
             v = _where(getattr(a, k))
             if v is not None and v != state[k]:
                 raise SearchError(f"--{k} {v} differs from the interrupted search's {state[k]}")
+        spaces = [_where(p) for p in a.space or []]
+        if spaces and spaces != state["spaces"]:
+            raise SearchError(f"--space {spaces} differs from the interrupted search's {state['spaces']}")
         return state
     if run.exists() and any(run.iterdir()):
         raise SearchError(f"{run} already exists and is not empty; pass --resume to continue it, or choose a new --out")
@@ -105,10 +114,9 @@ def _load_state(run: Path, a) -> dict:
         raise SearchError("--space and --data are required for a new search (only --resume can leave them out)")
     storage = _where(a.storage)
     state = {
-        "space": _where(a.space), "data": _where(a.data), "folds": a.folds, "holdout": a.holdout,
-        "num_samples": min(a.num_samples, 2) if a.smoke else a.num_samples,
-        "top": min(a.top, 1) if a.smoke else a.top, "seed": a.seed, "storage": storage, "smoke": a.smoke,
-        "stage": "explore", "selected": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "space": _where(a.space[0]), "spaces": [_where(p) for p in a.space], "data": _where(a.data), "folds": a.folds, "holdout": a.holdout,
+        "num_samples": a.num_samples, "top": a.top, "seed": a.seed, "storage": storage, "smoke": a.smoke,
+        "stage": "explore", "explored": [], "selected": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # the run's identity: what it writes under --storage lives under STORAGE/<run_id>/, so two
         # runs with the same --out name never share a pool, an experiment or a checkpoint
         "run_id": f"{run.name}-{uuid.uuid4().hex[:12]}",
@@ -125,7 +133,7 @@ def _save_state(run: Path, state: dict) -> None:
     write_json(run / STATE, state)
 
 
-def _results_rows(grid, stage: str) -> list[dict]:
+def _results_rows(grid, stage: str, space: str = "") -> list[dict]:
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -139,7 +147,8 @@ def _results_rows(grid, stage: str) -> list[dict]:
             status = "STOPPED"  # ASHA stopped it early
         err = "" if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}"
         rows.append({
-            "stage": stage, "trial_id": m.get("trial_id", os.path.basename(str(r.path))), "model_id": m.get("model_id") or _model_id(cfg),
+            "stage": stage, "space": space, "trial_id": m.get("trial_id", os.path.basename(str(r.path))),
+            "model_id": m.get("model_id") or _model_id(cfg),
             "fold": int(fold), "status": status, "epochs_run": int(m.get("epoch", 0) or 0),
             "best_val_dice_pp": float(m.get(METRIC, float("nan"))),
             "best_val_dice": float(m.get("best_val_dice", float("nan"))), "error": err,
@@ -166,8 +175,8 @@ def _write_results(run: Path, rows: list[dict]) -> pd.DataFrame:
     return df
 
 
-def _select_top(rows: list[dict], top: int) -> list[dict]:
-    """The ``top`` distinct configs by best val_dice among explore trials that did not fail.
+def _select_top(rows: list[dict], top: int, space: str = "") -> list[dict]:
+    """The ``top`` distinct configs of one space's explore trials (that did not fail) by best val_dice_pp.
 
     Trials ASHA stopped early compete with their best epoch; if one is selected, its screening
     fold is retrained to the end in the complete stage (it has no OOF yet).
@@ -182,7 +191,8 @@ def _select_top(rows: list[dict], top: int) -> list[dict]:
         if len(out) == top:
             break
     if len(out) < top:
-        log.warning("only %d explore trial(s) succeeded; completing %d model(s) instead of %d", len(out), len(out), top)
+        log.warning("%s: only %d explore trial(s) succeeded; completing %d model(s) instead of %d", space or "explore",
+                    len(out), len(out), top)
     return out
 
 
@@ -223,23 +233,64 @@ def _fit_stage(stage, total, trainable, storage_path, tune_config, a, logfile, p
         log.info(progress.close())
 
 
+def _smoke(space):
+    """The space with one epoch per trial (``--smoke``)."""
+    import dataclasses
+
+    return dataclasses.replace(space, params=tuple(p for p in space.params if p.name != "epochs"), fixed={**space.fixed, "epochs": 1},
+                               points_to_evaluate=tuple({k: v for k, v in pt.items() if k != "epochs"} for pt in space.points_to_evaluate))
+
+
+def _explore(space, n_spaces: int, state: dict, run: Path, trainable, storage_path, a, logfile):
+    """One space's explore stage: its own Optuna study (TPE, seeded) and ASHA, on the screening fold.
+
+    A run with one space keeps the historical names (experiment and study ``explore``); with
+    several, each is ``explore-<space file stem>``.
+    """
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .tune_adapter import PruneAwareOptunaSearch
+
+    name = "explore" if n_spaces == 1 else f"explore-{space.name}"
+    sampler = optuna.samplers.TPESampler(seed=state["seed"])
+    storage = f"sqlite:///{run / 'optuna.db'}"
+    searcher = PruneAwareOptunaSearch(space.define_by_run, metric=METRIC, mode="max", sampler=sampler,
+                                      points_to_evaluate=list(space.points_to_evaluate) or None,
+                                      study_name=name, storage=optuna.storages.RDBStorage(storage))
+    limiter = ConcurrencyLimiter(searcher, max_concurrent=a.max_concurrent or 2)
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(), grace_period=1, reduction_factor=2)
+    n = _per_space(state, space, "num_samples")
+    tc = tune.TuneConfig(metric=METRIC, mode="max", search_alg=limiter, scheduler=scheduler, num_samples=n)
+    log.info("%s: %s (task %s)", name, space.path, space.task)
+    return _fit_stage(name, n, trainable, storage_path, tc, a, logfile)
+
+
+def _per_space(state: dict, space, key: str) -> int:
+    """--num-samples / --top when given, else the space's own value, else the default (16 / 3);
+    --smoke caps them at 2 / 1."""
+    v = state.get(key) or getattr(space, key) or {"num_samples": 16, "top": 3}[key]
+    return min(v, {"num_samples": 2, "top": 1}[key]) if state["smoke"] else v
+
+
 def run_search(a) -> int:
     # Tune warns on every checkpoint-heavy snapshot; per-epoch checkpoints are by design here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
 
-    from .tune_adapter import PruneAwareOptunaSearch, run_trial, sync_pool
+    from .config import TrialConfig
+    from .tune_adapter import run_trial, sync_pool
 
     run = Path(a.out).resolve()
     state = _load_state(run, a)
-    space = load_space(state["space"])  # an invalid space fails here, before Ray starts
-    if state["smoke"]:
-        space = space.__class__(space.path, tuple(p for p in space.params if p.name != "epochs"),
-                                {**space.fixed, "epochs": 1},
-                                tuple({k: v for k, v in pt.items() if k != "epochs"} for pt in space.points_to_evaluate))
+    # every space is validated before Ray starts or anything is written
+    spaces = [_smoke(load_space(p)) if state["smoke"] else load_space(p) for p in state["spaces"]]
+    names = [sp.name for sp in spaces]
+    if len(set(names)) != len(names):
+        raise SearchError(f"two --space files share a name {names}: their experiments would collide; rename one")
     # the data are read and checked before anything is written: a bad image or label leaves no run folder
     data = prepare_run(state["data"], run, state["folds"], holdout=state.get("holdout", 0.0))
     logfile = console.setup(run, a.verbose, "search")
@@ -261,29 +312,26 @@ def run_search(a) -> int:
     )
     rows: list[dict] = []
     if (run / "results.parquet").exists() and a.resume:
-        rows = [r for r in pd.read_parquet(run / "results.parquet").to_dict("records") if r["stage"] != state["stage"]]
+        explored = set(state.get("explored", []))
+        rows = [r for r in pd.read_parquet(run / "results.parquet").to_dict("records")
+                if r["stage"] != state["stage"] or (r["stage"] == "explore" and r.get("space") in explored)]
 
     if state["stage"] == "explore":
-        import optuna
-
-        sampler = optuna.samplers.TPESampler(seed=state["seed"])
-        storage = f"sqlite:///{run / 'optuna.db'}"
-        searcher = PruneAwareOptunaSearch(space.define_by_run, metric=METRIC, mode="max", sampler=sampler,
-                                          points_to_evaluate=list(space.points_to_evaluate) or None,
-                                          study_name="explore", storage=optuna.storages.RDBStorage(storage))
-        limiter = ConcurrencyLimiter(searcher, max_concurrent=a.max_concurrent or 2)
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(), grace_period=1, reduction_factor=2)
-        tc = tune.TuneConfig(metric=METRIC, mode="max", search_alg=limiter, scheduler=scheduler, num_samples=state["num_samples"])
-        grid = _fit_stage("explore", state["num_samples"], trainable, storage_path, tc, a, logfile)
-        rows = _results_rows(grid, "explore")
-        _write_results(run, rows)
-        state["selected"] = _select_top(rows, state["top"])
-        from .config import TrialConfig
-
-        # the run's models: what the blend uses (screening-only configs have fold 0 alone)
-        state["selected_models"] = [TrialConfig.from_dict(c).model_id() for c in state["selected"]]
-        if not state["selected"]:
-            raise SearchError("every explore trial failed; see RUN/results.parquet for the errors")
+        for sp in spaces:
+            if sp.name in state.setdefault("explored", []):
+                continue
+            grid = _explore(sp, len(spaces), state, run, trainable, storage_path, a, logfile)
+            new = _results_rows(grid, "explore", sp.name)
+            rows += new
+            _write_results(run, rows)
+            chosen = _select_top(new, _per_space(state, sp, "top"), sp.name)
+            if not chosen:
+                raise SearchError(f"every explore trial of {sp.path} failed; see RUN/results.parquet for the errors")
+            state["selected"] += chosen
+            # the run's models: what the blend uses (screening-only configs have fold 0 alone)
+            state["selected_models"] = [TrialConfig.from_dict(c).model_id() for c in state["selected"]]
+            state["explored"].append(sp.name)
+            _save_state(run, state)
         state["stage"] = "complete"
         _save_state(run, state)
 
@@ -321,9 +369,13 @@ def _print_summary(df: pd.DataFrame, run: Path, selected: list[str]) -> None:
     """A few lines: trials per stage and status, the explore leaderboard's top, each completed model."""
     counts = {f"{st}/{status}": n for (st, status), n in df.groupby(["stage", "status"]).size().items()}
     print(f"\ntrials: {counts}; every trial: {run / 'results.parquet'}")
-    ex = df[(df.stage == "explore") & (df.status != "ERROR")].sort_values(METRIC, ascending=False).head(5)
-    if len(ex):
-        print("explore, top configs on the screening fold (val Dice post-processed / at threshold 0.5):")
+    explore = df[(df.stage == "explore") & (df.status != "ERROR")]
+    for space, g in explore.groupby(explore["space"].fillna("")):
+        ex = g.sort_values(METRIC, ascending=False).head(5)
+        cls = ex.model_id.str.startswith("cls-").all()
+        what = ("gate Dice with a perfect segmenter, threshold chosen on the fold / at 0.5" if cls
+                else "val Dice post-processed / at threshold 0.5")
+        print(f"explore{' ' + space if space else ''}, top configs on the screening fold ({what}):")
         for _, r in ex.iterrows():
             mark = "*" if r.model_id in selected else " "
             print(f"  {mark} {r.model_id:40} {r[METRIC]:.4f} / {r.best_val_dice:.4f}  {r.status.lower()} after {r.epochs_run} epoch(s)")

@@ -2,6 +2,9 @@
 
 Format (keys are trial config keys, see ``steel_ray.config``)::
 
+    task: segment               # or classify: image-level presence models (the blend's gate)
+    num_samples: 16             # optional: configs to explore, top: configs to complete
+    top: 3                      #   (search --num-samples / --top override them)
     fixed:                      # constant for every trial
       epochs: 3
     params:                     # sampled in this order
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, TrialConfig
+from .config import TASKS, ConfigError, TrialConfig
 
 __all__ = ["SpaceError", "Param", "SearchSpace", "load_space"]
 
@@ -73,6 +76,8 @@ class SearchSpace:
     params: tuple[Param, ...]
     fixed: dict
     points_to_evaluate: tuple[dict, ...] = ()
+    num_samples: int | None = None  # configs to explore (search --num-samples overrides)
+    top: int | None = None  # configs completed on every fold (search --top overrides)
 
     def define_by_run(self, trial) -> dict:
         """Optuna define-by-run: samples the active params; returns the fixed values as constants."""
@@ -90,6 +95,15 @@ class SearchSpace:
 
     def keys(self) -> list[str]:
         return list(self.fixed) + [p.name for p in self.params]
+
+    @property
+    def task(self) -> str:
+        return self.fixed.get("task", "segment")
+
+    @property
+    def name(self) -> str:
+        """The space's file stem: its Tune experiment and Optuna study are named after it."""
+        return Path(self.path).stem
 
 
 def _err(path, key, msg):
@@ -149,11 +163,23 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SpaceError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(doc, dict):
         raise SpaceError(f"{path}: expected a mapping with 'params' (and optionally 'fixed', 'points_to_evaluate')")
-    extra = set(doc) - {"fixed", "params", "points_to_evaluate", "description"}
+    extra = set(doc) - {"task", "num_samples", "top", "fixed", "params", "points_to_evaluate", "description"}
     if extra:
-        raise SpaceError(f"{path}: unknown section(s) {sorted(extra)}; expected fixed, params, points_to_evaluate")
+        raise SpaceError(f"{path}: unknown section(s) {sorted(extra)}; expected task, num_samples, top, fixed, params, "
+                         "points_to_evaluate")
+    for key in ("num_samples", "top"):
+        v = doc.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise _err(path, key, f"must be a positive integer, got {v!r}")
     valid = TrialConfig.keys()
     fixed = dict(doc.get("fixed") or {})
+    task = doc.get("task", "segment")
+    if task not in TASKS:
+        raise _err(path, "task", f"{task!r} is not one of {list(TASKS)}")
+    if "task" in fixed or "task" in (doc.get("params") or {}):
+        raise _err(path, "task", "is declared at the top level of a space (task: segment or task: classify), not as a key")
+    if task != "segment":
+        fixed = {"task": task, **fixed}
     raw = doc.get("params") or {}
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: 'params' must be a mapping of config keys")
@@ -176,7 +202,7 @@ def load_space(path: str | Path) -> SearchSpace:
         if p.type == "categorical" and name not in _PAIRED:  # every choice must be a valid value
             for c in p.choices:
                 try:
-                    TrialConfig.from_dict({name: c})
+                    TrialConfig.from_dict({"task": task, name: c})
                 except ConfigError as e:
                     raise _err(path, name, f"choice {c!r}: {e}") from None
         params.append(p)
@@ -192,7 +218,7 @@ def load_space(path: str | Path) -> SearchSpace:
             if not by_name[k].contains(v):
                 raise _err(path, f"points_to_evaluate[{i}].{k}", f"value {v!r} is outside the parameter's range")
         points.append(dict(pt))
-    space = SearchSpace(path, tuple(params), fixed, tuple(points))
+    space = SearchSpace(path, tuple(params), fixed, tuple(points), doc.get("num_samples"), doc.get("top"))
     _check_samples(space)
     return space
 
@@ -213,7 +239,7 @@ def _check_samples(space: SearchSpace, n: int = 64) -> None:
             cfg = TrialConfig.from_dict(flat)
         except ConfigError as e:
             raise SpaceError(f"{space.path}: a sampled config is invalid ({e}); sample: {flat}") from None
-        if flat.get("attention", "none") != "none" and not supports_attention(flat.get("arch", "Unet")):
+        if flat.get("attention", "none") != "none" and cfg.model.task == "segment" and not supports_attention(flat.get("arch", "Unet")):
             raise SpaceError(
                 f"{space.path}: attention: {flat['attention']!r} can be sampled with arch={flat.get('arch')!r}, "
                 "which does not support it; add a 'when' on arch"

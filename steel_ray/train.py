@@ -38,7 +38,7 @@ from .infer import autocast, pick_device, predict_batch
 from .io import atomic_path, write_json
 from .losses import build_loss
 from .metric import dice_per_pair_torch
-from .models import build_model, check_model_config, encoder_parameters
+from .models import SteelClassifier, build_model, check_model_config, encoder_parameters
 
 __all__ = ["FoldData", "FoldResult", "prepare_run", "fit_fold", "checkpoint_dir", "load_weights", "NonFiniteLossError"]
 
@@ -235,8 +235,62 @@ class _PPCounts:
         return total / (n * n_cls)
 
 
-def _validate(model, loader, loss_fn, device, amp, shape):
-    """(val_loss, per-pair Dice (N, 4) at threshold 0.5, truth-is-empty (N, 4), post-processed Dice) of the fold."""
+def gate_metrics(presence: np.ndarray, truth: np.ndarray) -> dict:
+    """A classifier's validation metrics from its presence (N, 4) and the truth (N, 4) bool.
+
+    ``val_auc_1..4`` and ``val_auc`` (mean over classes with both labels; NaN where a class has
+    one) rank it; ``val_dice`` is the competition Dice of the gate alone at presence 0.5: every
+    pair it calls present gets a mask (the true one where there is a defect, a false-positive
+    mask where there is none: Dice 0), every other pair is empty; so it is the gate's pair
+    accuracy. ``val_dice_pp`` is the same with each class's threshold chosen on the fold from the
+    blend's gate grid (never-present included, so it is at least all-empty), like the
+    segmentation models' post-processed Dice.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from .ppsearch import default_grid
+
+    truth = np.asarray(truth, bool)
+    out = {"val_dice": float(((presence >= 0.5) == truth).mean()), "val_all_empty": float((~truth).mean())}
+    ths = np.append(default_grid((1, 1)).cls_thresholds, np.inf)
+    pp, aucs = 0.0, []
+    for c in range(truth.shape[1]):
+        t, p = truth[:, c], presence[:, c]
+        auc = float(roc_auc_score(t, p)) if 0 < t.sum() < len(t) else float("nan")
+        aucs.append(auc)
+        out[f"val_auc_{c + 1}"] = auc
+        out[f"val_dice_{c + 1}"] = float(((p >= 0.5) == t).mean())
+        out[f"val_all_empty_{c + 1}"] = float((~t).mean())
+        pp += max(float(((p >= th) == t).mean()) for th in ths)
+    out["val_auc"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+    out["val_dice_pp"] = pp / truth.shape[1]
+    return out
+
+
+def _validate_cls(model, loader, loss_fn, device, amp) -> tuple[float, dict]:
+    """(val_loss, :func:`gate_metrics`) of a classifier on the fold."""
+    model.eval()
+    total, n, pres, truth = 0.0, 0, [], []
+    with torch.no_grad():
+        for b in loader:
+            x = b["image"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                _, cls_logits = model(x)
+            target = b["presence"].to(device)
+            loss, _ = loss_fn(None, None, cls_logits, target)
+            total += float(loss) * len(x)
+            n += len(x)
+            pres.append(torch.sigmoid(cls_logits.float()).cpu().numpy())
+            truth.append(b["presence"].numpy() > 0.5)
+    return total / max(n, 1), gate_metrics(np.concatenate(pres), np.concatenate(truth))
+
+
+def _validate(model, loader, loss_fn, device, amp, shape) -> tuple[float, dict]:
+    """(val_loss, metrics): Dice at threshold 0.5 (overall, per class, all-empty) and the post-processed Dice of the fold."""
+    if isinstance(model, SteelClassifier):
+        return _validate_cls(model, loader, loss_fn, device, amp)
     model.eval()
     total, n = 0.0, 0
     dice, empty = [], []
@@ -260,7 +314,7 @@ def _validate(model, loader, loss_fn, device, amp, shape):
             probs = torch.sigmoid(logits)
             pres = torch.sigmoid(cls_logits.float()) if cls_logits is not None else probs.amax(dim=(-2, -1))
             pp.add(probs, masks > 0.5, pres)
-    return total / max(n, 1), torch.cat(dice).numpy(), torch.cat(empty).numpy(), pp.score(shape)
+    return total / max(n, 1), {**_dice_metrics(torch.cat(dice).numpy(), torch.cat(empty).numpy()), "val_dice_pp": pp.score(shape)}
 
 
 def _dice_metrics(pair_dice: np.ndarray, empty: np.ndarray) -> dict:
@@ -334,7 +388,7 @@ def fit_fold(
     sched, per_step = _scheduler(cfg, opt, steps)
     use_scaler = amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    loss_fn = build_loss(cfg.loss, cfg.model.aux_weight)
+    loss_fn = build_loss(cfg.loss, cfg.model.aux_weight, cfg.model.task)
 
     done = _finished(run, model_id, fold, data.folds_hash, ckdir) if write_oof else None
     if done is not None:
@@ -404,9 +458,8 @@ def fit_fold(
                     )
                 checked = step + 1
                 bar.set_postfix(loss=f"{total / seen:.4f}")
-        val_loss, pair_dice, empty, val_pp = _validate(model, val_loader, loss_fn, dev, amp, ts.shape)
-        dm = {**_dice_metrics(pair_dice, empty), "val_dice_pp": val_pp}
-        val_dice = dm["val_dice"]
+        val_loss, dm = _validate(model, val_loader, loss_fn, dev, amp, ts.shape)
+        val_dice, val_pp = dm["val_dice"], dm["val_dice_pp"]
         if sched is not None and not per_step:
             sched.step(val_loss)
         # the best epoch is the one the blend would do best with: highest post-processed Dice;
@@ -487,10 +540,12 @@ def predict_oof(weights, fold, data: FoldData, run, model_id, device, cfg: Trial
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=_num_workers(cfg, device, None),
                         pin_memory=device.type == "cuda")
     h, w = ts.shape
-    with oof.OOFWriter(run, model_id, fold, h, w, data.folds_hash, cfg.to_dict(), extra=extra) as wr:
+    task = cfg.model.task
+    with oof.OOFWriter(run, model_id, fold, h, w, data.folds_hash, cfg.to_dict(), extra=extra, task=task) as wr:
         for b in tqdm(loader, desc=f"oof {model_id} f{fold}", leave=False, disable=not progress or None):
             probs, cls = predict_batch(model, b["image"], (h, w), cfg.train.tta, cfg.train.amp)
-            wr.add([ids[i] for i in b["index"].tolist()], oof.quantize(probs.cpu().numpy()), cls.cpu().numpy())
+            maps = None if probs is None else oof.quantize(probs.cpu().numpy())
+            wr.add([ids[i] for i in b["index"].tolist()], maps, cls.cpu().numpy())
     log.info("wrote OOF %s (%d images)", wr.path, wr.rows)
     return wr.path
 

@@ -55,3 +55,30 @@ def blob_noise_model(rng, masks):
                 y, x = rng.integers(0, h - bh), rng.integers(0, w - bw)
                 p[i, k, y:y + bh, x:x + bw] = rng.uniform(0.4, 1.0)
     return p, rng.random((n, c)).astype(np.float32)
+
+
+def write_classifiers(run, masks, classifiers: dict, n_folds=3):
+    """``classifiers``: model_id -> presence (N, 4) in [0, 1], written as task=classify OOF files."""
+    n, _, h, w = masks.shape
+    ids = [f"{i:09x}.jpg" for i in range(n)]
+    folds = np.arange(n) % n_folds
+    fh = folds_hash(ids, folds)
+    for mid, pres in classifiers.items():
+        for k in range(n_folds):
+            idx = np.flatnonzero(folds == k)
+            with oof.OOFWriter(run, mid, k, h, w, fh, {"task": "classify"}, task="classify") as wr:
+                wr.add([ids[i] for i in idx], None, pres[idx])
+
+
+def false_positive_model(rng, masks):
+    """Finds every true defect but also paints a confident blob on every empty pair, with a presence
+    score that does not tell the two apart: only a gate from elsewhere can remove its false positives."""
+    p = masks * 0.8 + rng.random(masks.shape) * 0.1
+    n, c, h, w = masks.shape
+    for i in range(n):
+        for k in range(c):
+            if not masks[i, k].any():
+                bh, bw = rng.integers(3, 10), rng.integers(4, 24)
+                y, x = rng.integers(0, h - bh), rng.integers(0, w - bw)
+                p[i, k, y:y + bh, x:x + bw] = 0.8 + rng.random((bh, bw)) * 0.1
+    return np.clip(p, 0, 1), rng.uniform(0.5, 1.0, (n, c)).astype(np.float32)

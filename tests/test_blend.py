@@ -349,3 +349,56 @@ def test_per_class_weights_follow_planted_per_class_skill(tmp_path):
     assert (w["a"][:2] > w["b"][:2]).all() and (w["b"][2:] > w["a"][2:]).all(), w
     shared = blend.optimize(blend.load_blend_pool(tmp_path), max_members=4, nested=False, selection_resolution="full")
     assert r.scores["in_sample"] > shared.scores["in_sample"]  # per-class weights pay off here
+
+
+def _gate_pool(tmp_path, classifiers):
+    from blend_pools import false_positive_model, write_classifiers
+
+    rng = np.random.default_rng(5)
+    masks = make_truth(rng, n=60, shape=(32, 64), p_defect=0.6)
+    write_run(tmp_path, masks, {"seg_fp": false_positive_model(rng, masks)})
+    present = masks.any((2, 3))
+    planted = {"perfect": np.where(present, 0.95, 0.05).astype(np.float32),
+               "random": rng.random(present.shape).astype(np.float32)}
+    write_classifiers(tmp_path, masks, {k: planted[k] for k in classifiers})
+    return masks
+
+
+def test_perfect_classifier_gates_a_noisy_segmenter(tmp_path):
+    _gate_pool(tmp_path, ["perfect", "random"])
+    pool = blend.load_blend_pool(tmp_path)
+    assert pool.model_ids == ["seg_fp"] and pool.classifiers == ["perfect", "random"]
+    r = blend.optimize(pool, max_members=4, selection_resolution="full", workers=1)
+    s = r.scores
+    cw = dict(zip(r.classifiers, r.clf_weights))
+    assert cw["perfect"] > 0 and cw["random"] == 0, cw
+    assert all(pp["gate_source"] in ("classifier", "mean") for pp in r.postprocess.values())
+    # the segmenter's false positives on empty pairs cost it a lot; the classifier removes them
+    assert s["nested"] > s["nested_segmentation_only"] + 0.1, s
+    assert s["cross_fitted"] > s["cross_fitted_segmentation_only"] + 0.1, s
+    doc = blend.blend_json(r, pool, tmp_path)
+    assert [c["model_id"] for c in doc["classifiers"]] == ["perfect"] and len(doc["classifiers"][0]["checkpoints"]) == 3
+    g = r.per_class["1"]["gate"]
+    assert g["auc_classifiers"] == pytest.approx(1.0) and g["fp_rate"] == 0 and g["fn_rate"] == 0
+
+
+def test_random_classifier_is_not_used(tmp_path):
+    _gate_pool(tmp_path, ["random"])
+    pool = blend.load_blend_pool(tmp_path)
+    r = blend.optimize(pool, max_members=4, selection_resolution="full", nested=False)
+    used = r.clf_weights.sum() > 0
+    assert not used or all(pp["gate_source"] == "segmentation" for pp in r.postprocess.values()), (r.clf_weights, r.postprocess)
+    doc = blend.blend_json(r, pool, tmp_path)
+    assert doc["classifiers"] == [] or all(pp["gate_source"] == "segmentation" for pp in doc["postprocess"].values())
+    assert doc["classifier_pool"] == ["random"]
+
+
+def test_pool_of_classifiers_only_is_refused(tmp_path):
+    from blend_pools import write_classifiers
+
+    rng = np.random.default_rng(0)
+    masks = make_truth(rng, n=30, shape=(32, 64))
+    write_run(tmp_path, masks, {})
+    write_classifiers(tmp_path, masks, {"c": rng.random((30, 4)).astype(np.float32)})
+    with pytest.raises(oof.DataError, match="no segmentation model"):
+        blend.load_blend_pool(tmp_path)

@@ -54,3 +54,21 @@ def test_parse_set():
     assert TrialConfig.from_dict({"encoder_weights": "none"}).model.encoder_weights is None
     with pytest.raises(ConfigError, match="key=value"):
         parse_set(["lr"])
+
+
+def test_task_keys_belong_to_their_task():
+    from steel_ray.config import ConfigError, TrialConfig
+
+    seg = TrialConfig.from_dict({"arch": "FPN"})
+    assert seg.model.task == "segment" and seg.model_id().startswith("fpn-")
+    clf = TrialConfig.from_dict({"task": "classify", "pool": "avgmax", "cls_loss": "focal", "dropout": 0.2})
+    assert clf.model_id().startswith("cls-resnet34-focal-")
+    with pytest.raises(ConfigError, match=r"\['pool'\] apply to task 'classify' only"):
+        TrialConfig.from_dict({"pool": "max"})
+    with pytest.raises(ConfigError, match=r"\['arch', 'loss'\] apply to task 'segment' only"):
+        TrialConfig.from_dict({"task": "classify", "arch": "FPN", "loss": "dice"})
+    with pytest.raises(ConfigError, match="task='detect' is not valid"):
+        TrialConfig.from_dict({"task": "detect"})
+    # a classifier's id ignores the segmentation defaults, a segmentation id the classifier's
+    assert TrialConfig.from_dict({"task": "classify", "dropout": 0.1}).model_id() != clf.model_id()
+    assert TrialConfig().model_id() == TrialConfig.from_dict({"dropout": 0.0}).model_id()

@@ -126,3 +126,77 @@ def test_predict_uses_each_members_precision_and_views(tiny_run, monkeypatch):
     seen.clear()
     predict.member_maps(off, images, ts.shape)
     assert {a for _, a in seen} == {False}
+
+
+@pytest.fixture(scope="module")
+def gated_run(tiny_set, tmp_path_factory):
+    """A segmentation model and a classifier on 2 folds, blended; blend.json then set to gate each
+    class from a different source (the blend alone may not pick a 1-epoch classifier)."""
+    run = tmp_path_factory.mktemp("gatedrun")
+    data = prepare_run(tiny_set, run, 2)
+    seg = TrialConfig.from_dict({"encoder": "tu-test_resnet", "epochs": 1, "batch_size": 8, "tta": "hflip", "lr": 3e-3,
+                                 "aux_weight": 0.1})
+    clf = TrialConfig.from_dict({"task": "classify", "encoder": "tu-test_resnet", "pool": "max", "epochs": 2, "batch_size": 8,
+                                 "tta": "hflip", "lr": 3e-3, "sampler": "upsample"})
+    for cfg in (seg, clf):
+        for k in range(2):
+            fit_fold(cfg, k, data, run, progress=False)
+    doc = blend.blend_run(run, max_members=2, nested=False)
+    assert doc["classifier_pool"] == [clf.model_id()]
+    doc["classifiers"] = [{"model_id": clf.model_id(), "weight": 1.0,
+                           "checkpoints": [str(run / "checkpoints" / clf.model_id() / f"fold={k}" / "best.pt") for k in range(2)]}]
+    for c, src in zip("1234", ["classifier", "mean", "segmentation", "classifier"]):
+        doc["postprocess"][c].update(gate_source=src, cls_threshold=0.3)
+    return run, data, doc, clf.model_id()
+
+
+def test_fold_k_classifier_reproduces_its_stored_oof_presence(gated_run):
+    run, data, doc, clf_id = gated_run
+    members = predict.load_members(doc, "blend.json", torch.device("cpu"))
+    c = next(m for m in members if m.task == "classify")
+    assert c.model_id == clf_id
+    truth = oof.read_truth(run)
+    stored = oof.read_presence(run, clf_id, truth, [0, 1])
+    ts = data.train
+    for k in range(2):
+        single = predict.Member(c.model_id, c.weights, [c.models[k]], c.transform, c.tta, c.amp, c.task)
+        idx = np.flatnonzero(data.folds == k)[:6]
+        images = [predict.read_image(ts.images_dir / ts.image_ids[i], ts.shape) for i in idx]
+        maps, cls = predict.member_maps(single, images, ts.shape)
+        assert maps is None
+        rows = [truth.image_ids.index(ts.image_ids[i]) for i in idx]
+        np.testing.assert_allclose(cls, stored[rows], atol=1e-6)
+
+
+def test_predict_applies_the_gate_exactly_as_the_blend_scored_it(gated_run):
+    """Fold-k models predicting fold k's images through predict_images give, pair by pair, the Dice
+    the blend computes from the OOF pool for the same gate sources and post-processing."""
+    from steel_ray import ppsearch as ps
+    from steel_ray.score import pair_dice
+
+    run, data, doc, clf_id = gated_run
+    pool = blend.load_blend_pool(run)
+    w = np.array([m["weight"] for m in doc["members"]])
+    q = pool.clf[pool.classifiers.index(clf_id)]
+    expected = np.zeros((len(pool.image_ids), 4))
+    for c in range(4):
+        pp, d = doc["postprocess"][str(c + 1)], pool.full[c]
+        full_w = np.array([w[[m["model_id"] for m in doc["members"]].index(mid)] if mid in [m["model_id"] for m in doc["members"]]
+                           else 0.0 for mid in pool.model_ids])
+        gate = ps.gate_signal(ps.blend_cls(d.cls, full_w), q[:, c], pp["gate_source"])
+        ch = ps.Choice(int(round(pp["pixel_threshold"] * 255)), pp["min_area"], pp["cls_threshold"])
+        expected[:, c] = ps.score_point(ps.blend_u8(d.vals, full_w), gate, d, ch)
+    members = predict.load_members(doc, "blend.json", torch.device("cpu"))
+    ts = data.train
+    gated = 0
+    for k in range(2):
+        fold_members = [predict.Member(m.model_id, m.weights, [m.models[k]], m.transform, m.tta, m.amp, m.task) for m in members]
+        idx = np.flatnonzero(data.folds == k)
+        paths = [ts.images_dir / ts.image_ids[i] for i in idx]
+        rows = list(predict.predict_images(doc, fold_members, paths, ts.shape, progress=False))
+        pred = np.array([r for _, r in rows], dtype=object)
+        got = pair_dice(ts.rles[idx], pred, ts.shape, "truth", "pred")
+        pos = [pool.image_ids.index(ts.image_ids[i]) for i in idx]
+        np.testing.assert_allclose(got, expected[pos], atol=1e-9)
+        gated += int(sum((q[p, c] < 0.3) for p in pos for c in (0, 3)))
+    assert gated > 0  # the classifier gate really emptied some pairs

@@ -164,3 +164,32 @@ def test_resume_checks_saved_settings(tmp_path):
     assert state["data"] == "/d" and state["folds"] == 3  # the saved split wins
     with pytest.raises(search.SearchError, match="already exists"):
         search._load_state(run, search._args(["--out", str(run), "--space", "x", "--data", "y"]))
+
+
+def test_two_spaces_one_run_segmentation_and_classifier(tiny_set, tmp_path):
+    """--space repeats: each space has its own study, samples and top; both kinds reach the pool and the blend."""
+    seg, clf = tmp_path / "seg.yaml", tmp_path / "gate.yaml"
+    seg.write_text("fixed: {batch_size: 8, epochs: 1, tta: none, arch: FPN, encoder: tu-test_resnet}\n"
+                   "params:\n  lr: {type: logfloat, low: 1.0e-3, high: 1.0e-2}\n")
+    clf.write_text("task: classify\nfixed: {batch_size: 8, epochs: 1, tta: hflip, encoder: tu-test_resnet}\n"
+                   "params:\n  pool: {type: categorical, choices: [max, avg]}\n")
+    run = tmp_path / "run"
+    r = _search("--space", seg, "--space", clf, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 2,
+                "--top", 1, "--max-concurrent", 2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "explore-seg: 2 trial(s) ended" in out and "explore-gate: 2 trial(s) ended" in out
+    table = pd.read_parquet(run / "results.parquet")
+    explore = table[table.stage == "explore"]
+    assert sorted(explore.space.unique()) == ["gate", "seg"] and (explore.groupby("space").size() == 2).all()
+    assert explore[explore.space == "gate"].model_id.str.startswith("cls-").all()
+    studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(f"sqlite:///{run / 'optuna.db'}")}
+    assert studies == {"explore-seg": 2, "explore-gate": 2}
+    state = json.loads((run / "search.json").read_text())
+    assert len(state["selected_models"]) == 2 and sum(m.startswith("cls-") for m in state["selected_models"]) == 1
+    clf_id = next(m for m in state["selected_models"] if m.startswith("cls-"))
+    assert oof.list_pool(run)[clf_id] == [0, 1] and oof.task_of(run, clf_id, [0, 1]) == "classify"
+    doc = json.loads((run / "blend" / "blend.json").read_text())
+    assert doc["classifier_pool"] == [clf_id] and "nested_segmentation_only" in doc["scores"]
+    assert all("gate_source" in pp for pp in doc["postprocess"].values())
+    assert "Classifier ensemble" in (run / "blend" / "report.md").read_text()

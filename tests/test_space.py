@@ -99,3 +99,17 @@ def test_every_severstal_family_builds():
             with torch.no_grad():
                 masks, cls = m(torch.randn(1, 3, 64, 128))
             assert masks.shape == (1, 4, 64, 128) and cls.shape == (1, 4), (arch, enc)
+
+
+def test_task_is_declared_at_the_top_level(tmp_path):
+    sp = load_space("search_spaces/demo_classifier.yaml")
+    assert sp.task == "classify" and sp.fixed["task"] == "classify" and sp.name == "demo_classifier"
+    assert load_space("search_spaces/severstal_classifier.yaml").task == "classify"
+    assert load_space("search_spaces/demo.yaml").task == "segment"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: classify\nparams:\n  arch: {type: categorical, choices: [Unet, FPN]}\n")
+    with pytest.raises(SpaceError, match="apply to task 'segment' only"):
+        load_space(bad)
+    bad.write_text("fixed:\n  task: classify\n")
+    with pytest.raises(SpaceError, match="top level"):
+        load_space(bad)
