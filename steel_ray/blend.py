@@ -657,6 +657,9 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
     doc = blend_json(res, pool, run)
     if (Path(run) / HOLDOUT).exists():
         doc = score_holdout(run, doc, out / "blend.json")
+    state = Path(run) / "search.json"
+    if state.exists() and "pseudo" in json.loads(state.read_text()):  # a pseudo-labelling round (steel_ray.pseudo)
+        doc["pseudo"] = json.loads(state.read_text())["pseudo"]
     write_blend_json(doc, out / "blend.json")
     from .report import write_report
 

@@ -127,6 +127,13 @@ class TrainConfig:
     oof_epoch: str = "best"  # the weights kept for the OOF and predict: best (by val_dice_pp) or last epoch
     deterministic: bool = False  # CUDA: reproducible kernels instead of cuDNN autotuning (slower)
     compile: bool = False  # torch.compile the model for the training steps
+    finetune_epochs: int = 0  # more epochs on whole images (no crop, same resize) after the crop epochs
+    finetune_lr_mult: float = 0.1  # learning rate of the fine-tuning epochs, times lr (constant)
+
+    @property
+    def total_epochs(self) -> int:
+        """Crop epochs plus fine-tuning epochs: the epoch count ASHA and the reports see."""
+        return self.epochs + self.finetune_epochs
 
 
 _SECTIONS = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
@@ -187,6 +194,8 @@ class TrialConfig:
         """Stable, readable id of the model this config trains (same config -> same id)."""
         # keys of the other task do not describe this model (segmentation ids predate the classify task)
         other = set(CLASSIFY_ONLY) | {"task"} if self.model.task == "segment" else set(SEGMENT_ONLY)
+        if not self.train.finetune_epochs:  # no fine-tuning: ids stay those of configs from before the keys existed
+            other |= {"finetune_epochs", "finetune_lr_mult"}
         d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_KEYS and k not in other}
         h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
         enc = self.model.encoder.replace("/", "_")
@@ -220,6 +229,8 @@ class TrialConfig:
         if tr.steps_per_epoch is not None:
             _number("steps_per_epoch", tr.steps_per_epoch, int, 1)
         _number("warmup_steps", tr.warmup_steps, int, 0)
+        _number("finetune_epochs", tr.finetune_epochs, int, 0)
+        _number("finetune_lr_mult", tr.finetune_lr_mult, float, 0, low_open=True)
         if tr.warmup_steps and op.scheduler in ("plateau", "onecycle"):
             raise ConfigError(f"warmup_steps={tr.warmup_steps} works with scheduler cosine or none, not {op.scheduler!r} "
                               "(onecycle warms up by itself)")

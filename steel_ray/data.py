@@ -215,6 +215,22 @@ def load_train(
     return TrainSet(root, images_dir, image_ids, rles, shape, labels.format)
 
 
+def load_labelled(csv_path: str | Path, images_dir: str | Path) -> TrainSet:
+    """The images a label CSV names (every one of them, empty ones included, e.g. pseudo labels)
+    from ``images_dir``, with their masks; every row and image header is checked."""
+    labels = read_labels(csv_path)
+    image_ids = sorted(labels.image_ids)
+    if not image_ids:
+        raise DataError(f"{csv_path}: names no image")
+    images_dir = Path(images_dir)
+    missing = [i for i in image_ids if not (images_dir / i).is_file()]
+    if missing:
+        raise DataError(f"{csv_path}: image {missing[0]} is not in {images_dir}")
+    shape = check_shapes(images_dir, image_ids)
+    rles = label_array(labels, image_ids, str(images_dir), shape)
+    return TrainSet(Path(csv_path).parent, images_dir, image_ids, rles, shape, labels.format)
+
+
 def make_folds(presence: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
     """Multilabel-stratified K-fold on the 4 class-presence labels plus "no defect".
 

@@ -35,7 +35,7 @@ from .io import atomic_write_text
 from .metric import PostProcess
 from .ppsearch import blend_cls, blend_u8, gate_signal
 
-__all__ = ["Member", "load_members", "member_maps", "predict_images", "main"]
+__all__ = ["Member", "Prediction", "load_members", "member_maps", "iter_predictions", "predict_images", "main"]
 
 log = logging.getLogger("steel_ray.predict")
 
@@ -97,12 +97,23 @@ def member_maps(member: Member, images: list[np.ndarray], shape) -> tuple[np.nda
     return None if probs is None else oof.quantize((probs / k).cpu().numpy()), (cls / k).cpu().numpy()
 
 
-def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, skip_bad=False, progress=True,
-                   batch_size=8, bad: list | None = None):
-    """Yield (image_id, [rle per class]) for every image, streaming in batches.
+@dataclass
+class Prediction:
+    """One image's blend output: the post-processed masks, the blended uint8 maps and each class's gate."""
 
-    With ``skip_bad`` an unreadable or wrongly sized image gets empty masks and its error is
-    appended to ``bad``; otherwise it raises, naming the file.
+    image_id: str
+    masks: np.ndarray  # (4, H, W) bool
+    blended: np.ndarray  # (4, H, W) uint8, before post-processing
+    gate: np.ndarray  # (4,) the presence each class was gated by (its gate_source)
+
+
+def iter_predictions(doc: dict, members: list[Member], paths: list[Path], shape, skip_bad=False, progress=True,
+                     batch_size=8, bad: list | None = None):
+    """Yield a :class:`Prediction` per image (None in place of one for a skipped bad image, with its
+    name), streaming in batches: the single path of submissions, holdout scores and pseudo labels.
+
+    With ``skip_bad`` an unreadable or wrongly sized image is yielded as ``(name, None)`` and its
+    error appended to ``bad``; otherwise it raises, naming the file.
     """
     from tqdm import tqdm
 
@@ -123,20 +134,27 @@ def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, s
                     raise
                 log.warning("skipping %s", e)
                 bad.append(str(e))
-                yield p.name, [""] * N_CLASSES
+                yield p.name, None
         if batch:
             maps, cls = zip(*(member_maps(m, batch, shape) for m in members))
             maps, cls = np.stack(maps), np.stack(cls)  # (M, B, 4, H, W), (M, B, 4)
             # the classifier ensemble's presence (B, 4): sum_j weight_j * presence_j, as the blend scored it
             q = sum(m.weights[0] * member_maps(m, batch, shape)[1] for m in clfs) if clfs else None
-            masks = np.stack([post[c].apply(blend_u8(maps[:, :, c], weights[c]),
-                                            gate_signal(blend_cls(cls[:, :, c], weights[c]), None if q is None else q[:, c],
-                                                        post[c].gate_source))
-                              for c in range(N_CLASSES)], axis=1)
+            blended = np.stack([blend_u8(maps[:, :, c], weights[c]) for c in range(N_CLASSES)], axis=1)
+            gates = np.stack([gate_signal(blend_cls(cls[:, :, c], weights[c]), None if q is None else q[:, c],
+                                          post[c].gate_source) for c in range(N_CLASSES)], axis=1)
+            masks = np.stack([post[c].apply(blended[:, c], gates[:, c]) for c in range(N_CLASSES)], axis=1)
             for i, img in enumerate(ids):
-                yield img, [rle.encode(masks[i, c]) for c in range(N_CLASSES)]
+                yield img, Prediction(img, masks[i], blended[i], gates[i])
         bar.update(len(paths[start:start + batch_size]))
     bar.close()
+
+
+def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, skip_bad=False, progress=True,
+                   batch_size=8, bad: list | None = None):
+    """Yield (image_id, [rle per class]) for every image (empty masks for a skipped bad one)."""
+    for img, pred in iter_predictions(doc, members, paths, shape, skip_bad, progress, batch_size, bad):
+        yield img, [""] * N_CLASSES if pred is None else [rle.encode(m) for m in pred.masks]
 
 
 def write_submission(rows, out, fmt="new") -> int:

@@ -170,6 +170,14 @@ def headline_text(doc: dict) -> str:
         else:
             parts.append(f"No classifier is used: none of the pool's {len(doc['classifier_pool'])} beat the segmentation "
                          "gate on the cross-fitted score.")
+    if "pseudo" in doc:
+        p = doc["pseudo"]
+        ps_ = p["parent_scores"]
+        parts.append(f"Pseudo-labelling round {p['round']} of {p['parent']}: {p['n_images']} of {p['n_candidates']} images "
+                     f"pseudo-labelled at confidence >= {p['min_confidence']} (images with a defect per class {p['per_class']}) "
+                     f"added to every fold's training split; nested {fmt_score(ps_.get('nested'))} in the parent round vs "
+                     f"{fmt_score(nested)} here" + (f", holdout {fmt_score(ps_.get('holdout'))} vs {fmt_score(s.get('holdout'))}"
+                                                   if "holdout" in s else "") + ".")
     for c, w in warnings(doc):
         parts.append(w)
     return " ".join(parts)

@@ -292,7 +292,7 @@ def run_search(a) -> int:
     if len(set(names)) != len(names):
         raise SearchError(f"two --space files share a name {names}: their experiments would collide; rename one")
     # the data are read and checked before anything is written: a bad image or label leaves no run folder
-    data = prepare_run(state["data"], run, state["folds"], holdout=state.get("holdout", 0.0))
+    data = prepare_run(state["data"], run, state["folds"], holdout=state.get("holdout", 0.0), pseudo=state.get("pseudo"))
     logfile = console.setup(run, a.verbose, "search")
     log.info("search %s: stage %s; Ray and trial logs: %s", run, state["stage"], logfile)
     _save_state(run, state)

@@ -88,10 +88,15 @@ class SearchSpace:
         return dict(self.fixed)
 
     def max_epochs(self) -> int:
+        """The most epochs a trial can run (crop epochs plus fine-tuning epochs): ASHA's max_t."""
+        defaults = TrialConfig().train
+        return self._max("epochs", defaults.epochs) + self._max("finetune_epochs", defaults.finetune_epochs)
+
+    def _max(self, key: str, default: int) -> int:
         for p in self.params:
-            if p.name == "epochs":
+            if p.name == key:
                 return int(p.high if p.type != "categorical" else max(p.choices))
-        return int(self.fixed.get("epochs", TrialConfig().train.epochs))
+        return int(self.fixed.get(key, default))
 
     def keys(self) -> list[str]:
         return list(self.fixed) + [p.name for p in self.params]

@@ -58,6 +58,7 @@ class FoldData:
     train: TrainSet
     folds: np.ndarray
     n_folds: int
+    extra: TrainSet | None = None  # pseudo-labelled images: added to every fold's training split, never validated on
 
     @property
     def folds_hash(self) -> str:
@@ -67,13 +68,18 @@ class FoldData:
 HOLDOUT = oof.HOLDOUT
 
 
-def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, holdout: float = 0.0) -> FoldData:
+def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, holdout: float = 0.0,
+                pseudo: dict | None = None) -> FoldData:
     """Load the data, make (or reuse) the run's folds and write folds.csv and truth.parquet once.
 
     ``holdout`` > 0 first sets aside that fraction of the images (multilabel-stratified, seeded):
     they are never trained on, validated on or blended, and are listed with their labels in
     RUN/holdout.json for the final, untouched score. An existing run with a different split
     (other images, holdout, fold count or seed) is an error: OOF files of two splits must never be mixed.
+
+    ``pseudo`` (``{"labels": CSV, "images": DIR}``, see ``steel_ray.pseudo``) adds pseudo-labelled
+    images to every fold's training split: they are not in folds.csv, truth.parquet, validation
+    or any OOF file. One that is also a training (or holdout) image, or of another size, is refused.
     """
     run = Path(run_dir)
     ts = load_train(data_dir)
@@ -85,8 +91,9 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
         if hpath.exists() and json.loads(hpath.read_text())["image_ids"] != doc["image_ids"]:
             raise DataError(f"{hpath}: this run set aside other holdout images; use a new --out folder")
         ts = ts.subset(~held)
+    all_ids = set(ts.image_ids) | (set(doc["image_ids"]) if holdout else set())
     folds = make_folds(ts.presence, n_folds, fold_seed)
-    fd = FoldData(ts, folds, n_folds)
+    fd = FoldData(ts, folds, n_folds, _load_pseudo(pseudo, all_ids, ts.shape) if pseudo else None)
     fpath = run / "folds.csv"
     if fpath.exists():
         old = pd.read_csv(fpath)
@@ -102,6 +109,36 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
     if not (run / "truth.parquet").exists():
         oof.write_truth(run, ts, folds, fd.folds_hash)
     return fd
+
+
+def _load_pseudo(pseudo: dict, train_ids: set, shape) -> TrainSet:
+    from .data import load_labelled
+
+    extra = load_labelled(pseudo["labels"], pseudo["images"])
+    clash = sorted(set(extra.image_ids) & train_ids)
+    if clash:
+        raise DataError(f"{pseudo['labels']}: pseudo image {clash[0]} is also a training image "
+                        f"({len(clash)} such); pseudo labels are for images without labels")
+    if tuple(extra.shape) != tuple(shape):
+        raise DataError(f"{pseudo['images']}: pseudo images are {extra.shape[0]}x{extra.shape[1]}, "
+                        f"the training images {shape[0]}x{shape[1]}")
+    log.info("pseudo labels: %d images from %s added to every fold's training split", len(extra.image_ids), pseudo["labels"])
+    return extra
+
+
+def train_dataset(data: FoldData, fold: int, transform) -> tuple[torch.utils.data.Dataset, np.ndarray]:
+    """The training split of ``fold`` (every other fold's images, plus the pseudo-labelled ones)
+    and its presence (N, 4), for the balanced samplers."""
+    ts = data.train
+    tr_idx = np.flatnonzero(data.folds != fold)
+    ids = np.asarray(ts.image_ids, dtype=object)
+    ds = SteelDataset(ts.images_dir, ids[tr_idx], ts.rles[tr_idx], ts.shape, transform)
+    presence = ts.presence[tr_idx]
+    if data.extra is None:
+        return ds, presence
+    ex = data.extra
+    pseudo = SteelDataset(ex.images_dir, list(ex.image_ids), ex.rles, ex.shape, transform)
+    return torch.utils.data.ConcatDataset([ds, pseudo]), np.concatenate([presence, ex.presence])
 
 
 @dataclass
@@ -153,7 +190,8 @@ def _worker_init(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
-    info.dataset.transform.set_random_seed(s)
+    for ds in getattr(info.dataset, "datasets", [info.dataset]):  # a ConcatDataset with pseudo labels
+        ds.transform.set_random_seed(s)
 
 
 def _optimizer(cfg: TrialConfig, model):
@@ -358,13 +396,16 @@ def fit_fold(
     base = cfg.data.resize or ts.shape
     if cfg.data.crop and (cfg.data.crop[0] > base[0] or cfg.data.crop[1] > base[1]):
         raise ConfigError(f"crop {cfg.data.crop[0]}x{cfg.data.crop[1]} does not fit the {base[0]}x{base[1]} training images")
-    tr_idx = np.flatnonzero(data.folds != fold)
     va_idx = np.flatnonzero(data.folds == fold)
     ids = np.asarray(ts.image_ids, dtype=object)
     train_tf = build_transforms(True, cfg.data.crop, cfg.data.resize)
-    train_ds = SteelDataset(ts.images_dir, ids[tr_idx], ts.rles[tr_idx], ts.shape, train_tf)
+    train_ds, train_presence = train_dataset(data, fold, train_tf)
+    # fine-tuning epochs train on whole images (no crop, same resize): attention blocks and pooling
+    # then see at training the input size they get at inference
+    full_tf = build_transforms(True, None, cfg.data.resize) if cfg.train.finetune_epochs else None
+    full_ds = train_dataset(data, fold, full_tf)[0] if full_tf else None
     val_ds = SteelDataset(ts.images_dir, ids[va_idx], ts.rles[va_idx], ts.shape, build_transforms(False, resize=cfg.data.resize), full_size_mask=True)
-    sampler = None if cfg.data.sampler == "none" else BalancedSampler(ts.presence[tr_idx], cfg.data.sampler, cfg.train.seed)
+    sampler = None if cfg.data.sampler == "none" else BalancedSampler(train_presence, cfg.data.sampler, cfg.train.seed)
     bs = cfg.data.batch_size
     if cfg.train.steps_per_epoch:  # an epoch is a fixed number of optimizer steps, whatever the data size
         sampler = StepsSampler(len(train_ds), cfg.train.steps_per_epoch * bs, sampler, cfg.train.seed)
@@ -385,6 +426,7 @@ def fit_fold(
     # compiled for the training steps only; weights are saved from (and validation runs) the plain module
     step_model = torch.compile(model) if cfg.train.compile else model
     opt = _optimizer(cfg, model)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     sched, per_step = _scheduler(cfg, opt, steps)
     use_scaler = amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -409,13 +451,18 @@ def fit_fold(
         log.info("%s fold %d: resuming after epoch %d", model_id, fold, st["epoch"])
     write_json(ckdir / "config.json", cfg.to_dict())
 
-    for epoch in range(start, cfg.train.epochs + 1):
+    n_epochs = cfg.train.total_epochs
+    for epoch in range(start, n_epochs + 1):
         t0 = time.time()
-        s = _seed_everything(cfg.train.seed, fold, epoch, train_tf)
+        finetune = epoch > cfg.train.epochs
+        s = _seed_everything(cfg.train.seed, fold, epoch, full_tf if finetune else train_tf)
+        if finetune:  # constant lr * finetune_lr_mult (set every epoch: a resume lands here too)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * cfg.train.finetune_lr_mult
         if sampler is not None:
             sampler.set_epoch(epoch)
         loader = DataLoader(
-            train_ds,
+            full_ds if finetune else train_ds,
             batch_size=bs,
             shuffle=sampler is None,
             sampler=sampler,
@@ -445,7 +492,7 @@ def fit_fold(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             scaler.step(opt)
             scaler.update()
-            if per_step:
+            if per_step and not finetune:
                 sched.step()
             run_loss += loss.detach().double() * len(x)
             seen += len(x)
@@ -460,7 +507,7 @@ def fit_fold(
                 bar.set_postfix(loss=f"{total / seen:.4f}")
         val_loss, dm = _validate(model, val_loader, loss_fn, dev, amp, ts.shape)
         val_dice, val_pp = dm["val_dice"], dm["val_dice_pp"]
-        if sched is not None and not per_step:
+        if sched is not None and not per_step and not finetune:
             sched.step(val_loss)
         # the best epoch is the one the blend would do best with: highest post-processed Dice;
         # oof_epoch=last keeps the last epoch instead (no choice made on the fold's labels)
@@ -477,6 +524,8 @@ def fit_fold(
             "best_val_dice_pp": best_pp,
             "best_epoch": best_epoch,
             "lr": opt.param_groups[-1]["lr"],
+            "phase": "finetune" if finetune else "train",
+            "train_size": "x".join(str(v) for v in x.shape[-2:]),  # the last batch's input size
             "epoch_seconds": time.time() - t0,
         }
         history.append(metrics)
@@ -488,10 +537,10 @@ def fit_fold(
         })
         log.info(
             "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_dice %.4f post-processed %.4f (all-empty %.4f; "
-            "best %.4f @ %d) %.1fs", model_id, fold, epoch, cfg.train.epochs, metrics["train_loss"], val_loss, val_dice, val_pp,
+            "best %.4f @ %d) %.1fs", model_id, fold, epoch, n_epochs, metrics["train_loss"], val_loss, val_dice, val_pp,
             dm["val_all_empty"], best_pp, best_epoch, metrics["epoch_seconds"],
         )
-        if report is not None and epoch < cfg.train.epochs:
+        if report is not None and epoch < n_epochs:
             report(dict(metrics))
 
     oof_file = None

@@ -216,7 +216,7 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
         log.info("%s fold %d: OOF already in the pool, reusing it", model_id, fold)
         best = float(done.get("best_val_dice", float("nan")))
         best_pp = float(done.get("best_val_dice_pp", float("nan")))
-        tune.report({**info, "epoch": int(done.get("epochs_run", cfg.train.epochs)), "val_dice": best, "val_dice_pp": best_pp,
+        tune.report({**info, "epoch": int(done.get("epochs_run", cfg.train.total_epochs)), "val_dice": best, "val_dice_pp": best_pp,
                      "best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": done.get("best_epoch"),
                      "finished": True, "reused": True})
         return
@@ -235,7 +235,7 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
                     os.replace(ckdir / f".{name}.restore", ckdir / name)
 
     def report(metrics: dict) -> None:
-        metrics = {**metrics, **info, "finished": metrics["epoch"] >= cfg.train.epochs}
+        metrics = {**metrics, **info, "finished": metrics["epoch"] >= cfg.train.total_epochs}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
 
     with _trial_log(local_run, model_id, fold):

@@ -268,3 +268,31 @@ def test_gate_metrics_by_hand():
     assert np.isnan(m["val_auc_2"]) and m["val_auc"] == pytest.approx(0.875)
     # per-class best threshold from the gate grid: class 1 at 0.4 (3 of 4), class 3 at 0.4 (4 of 4)
     assert m["val_dice_pp"] == pytest.approx((0.75 + 1 + 1 + 1) / 4)
+
+
+def test_finetune_runs_full_size_after_crops_and_resumes_across_the_boundary(tiny_set, tmp_path):
+    cfg = TrialConfig.from_dict({**TINY, "finetune_epochs": 1, "finetune_lr_mult": 0.1, "scheduler": "none"})
+    assert cfg.train.total_epochs == 3 and cfg.model_id() != TrialConfig.from_dict(TINY).model_id()
+    data_a = prepare_run(tiny_set, tmp_path / "a", 3)
+    reports = []
+    full = fit_fold(cfg, 0, data_a, tmp_path / "a", report=reports.append, progress=False)
+    assert [r["epoch"] for r in reports] == [1, 2, 3]  # one continuous count for ASHA
+    assert [h["phase"] for h in full.history] == ["train", "train", "finetune"]
+    assert [h["train_size"] for h in full.history] == ["32x128", "32x128", "64x256"]  # crops, then the whole image
+    assert full.history[2]["lr"] == pytest.approx(3e-3 * 0.1) and full.history[1]["lr"] == pytest.approx(3e-3)
+    assert oof.oof_path(tmp_path / "a", cfg.model_id(), 0).exists()
+
+    def stop_at_boundary(metrics):
+        if metrics["epoch"] == 2:
+            raise Stop()
+
+    data_b = prepare_run(tiny_set, tmp_path / "b", 3)
+    with pytest.raises(Stop):
+        fit_fold(cfg, 0, data_b, tmp_path / "b", report=stop_at_boundary, progress=False)
+    seen = []
+    resumed = fit_fold(cfg, 0, data_b, tmp_path / "b", report=seen.append, progress=False)
+    assert [m["epoch"] for m in seen] == [3]
+    for key in ("train_loss", "val_loss", "val_dice", "lr"):
+        assert resumed.history[2][key] == pytest.approx(full.history[2][key], rel=1e-6, abs=1e-9), key
+    # no fine-tuning: the model id is the one configs had before the keys existed
+    assert TrialConfig.from_dict({**TINY, "finetune_lr_mult": 0.3}).model_id() == TrialConfig.from_dict(TINY).model_id()

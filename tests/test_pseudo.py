@@ -1,0 +1,91 @@
+"""Pseudo-labelling rounds on a tiny search run (real Ray, real JPEGs), and the training split they feed."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from steel_ray import oof, rle
+from steel_ray.data import load_labelled
+from steel_ray.train import prepare_run, train_dataset
+
+
+def _run(mod, *args):
+    return subprocess.run([sys.executable, "-m", f"steel_ray.{mod}", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def parent(tiny_set, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pseudo")
+    space = root / "space.yaml"
+    space.write_text("fixed: {batch_size: 8, epochs: 2, tta: none, arch: FPN, encoder: tu-test_resnet, lr: 3.0e-3, "
+                     "aux_weight: 0.2, sampler: upsample}\nparams:\n  decoder_width: {type: categorical, choices: [64]}\n")
+    run = root / "r0"
+    r = _run("search", "--space", space, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 1, "--top", 1,
+             "--holdout", 0.25)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run
+
+
+def test_round_trains_on_pseudo_images_without_ever_validating_on_them(parent, tiny_set, tmp_path):
+    out = tmp_path / "r1"
+    r = _run("pseudo", "--run", parent, "--images", tiny_set / "test_images", "--out", out, "--min-confidence", 0.5)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "pseudo-labelling round 1" in r.stdout and "round 0" in r.stdout and "holdout (the one to trust)" in r.stdout
+    images = pd.read_csv(out / "pseudo" / "images.csv")
+    assert sorted(images.image_id) == sorted(p.name for p in (tiny_set / "test_images").iterdir())
+    kept = set(images[images.kept].image_id)
+    assert kept and (images[images.kept].confidence >= 0.5).all() and (images[~images.kept].confidence < 0.5).all()
+    labels = pd.read_csv(out / "pseudo" / "labels.csv", keep_default_na=False, dtype=str)
+    assert list(labels.columns) == ["ImageId", "EncodedPixels", "ClassId"] and set(labels.ImageId) == kept
+    for s in labels.EncodedPixels:
+        rle.decode(s, (64, 256))
+    # same folds as the parent; the pseudo images are in no fold table, truth table or OOF file
+    assert pd.read_csv(out / "folds.csv").equals(pd.read_csv(parent / "folds.csv"))
+    assert not kept & set(oof.read_truth(out).image_ids)
+    for mid, folds in oof.list_pool(out).items():
+        for f in folds:
+            assert not kept & set(pq.read_table(oof.oof_path(out, mid, f), columns=["image_id"]).column("image_id").to_pylist())
+    doc = json.loads((out / "blend" / "blend.json").read_text())
+    assert doc["pseudo"]["parent"] == str(parent.resolve()) and doc["pseudo"]["n_images"] == len(kept)
+    assert "Pseudo-labelling round 1" in (out / "blend" / "report.md").read_text()
+    parent_models = {m["model_id"] for m in json.loads((parent / "blend" / "blend.json").read_text())["members"]}
+    assert set(json.loads((out / "search.json").read_text())["selected_models"]) == parent_models
+
+
+def test_pseudo_images_reach_every_training_split_with_their_masks(tiny_set, tmp_path):
+    from steel_ray.dataset import build_transforms
+
+    src = tiny_set / "test_images"
+    names = sorted(p.name for p in src.iterdir())[:3]
+    mask = np.zeros((64, 256), bool)
+    mask[10:20, 30:90] = True
+    lab = tmp_path / "labels.csv"
+    lab.write_text("ImageId,EncodedPixels,ClassId\n" + "".join(
+        f"{n},{rle.encode(mask) if (n == names[0] and c == 3) else ''},{c}\n" for n in names for c in (1, 2, 3, 4)))
+    data = prepare_run(tiny_set, tmp_path / "run", 3, pseudo={"labels": lab, "images": src})
+    assert data.extra.image_ids == names
+    for fold in range(3):
+        ds, presence = train_dataset(data, fold, build_transforms(False))
+        n_train = int((data.folds != fold).sum())
+        assert len(ds) == n_train + 3 and presence.shape == (n_train + 3, 4)
+        item = ds[n_train + names.index(names[0])]
+        assert item["mask"].shape == (4, 64, 256) and np.array_equal(item["mask"][2].numpy() > 0.5, mask)
+        assert item["mask"][[0, 1, 3]].sum() == 0 and presence[n_train].tolist() == [False, False, True, False]
+    assert load_labelled(lab, src).rles[0, 2] == rle.encode(mask)
+
+
+def test_training_images_and_other_sizes_are_refused(parent, tiny_set, tmp_path):
+    r = _run("pseudo", "--run", parent, "--images", tiny_set / "train_images", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "also a training image" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    from steel_ray import synth
+
+    other = tmp_path / "other"
+    synth.generate(other, n_train=2, n_test=2, height=32, width=128, seed=9)
+    r = _run("pseudo", "--run", parent, "--images", other / "test_images", "--out", tmp_path / "y")
+    assert r.returncode == 2 and "the run's 64x256" in r.stderr, r.stderr
+    shutil.rmtree(other)
