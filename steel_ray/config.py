@@ -20,27 +20,41 @@ __all__ = [
     "TrainConfig",
     "TrialConfig",
     "ARCHS",
-    "LOSSES",
-    "OPTIMIZERS",
-    "SCHEDULERS",
     "TASKS",
-    "CLS_LOSSES",
     "POOLS",
+    "registry",
     "parse_set",
 ]
 
 ARCHS = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "Linknet", "DeepLabV3Plus", "DeepLabV3", "MAnet", "PAN")
-LOSSES = ("bce", "dice", "bce_dice", "lovasz", "focal")
-OPTIMIZERS = ("adam", "adamw", "radam", "sgd")
-SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 ATTENTIONS = ("none", "scse")
-SAMPLERS = ("none", "upsample", "downsample", "weighted")
-TTAS = ("none", "hflip", "vflip", "hflip_vflip")
 ENCODER_WEIGHTS = (None, "imagenet")
 TASKS = ("segment", "classify")
-CLS_LOSSES = ("bce", "focal")
 POOLS = ("avg", "max", "avgmax")
 OOF_EPOCHS = ("best", "last")
+
+
+def registry(key: str) -> tuple:
+    """The valid choices of a config key whose implementations live in a registry elsewhere
+    (loss, cls_loss, optimizer, scheduler, sampler, tta): each choice is written once, where it
+    is implemented, and validation reads it from there (imported on first use)."""
+    if key in ("loss", "cls_loss"):
+        from . import losses
+
+        return tuple(losses.SEG_LOSSES if key == "loss" else losses.CLS_LOSSES)
+    if key in ("optimizer", "scheduler"):
+        from . import optim
+
+        return tuple(optim.OPTIMIZERS if key == "optimizer" else optim.SCHEDULERS)
+    if key == "sampler":
+        from .dataset import SAMPLERS
+
+        return SAMPLERS
+    if key == "tta":
+        from .infer import TTA_FLIPS
+
+        return tuple(TTA_FLIPS)
+    raise KeyError(f"no registry for config key {key!r}")
 
 
 class ConfigError(ValueError):
@@ -208,7 +222,7 @@ class TrialConfig:
         _choice("task", m.task, TASKS)
         _choice("pool", m.pool, POOLS)
         _number("dropout", m.dropout, float, 0, 0.95)
-        _choice("cls_loss", lo.cls_loss, CLS_LOSSES)
+        _choice("cls_loss", lo.cls_loss, registry("cls_loss"))
         _choice("arch", m.arch, ARCHS)
         if not isinstance(m.encoder, str) or not m.encoder:
             raise ConfigError(f"encoder={m.encoder!r} must be an encoder name such as 'resnet34' or 'tu-resnet34'")
@@ -217,25 +231,27 @@ class TrialConfig:
         _number("aux_weight", m.aux_weight, float, 0)
         if m.decoder_width is not None:
             _number("decoder_width", m.decoder_width, int, 16)
-        _choice("loss", lo.loss, LOSSES)
+        _choice("loss", lo.loss, registry("loss"))
         _number("focal_gamma", lo.focal_gamma, float, 0)
         _number("bce_weight", lo.bce_weight, float, 0, 1)
-        _choice("optimizer", op.optimizer, OPTIMIZERS)
+        _choice("optimizer", op.optimizer, registry("optimizer"))
         _number("lr", op.lr, float, 0, low_open=True)
         _number("encoder_lr_mult", op.encoder_lr_mult, float, 0)
         _number("weight_decay", op.weight_decay, float, 0)
-        _choice("scheduler", op.scheduler, SCHEDULERS)
+        _choice("scheduler", op.scheduler, registry("scheduler"))
         _number("epochs", tr.epochs, int, 1)
         if tr.steps_per_epoch is not None:
             _number("steps_per_epoch", tr.steps_per_epoch, int, 1)
         _number("warmup_steps", tr.warmup_steps, int, 0)
         _number("finetune_epochs", tr.finetune_epochs, int, 0)
         _number("finetune_lr_mult", tr.finetune_lr_mult, float, 0, low_open=True)
-        if tr.warmup_steps and op.scheduler in ("plateau", "onecycle"):
+        from .optim import WARMUP_SCHEDULERS
+
+        if tr.warmup_steps and op.scheduler not in WARMUP_SCHEDULERS:
             raise ConfigError(f"warmup_steps={tr.warmup_steps} works with scheduler cosine or none, not {op.scheduler!r} "
                               "(onecycle warms up by itself)")
         _number("seed", tr.seed, int, 0)
-        _choice("tta", tr.tta, TTAS)
+        _choice("tta", tr.tta, registry("tta"))
         _choice("oof_epoch", tr.oof_epoch, OOF_EPOCHS)
         for key in ("amp", "deterministic", "compile"):
             if not isinstance(getattr(tr, key), bool):
@@ -244,7 +260,7 @@ class TrialConfig:
         _number("batch_size", da.batch_size, int, 1)
         if da.num_workers is not None:
             _number("num_workers", da.num_workers, int, 0)
-        _choice("sampler", da.sampler, SAMPLERS)
+        _choice("sampler", da.sampler, registry("sampler"))
         for a, b in (("crop_height", "crop_width"), ("resize_height", "resize_width")):
             va, vb = getattr(da, a), getattr(da, b)
             if (va is None) != (vb is None):

@@ -13,10 +13,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import rle
-from .config import SAMPLERS as SAMPLER_MODES
 from .data import N_CLASSES, DataError
 
-__all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "StepsSampler", "read_image", "SAMPLER_MODES"]
+__all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "StepsSampler", "read_image", "SAMPLERS", "SAMPLER_MODES"]
+
+# the config's sampler choices: none (shuffle), or a BalancedSampler mode; config validation reads these
+SAMPLERS = ("none", "upsample", "downsample", "weighted")
+SAMPLER_MODES = SAMPLERS
 
 log = logging.getLogger(__name__)
 MEAN = (0.485, 0.456, 0.406)

@@ -4,27 +4,45 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LOSSES, ConfigError, LossConfig
+from .config import ConfigError, LossConfig
 
-__all__ = ["build_loss", "SteelLoss", "PresenceLoss"]
+__all__ = ["SEG_LOSSES", "CLS_LOSSES", "build_loss", "SteelLoss", "PresenceLoss"]
+
+
+def _smp():
+    from segmentation_models_pytorch import losses
+
+    return losses
+
+
+# name -> builder(LossConfig) of the mask loss; config validation reads the keys
+SEG_LOSSES = {
+    "bce": lambda cfg: _smp().SoftBCEWithLogitsLoss(),
+    "dice": lambda cfg: _smp().DiceLoss(mode=_smp().MULTILABEL_MODE, from_logits=True),
+    "bce_dice": lambda cfg: _Weighted([(cfg.bce_weight, _smp().SoftBCEWithLogitsLoss()),
+                                       (1 - cfg.bce_weight, _smp().DiceLoss(mode=_smp().MULTILABEL_MODE, from_logits=True))]),
+    "lovasz": lambda cfg: _smp().LovaszLoss(mode=_smp().MULTILABEL_MODE, per_image=True, from_logits=True),
+    "focal": lambda cfg: _smp().FocalLoss(mode=_smp().MULTILABEL_MODE, gamma=cfg.focal_gamma),
+}
+
+
+def _focal_presence(logits, target, cfg: LossConfig):
+    from torchvision.ops import sigmoid_focal_loss
+
+    return sigmoid_focal_loss(logits, target, alpha=-1, gamma=cfg.focal_gamma, reduction="mean")
+
+
+# name -> loss(presence logits, presence targets, LossConfig) of a classifier (task: classify)
+CLS_LOSSES = {
+    "bce": lambda logits, target, cfg: F.binary_cross_entropy_with_logits(logits, target),
+    "focal": _focal_presence,
+}
 
 
 def _seg_loss(cfg: LossConfig) -> nn.Module:
-    from segmentation_models_pytorch import losses as L
-
-    if cfg.loss == "bce":
-        return L.SoftBCEWithLogitsLoss()
-    if cfg.loss == "dice":
-        return L.DiceLoss(mode=L.MULTILABEL_MODE, from_logits=True)
-    if cfg.loss == "bce_dice":
-        return _Weighted(
-            [(cfg.bce_weight, L.SoftBCEWithLogitsLoss()), (1 - cfg.bce_weight, L.DiceLoss(mode=L.MULTILABEL_MODE, from_logits=True))]
-        )
-    if cfg.loss == "lovasz":
-        return L.LovaszLoss(mode=L.MULTILABEL_MODE, per_image=True, from_logits=True)
-    if cfg.loss == "focal":
-        return L.FocalLoss(mode=L.MULTILABEL_MODE, gamma=cfg.focal_gamma)
-    raise ConfigError(f"loss={cfg.loss!r} is not valid; choose one of {list(LOSSES)}")
+    if cfg.loss not in SEG_LOSSES:
+        raise ConfigError(f"loss={cfg.loss!r} is not valid; choose one of {list(SEG_LOSSES)}")
+    return SEG_LOSSES[cfg.loss](cfg)
 
 
 class _Weighted(nn.Module):
@@ -65,16 +83,10 @@ class PresenceLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
-        self.kind, self.gamma = cfg.cls_loss, cfg.focal_gamma
+        self.cfg, self.fn = cfg, CLS_LOSSES[cfg.cls_loss]
 
     def forward(self, mask_logits, masks, cls_logits=None, presence=None):
-        logits = cls_logits.float()
-        if self.kind == "focal":
-            from torchvision.ops import sigmoid_focal_loss
-
-            loss = sigmoid_focal_loss(logits, presence, alpha=-1, gamma=self.gamma, reduction="mean")
-        else:
-            loss = F.binary_cross_entropy_with_logits(logits, presence)
+        loss = self.fn(cls_logits.float(), presence, self.cfg)
         return loss, {"cls_loss": loss.detach()}
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from . import console
 from .data import N_CLASSES, DataError, check_shapes, list_images
 from .io import atomic_write_text, write_json
+from .search import _where
 
 __all__ = ["image_confidence", "label_images", "main"]
 
@@ -196,7 +197,7 @@ def _start_round(a, run: Path, out: Path) -> dict:
     per_class = {str(c + 1): int(sum(bool(v[c]) for v in labels.values())) for c in range(N_CLASSES)}
     state = {
         "space": None, "spaces": [], "data": parent["data"], "folds": parent["folds"], "holdout": parent.get("holdout", 0.0),
-        "num_samples": None, "top": None, "seed": parent.get("seed", 0), "storage": a.storage, "smoke": False,
+        "num_samples": None, "top": None, "seed": parent.get("seed", 0), "storage": _where(a.storage), "smoke": False,
         "stage": "complete", "explored": [], "selected": configs,
         "selected_models": [TrialConfig.from_dict(c).model_id() for c in configs],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": f"{out.name}-{uuid.uuid4().hex[:12]}",

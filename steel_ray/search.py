@@ -233,6 +233,52 @@ def _fit_stage(stage, total, trainable, storage_path, tune_config, a, logfile, p
         log.info(progress.close())
 
 
+def unshared_nodes(run: Path, timeout_s: float = 60.0) -> list[str]:
+    """Ids of the cluster's other nodes that cannot write a file into ``run`` that this driver then
+    sees (a probe task pinned to each node): trials write their OOF and weights to the pool, which
+    without --storage is the run folder, so it must be one folder for every node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    me = ray.get_runtime_context().get_node_id()
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != me]
+    if not nodes:
+        return []
+    probe_dir = run / ".shared-probe"
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+
+    @ray.remote(num_cpus=0)
+    def write_probe(path: str, text: str) -> bool:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+            return True
+        except OSError:
+            return False
+
+    refs = {n: write_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(
+        str(probe_dir / n), token) for n in nodes}
+    ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    missing = []
+    for n in nodes:
+        f = probe_dir / n
+        if not (f.exists() and f.read_text() == token):
+            missing.append(n)
+    import shutil
+
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    return missing
+
+
+def require_shared(run: Path, missing: list[str]) -> None:
+    """Refuse a multi-node search whose run folder (the pool without --storage) some node cannot reach."""
+    if missing:
+        raise SearchError(f"--address without --storage: node(s) {', '.join(m[:12] for m in missing)} cannot write the run "
+                          f"folder {run} that this driver reads (it is not a shared path), so their trials' OOF files "
+                          "and weights would be lost; pass --storage (a path every node shares, or s3://...)")
+
+
 def _smoke(space):
     """The space with one epoch per trial (``--smoke``)."""
     import dataclasses
@@ -275,14 +321,71 @@ def _per_space(state: dict, space, key: str) -> int:
     return min(v, {"num_samples": 2, "top": 1}[key]) if state["smoke"] else v
 
 
-def run_search(a) -> int:
-    # Tune warns on every checkpoint-heavy snapshot; per-epoch checkpoints are by design here
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+def _start_ray(a, run: Path, state: dict) -> None:
+    """Join --address (checking that every node sees the run folder when there is no --storage) or
+    start an embedded Ray (shut down on exit)."""
     import ray
+
+    if a.address:
+        ray.init(address=a.address, ignore_reinit_error=True, log_to_driver=a.verbose)
+    elif not ray.is_initialized():
+        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=a.verbose)
+        a.started_ray = True
+    console.route_ray_logs()
+    if a.address and not state["storage"]:
+        require_shared(run, unshared_nodes(run))
+
+
+def _explore_stage(spaces, state: dict, run: Path, rows: list, trainable, storage_path, a, logfile) -> list:
+    """Each space not yet explored: its explore trials, then its ``top`` configs join ``state["selected"]``."""
+    from .config import TrialConfig
+
+    for sp in spaces:
+        if sp.name in state.setdefault("explored", []):
+            continue
+        grid = _explore(sp, len(spaces), state, run, trainable, storage_path, a, logfile)
+        new = _results_rows(grid, "explore", sp.name)
+        rows += new
+        _write_results(run, rows)
+        chosen = _select_top(new, _per_space(state, sp, "top"), sp.name)
+        if not chosen:
+            raise SearchError(f"every explore trial of {sp.path} failed; see RUN/results.parquet for the errors")
+        state["selected"] += chosen
+        # the run's models: what the blend uses (screening-only configs have fold 0 alone)
+        state["selected_models"] = [TrialConfig.from_dict(c).model_id() for c in state["selected"]]
+        state["explored"].append(sp.name)
+        _save_state(run, state)
+    return rows
+
+
+def _complete_stage(state: dict, run: Path, rows: list, pool: str, trainable, storage_path, a, logfile) -> list:
+    """Every selected config on every fold; (config, fold) pairs whose OOF is already in the pool (the
+    screening fold of a trial that ran to the end) are reused, not retrained. The pool is then
+    copied into the run folder."""
     from ray import tune
 
     from .config import TrialConfig
-    from .tune_adapter import run_trial, sync_pool
+    from .tune_adapter import pool_meta, sync_pool
+
+    specs = [{**cfg, "fold": k} for cfg in state["selected"] for k in range(state["folds"])
+             if pool_meta(pool, TrialConfig.from_dict(cfg).model_id(), k) is None]
+    rows = [r for r in rows if r["stage"] != "complete"]
+    if specs:
+        tc = tune.TuneConfig(max_concurrent_trials=a.max_concurrent, num_samples=1)
+        grid = _fit_stage("complete", len(specs), trainable, storage_path, tc, a, logfile, {"spec": tune.grid_search(specs)})
+        rows += _results_rows(grid, "complete")
+    _write_results(run, rows)
+    sync_pool(pool, run)
+    return rows
+
+
+def run_search(a) -> int:
+    """The search's stages (explore, complete, blend) from wherever ``RUN/search.json`` says it stopped."""
+    # Tune warns on every checkpoint-heavy snapshot; per-epoch checkpoints are by design here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from ray import tune
+
+    from .tune_adapter import run_trial
 
     run = Path(a.out).resolve()
     state = _load_state(run, a)
@@ -299,60 +402,24 @@ def run_search(a) -> int:
     root = f"{state['storage'].rstrip('/')}/{run_id(state, run)}" if state["storage"] else None
     pool = f"{root}/pool" if root else str(run)
     storage_path = f"{root}/ray" if root else str(run / "ray")
-
-    if a.address:
-        ray.init(address=a.address, ignore_reinit_error=True, log_to_driver=a.verbose)
-    elif not ray.is_initialized():
-        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=a.verbose)
-        a.started_ray = True
-    console.route_ray_logs()
-    res = {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial}
+    _start_ray(a, run, state)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, pool=pool, default_fold=SCREEN_FOLD, cpus=a.cpus_per_trial), res
+        tune.with_parameters(run_trial, data=data, pool=pool, default_fold=SCREEN_FOLD, cpus=a.cpus_per_trial),
+        {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial},
     )
     rows: list[dict] = []
     if (run / "results.parquet").exists() and a.resume:
         explored = set(state.get("explored", []))
         rows = [r for r in pd.read_parquet(run / "results.parquet").to_dict("records")
                 if r["stage"] != state["stage"] or (r["stage"] == "explore" and r.get("space") in explored)]
-
     if state["stage"] == "explore":
-        for sp in spaces:
-            if sp.name in state.setdefault("explored", []):
-                continue
-            grid = _explore(sp, len(spaces), state, run, trainable, storage_path, a, logfile)
-            new = _results_rows(grid, "explore", sp.name)
-            rows += new
-            _write_results(run, rows)
-            chosen = _select_top(new, _per_space(state, sp, "top"), sp.name)
-            if not chosen:
-                raise SearchError(f"every explore trial of {sp.path} failed; see RUN/results.parquet for the errors")
-            state["selected"] += chosen
-            # the run's models: what the blend uses (screening-only configs have fold 0 alone)
-            state["selected_models"] = [TrialConfig.from_dict(c).model_id() for c in state["selected"]]
-            state["explored"].append(sp.name)
-            _save_state(run, state)
+        rows = _explore_stage(spaces, state, run, rows, trainable, storage_path, a, logfile)
         state["stage"] = "complete"
         _save_state(run, state)
-
     if state["stage"] == "complete":
-        from .config import TrialConfig
-        from .tune_adapter import pool_meta
-
-        # (config, fold) pairs whose OOF is already in the pool (the screening fold of a trial
-        # that ran to the end) are reused, not retrained
-        specs = [{**cfg, "fold": k} for cfg in state["selected"] for k in range(state["folds"])
-                 if pool_meta(pool, TrialConfig.from_dict(cfg).model_id(), k) is None]
-        rows = [r for r in rows if r["stage"] != "complete"]
-        if specs:
-            tc = tune.TuneConfig(max_concurrent_trials=a.max_concurrent, num_samples=1)
-            grid = _fit_stage("complete", len(specs), trainable, storage_path, tc, a, logfile, {"spec": tune.grid_search(specs)})
-            rows += _results_rows(grid, "complete")
-        _write_results(run, rows)
-        sync_pool(pool, run)
+        rows = _complete_stage(state, run, rows, pool, trainable, storage_path, a, logfile)
         state["stage"] = "blend"
         _save_state(run, state)
-
     df = _write_results(run, rows)
     _print_summary(df, run, state.get("selected_models", []))
     if state["stage"] == "blend" and not a.no_blend:

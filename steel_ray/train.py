@@ -38,7 +38,8 @@ from .infer import autocast, pick_device, predict_batch
 from .io import atomic_path, write_json
 from .losses import build_loss
 from .metric import dice_per_pair_torch
-from .models import SteelClassifier, build_model, check_model_config, encoder_parameters
+from .models import SteelClassifier, build_model, check_model_config
+from .optim import build_optimizer, build_scheduler
 
 __all__ = ["FoldData", "FoldResult", "prepare_run", "fit_fold", "checkpoint_dir", "load_weights", "NonFiniteLossError"]
 
@@ -194,43 +195,6 @@ def _worker_init(worker_id: int) -> None:
         ds.transform.set_random_seed(s)
 
 
-def _optimizer(cfg: TrialConfig, model):
-    o = cfg.optim
-    enc, rest = encoder_parameters(model)
-    groups = [{"params": enc, "lr": o.lr * o.encoder_lr_mult}, {"params": rest, "lr": o.lr}]
-    kw = {"weight_decay": o.weight_decay}
-    if o.optimizer == "adam":
-        return torch.optim.Adam(groups, **kw)
-    if o.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kw)
-    if o.optimizer == "radam":
-        return torch.optim.RAdam(groups, **kw)
-    return torch.optim.SGD(groups, momentum=0.9, nesterov=True, **kw)
-
-
-def _scheduler(cfg: TrialConfig, opt, steps_per_epoch: int):
-    """(scheduler, per_step): cosine and onecycle step per batch, plateau per epoch.
-
-    ``warmup_steps`` prepends a linear warm-up from lr/100 (cosine and none only; the config
-    refuses it with plateau and onecycle).
-    """
-    lr_sched = torch.optim.lr_scheduler
-    total = cfg.train.epochs * steps_per_epoch
-    warm = min(cfg.train.warmup_steps, max(0, total - 1))
-    name = cfg.optim.scheduler
-    if name == "onecycle":
-        lrs = [g["lr"] for g in opt.param_groups]
-        return lr_sched.OneCycleLR(opt, max_lr=lrs, total_steps=max(1, total)), True
-    if name == "plateau":
-        return lr_sched.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=1), False
-    main = lr_sched.CosineAnnealingLR(opt, T_max=max(1, total - warm)) if name == "cosine" else None
-    if not warm:
-        return main, main is not None
-    ramp = lr_sched.LinearLR(opt, start_factor=0.01, end_factor=1.0, total_iters=warm)
-    main = main or lr_sched.ConstantLR(opt, factor=1.0, total_iters=0)
-    return lr_sched.SequentialLR(opt, [ramp, main], milestones=[warm]), True
-
-
 def load_weights(path, device="cpu"):
     """Rebuild a model from a saved best-weights file (config travels inside it)."""
     blob = torch.load(path, map_location=device, weights_only=False)
@@ -364,6 +328,120 @@ def _dice_metrics(pair_dice: np.ndarray, empty: np.ndarray) -> dict:
     return out
 
 
+@dataclass
+class _FoldLoaders:
+    """What one fold trains and validates on (datasets, sampler, validation loader, step counts)."""
+
+    train_tf: object
+    train_ds: object
+    full_tf: object | None  # fine-tuning: whole images
+    full_ds: object | None
+    sampler: object | None
+    val_loader: DataLoader
+    batch_size: int
+    drop_last: bool
+    steps: int  # optimizer steps per epoch
+    workers: int
+
+
+def _fold_loaders(cfg: TrialConfig, data: FoldData, fold: int, dev, cpus) -> _FoldLoaders:
+    ts = data.train
+    base = cfg.data.resize or ts.shape
+    if cfg.data.crop and (cfg.data.crop[0] > base[0] or cfg.data.crop[1] > base[1]):
+        raise ConfigError(f"crop {cfg.data.crop[0]}x{cfg.data.crop[1]} does not fit the {base[0]}x{base[1]} training images")
+    va_idx = np.flatnonzero(data.folds == fold)
+    ids = np.asarray(ts.image_ids, dtype=object)
+    train_tf = build_transforms(True, cfg.data.crop, cfg.data.resize)
+    train_ds, train_presence = train_dataset(data, fold, train_tf)
+    # fine-tuning epochs train on whole images (no crop, same resize): attention blocks and pooling
+    # then see at training the input size they get at inference
+    full_tf = build_transforms(True, None, cfg.data.resize) if cfg.train.finetune_epochs else None
+    full_ds = train_dataset(data, fold, full_tf)[0] if full_tf else None
+    val_ds = SteelDataset(ts.images_dir, ids[va_idx], ts.rles[va_idx], ts.shape, build_transforms(False, resize=cfg.data.resize),
+                          full_size_mask=True)
+    sampler = None if cfg.data.sampler == "none" else BalancedSampler(train_presence, cfg.data.sampler, cfg.train.seed)
+    bs = cfg.data.batch_size
+    if cfg.train.steps_per_epoch:  # an epoch is a fixed number of optimizer steps, whatever the data size
+        sampler = StepsSampler(len(train_ds), cfg.train.steps_per_epoch * bs, sampler, cfg.train.seed)
+    n_samples = len(sampler) if sampler is not None else len(train_ds)
+    drop_last = n_samples >= bs
+    nw = _num_workers(cfg, dev, cpus)
+    # the validation loader lives for the whole fold: its workers persist; the training loader is
+    # rebuilt each epoch because its workers are reseeded from (seed, fold, epoch) for resumable runs
+    val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, num_workers=nw, pin_memory=dev.type == "cuda",
+                            persistent_workers=nw > 0)
+    return _FoldLoaders(train_tf, train_ds, full_tf, full_ds, sampler, val_loader, bs, drop_last,
+                        n_samples // bs if drop_last else 1, nw)
+
+
+def _epoch_loader(fl: _FoldLoaders, cfg: TrialConfig, fold: int, epoch: int, finetune: bool, dev) -> DataLoader:
+    """The epoch's training loader, every RNG seeded from (seed, fold, epoch): a resumed epoch replays."""
+    s = _seed_everything(cfg.train.seed, fold, epoch, fl.full_tf if finetune else fl.train_tf)
+    if fl.sampler is not None:
+        fl.sampler.set_epoch(epoch)
+    return DataLoader(fl.full_ds if finetune else fl.train_ds, batch_size=fl.batch_size, shuffle=fl.sampler is None,
+                      sampler=fl.sampler, num_workers=fl.workers, drop_last=fl.drop_last, generator=torch.Generator().manual_seed(s),
+                      worker_init_fn=_worker_init if fl.workers else None, pin_memory=dev.type == "cuda")
+
+
+def _restore(last: Path, model_id: str, fold: int, model, opt, sched, scaler, dev) -> tuple:
+    """(first epoch to run, best val_dice, best post-processed, best epoch, history) from last.pt, or a fresh start."""
+    if not last.exists():
+        return 1, -1.0, -1.0, 0, []
+    st = torch.load(last, map_location=dev, weights_only=False)
+    if st["model_id"] != model_id:
+        raise DataError(f"{last}: checkpoint belongs to model {st['model_id']}, not {model_id}")
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(st["scheduler"])
+    scaler.load_state_dict(st["scaler"])
+    log.info("%s fold %d: resuming after epoch %d", model_id, fold, st["epoch"])
+    return st["epoch"] + 1, st["best_val_dice"], st["best_val_dice_pp"], st["best_epoch"], st["history"]
+
+
+def _train_epoch(step_model, model, loader, opt, sched, scaler, loss_fn, cfg: TrialConfig, dev, amp: bool, step_sched: bool,
+                 label: str, progress: bool) -> tuple[float, tuple]:
+    """One pass of optimizer steps; returns (mean training loss, the last batch's input size).
+
+    The loss is summed on the device and read (one host sync) every SYNC_EVERY steps: a NaN/inf
+    anywhere in the interval poisons the sum, so the check still stops the fold.
+    """
+    from tqdm import tqdm
+
+    model.train()
+    run_loss, seen, checked, total, size = torch.zeros((), dtype=torch.float64, device=dev), 0, 0, 0.0, ()
+    bar = tqdm(loader, desc=label, leave=False, disable=not progress or None)
+    n_steps = len(loader)
+    for step, b in enumerate(bar):
+        x = b["image"].to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(dev, amp):
+            logits, cls_logits = step_model(x)
+        loss, _ = loss_fn(logits, b["mask"].to(dev, non_blocking=True), cls_logits, b["presence"].to(dev, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.train.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        if step_sched:
+            sched.step()
+        run_loss += loss.detach().double() * len(x)
+        seen += len(x)
+        size = tuple(x.shape[-2:])
+        if (step + 1) % SYNC_EVERY == 0 or step + 1 == n_steps:
+            total = float(run_loss)
+            if not math.isfinite(total):
+                raise NonFiniteLossError(f"{label} steps {checked}-{step}: training loss is {total} "
+                                         f"(lr={cfg.optim.lr}, loss={cfg.loss.loss}); stopping this fold")
+            checked = step + 1
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total / max(seen, 1), size
+
+
 def fit_fold(
     config: TrialConfig,
     fold: int,
@@ -382,8 +460,6 @@ def fit_fold(
     when it exists. ``report`` is called after every epoch with that epoch's metrics; the last
     epoch's call comes after the OOF file is written.
     """
-    from tqdm import tqdm
-
     if not 0 <= fold < data.n_folds:
         raise ConfigError(f"fold={fold} must be in 0..{data.n_folds - 1}")
     cfg = config
@@ -392,31 +468,7 @@ def fit_fold(
     ckdir = checkpoint_dir(run, model_id, fold)
     dev = pick_device(device)
     amp = cfg.train.amp and dev.type == "cuda"
-    ts = data.train
-    base = cfg.data.resize or ts.shape
-    if cfg.data.crop and (cfg.data.crop[0] > base[0] or cfg.data.crop[1] > base[1]):
-        raise ConfigError(f"crop {cfg.data.crop[0]}x{cfg.data.crop[1]} does not fit the {base[0]}x{base[1]} training images")
-    va_idx = np.flatnonzero(data.folds == fold)
-    ids = np.asarray(ts.image_ids, dtype=object)
-    train_tf = build_transforms(True, cfg.data.crop, cfg.data.resize)
-    train_ds, train_presence = train_dataset(data, fold, train_tf)
-    # fine-tuning epochs train on whole images (no crop, same resize): attention blocks and pooling
-    # then see at training the input size they get at inference
-    full_tf = build_transforms(True, None, cfg.data.resize) if cfg.train.finetune_epochs else None
-    full_ds = train_dataset(data, fold, full_tf)[0] if full_tf else None
-    val_ds = SteelDataset(ts.images_dir, ids[va_idx], ts.rles[va_idx], ts.shape, build_transforms(False, resize=cfg.data.resize), full_size_mask=True)
-    sampler = None if cfg.data.sampler == "none" else BalancedSampler(train_presence, cfg.data.sampler, cfg.train.seed)
-    bs = cfg.data.batch_size
-    if cfg.train.steps_per_epoch:  # an epoch is a fixed number of optimizer steps, whatever the data size
-        sampler = StepsSampler(len(train_ds), cfg.train.steps_per_epoch * bs, sampler, cfg.train.seed)
-    n_samples = len(sampler) if sampler is not None else len(train_ds)
-    drop_last = n_samples >= bs
-    steps = n_samples // bs if drop_last else 1
-    nw = _num_workers(cfg, dev, cpus)
-    # the validation loader lives for the whole fold: its workers persist; the training loader is
-    # rebuilt each epoch because its workers are reseeded from (seed, fold, epoch) for resumable runs
-    val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, num_workers=nw, pin_memory=dev.type == "cuda",
-                            persistent_workers=nw > 0)
+    fl = _fold_loaders(cfg, data, fold, dev, cpus)
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(dev)
@@ -425,87 +477,30 @@ def fit_fold(
         _cuda_flags(cfg.train.deterministic)
     # compiled for the training steps only; weights are saved from (and validation runs) the plain module
     step_model = torch.compile(model) if cfg.train.compile else model
-    opt = _optimizer(cfg, model)
+    opt = build_optimizer(cfg, model)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    sched, per_step = _scheduler(cfg, opt, steps)
-    use_scaler = amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    sched, per_step = build_scheduler(cfg, opt, fl.steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
     loss_fn = build_loss(cfg.loss, cfg.model.aux_weight, cfg.model.task)
 
     done = _finished(run, model_id, fold, data.folds_hash, ckdir) if write_oof else None
     if done is not None:
         return done
-    start, best, best_pp, best_epoch, history = 1, -1.0, -1.0, 0, []
     last = ckdir / "last.pt"
-    if last.exists():
-        st = torch.load(last, map_location=dev, weights_only=False)
-        if st["model_id"] != model_id:
-            raise DataError(f"{last}: checkpoint belongs to model {st['model_id']}, not {model_id}")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(st["scheduler"])
-        scaler.load_state_dict(st["scaler"])
-        start, best, best_epoch, history = st["epoch"] + 1, st["best_val_dice"], st["best_epoch"], st["history"]
-        best_pp = st["best_val_dice_pp"]
-        log.info("%s fold %d: resuming after epoch %d", model_id, fold, st["epoch"])
+    start, best, best_pp, best_epoch, history = _restore(last, model_id, fold, model, opt, sched, scaler, dev)
     write_json(ckdir / "config.json", cfg.to_dict())
 
     n_epochs = cfg.train.total_epochs
     for epoch in range(start, n_epochs + 1):
         t0 = time.time()
         finetune = epoch > cfg.train.epochs
-        s = _seed_everything(cfg.train.seed, fold, epoch, full_tf if finetune else train_tf)
         if finetune:  # constant lr * finetune_lr_mult (set every epoch: a resume lands here too)
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * cfg.train.finetune_lr_mult
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = DataLoader(
-            full_ds if finetune else train_ds,
-            batch_size=bs,
-            shuffle=sampler is None,
-            sampler=sampler,
-            num_workers=nw,
-            drop_last=drop_last,
-            generator=torch.Generator().manual_seed(s),
-            worker_init_fn=_worker_init if nw else None,
-            pin_memory=dev.type == "cuda",
-        )
-        model.train()
-        # the loss is summed on the device and read (one host sync) every SYNC_EVERY steps: a
-        # NaN/inf anywhere in the interval poisons the sum, so the check still stops the fold
-        run_loss, seen, checked, total = torch.zeros((), dtype=torch.float64, device=dev), 0, 0, 0.0
-        bar = tqdm(loader, desc=f"{model_id} f{fold} e{epoch}", leave=False, disable=not progress or None)
-        n_steps = len(loader)
-        for step, b in enumerate(bar):
-            x = b["image"].to(dev, non_blocking=True)
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(dev, amp):
-                logits, cls_logits = step_model(x)
-            loss, _ = loss_fn(logits, b["mask"].to(dev, non_blocking=True), cls_logits, b["presence"].to(dev, non_blocking=True))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.train.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            if per_step and not finetune:
-                sched.step()
-            run_loss += loss.detach().double() * len(x)
-            seen += len(x)
-            if (step + 1) % SYNC_EVERY == 0 or step + 1 == n_steps:
-                total = float(run_loss)
-                if not math.isfinite(total):
-                    raise NonFiniteLossError(
-                        f"{model_id} fold {fold} epoch {epoch} steps {checked}-{step}: training loss is {total} "
-                        f"(lr={cfg.optim.lr}, loss={cfg.loss.loss}); stopping this fold"
-                    )
-                checked = step + 1
-                bar.set_postfix(loss=f"{total / seen:.4f}")
-        val_loss, dm = _validate(model, val_loader, loss_fn, dev, amp, ts.shape)
+        loader = _epoch_loader(fl, cfg, fold, epoch, finetune, dev)
+        train_loss, size = _train_epoch(step_model, model, loader, opt, sched, scaler, loss_fn, cfg, dev, amp,
+                                        per_step and not finetune, f"{model_id} fold {fold} epoch {epoch}", progress)
+        val_loss, dm = _validate(model, fl.val_loader, loss_fn, dev, amp, data.train.shape)
         val_dice, val_pp = dm["val_dice"], dm["val_dice_pp"]
         if sched is not None and not per_step and not finetune:
             sched.step(val_loss)
@@ -516,16 +511,10 @@ def fit_fold(
             _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold,
                                       "epoch": epoch, "val_dice": val_dice})
         metrics = {
-            "epoch": epoch,
-            "train_loss": total / max(seen, 1),
-            "val_loss": val_loss,
-            **dm,
-            "best_val_dice": best,
-            "best_val_dice_pp": best_pp,
-            "best_epoch": best_epoch,
-            "lr": opt.param_groups[-1]["lr"],
+            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **dm,
+            "best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "lr": opt.param_groups[-1]["lr"],
             "phase": "finetune" if finetune else "train",
-            "train_size": "x".join(str(v) for v in x.shape[-2:]),  # the last batch's input size
+            "train_size": "x".join(str(v) for v in size),  # the last batch's input size
             "epoch_seconds": time.time() - t0,
         }
         history.append(metrics)
@@ -537,7 +526,7 @@ def fit_fold(
         })
         log.info(
             "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_dice %.4f post-processed %.4f (all-empty %.4f; "
-            "best %.4f @ %d) %.1fs", model_id, fold, epoch, n_epochs, metrics["train_loss"], val_loss, val_dice, val_pp,
+            "best %.4f @ %d) %.1fs", model_id, fold, epoch, n_epochs, train_loss, val_loss, val_dice, val_pp,
             dm["val_all_empty"], best_pp, best_epoch, metrics["epoch_seconds"],
         )
         if report is not None and epoch < n_epochs:

@@ -72,3 +72,22 @@ def test_task_keys_belong_to_their_task():
     # a classifier's id ignores the segmentation defaults, a segmentation id the classifier's
     assert TrialConfig.from_dict({"task": "classify", "dropout": 0.1}).model_id() != clf.model_id()
     assert TrialConfig().model_id() == TrialConfig.from_dict({"dropout": 0.0}).model_id()
+
+
+def test_choices_come_from_the_registries(monkeypatch):
+    """A choice is written once, where it is implemented: config validation reads the registry."""
+    from steel_ray import dataset, infer, losses, optim
+    from steel_ray.config import ConfigError, TrialConfig, registry
+
+    assert registry("loss") == tuple(losses.SEG_LOSSES) and registry("cls_loss") == tuple(losses.CLS_LOSSES)
+    assert registry("optimizer") == tuple(optim.OPTIMIZERS) and registry("scheduler") == tuple(optim.SCHEDULERS)
+    assert registry("sampler") == dataset.SAMPLERS and registry("tta") == tuple(infer.TTA_FLIPS)
+    with pytest.raises(ConfigError, match="optimizer='lion' is not valid"):
+        TrialConfig.from_dict({"optimizer": "lion"})
+    import torch
+
+    monkeypatch.setitem(optim.OPTIMIZERS, "lion", (torch.optim.Adam, {}))
+    assert TrialConfig.from_dict({"optimizer": "lion"}).optim.optimizer == "lion"
+    monkeypatch.delitem(losses.SEG_LOSSES, "lovasz")
+    with pytest.raises(ConfigError, match="loss='lovasz' is not valid"):
+        TrialConfig.from_dict({"loss": "lovasz"})

@@ -193,3 +193,50 @@ def test_two_spaces_one_run_segmentation_and_classifier(tiny_set, tmp_path):
     assert doc["classifier_pool"] == [clf_id] and "nested_segmentation_only" in doc["scores"]
     assert all("gate_source" in pp for pp in doc["postprocess"].values())
     assert "Classifier ensemble" in (run / "blend" / "report.md").read_text()
+
+
+def test_asha_stops_a_planted_weak_trial(tiny_set, tmp_path):
+    """Sequential trials: a config that learns, then one that cannot (lr 1e-7 and no aux head: its
+    maps and presence stay high everywhere, so no post-processing can empty them and its Dice falls
+    far below all-empty). ASHA must stop the second at its first rung; Optuna must see it PRUNED."""
+    space = tmp_path / "space.yaml"
+    space.write_text("fixed: {batch_size: 8, epochs: 2, tta: none, arch: FPN, encoder: tu-test_resnet, decoder_width: 64, "
+                     "sampler: upsample, loss: bce, steps_per_epoch: 20, warmup_steps: 10}\n"
+                     "params:\n  lr: {type: categorical, choices: [3.0e-3, 1.0e-7]}\n"
+                     "points_to_evaluate:\n  - {lr: 3.0e-3}\n  - {lr: 1.0e-7}\n")
+    run = tmp_path / "run"
+    r = _search("--space", space, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 2, "--top", 1,
+                "--max-concurrent", 1, "--no-blend")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    explore = pd.read_parquet(run / "results.parquet").query("stage == 'explore'")
+    lrs = explore.config.map(lambda c: json.loads(c)["lr"])
+    weak, good = explore[lrs == 1e-7].iloc[0], explore[lrs == 3e-3].iloc[0]
+    assert weak.status == "STOPPED" and weak.epochs_run == 1 and good.status == "TERMINATED" and good.epochs_run == 2
+    assert weak.best_val_dice_pp < good.best_val_dice_pp - 0.2
+    study = optuna.load_study(study_name="explore", storage=f"sqlite:///{run / 'optuna.db'}")
+    states = {t.params["lr"]: t.state.name for t in study.trials}
+    assert states == {3e-3: "COMPLETE", 1e-7: "PRUNED"}
+    assert json.loads((run / "search.json").read_text())["selected_models"] == [good.model_id]
+
+
+def test_address_without_storage_probes_that_every_node_sees_the_run_folder(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from steel_ray import search
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+        # one machine: every node writes the same folder, so the probe finds all of them
+        assert search.unshared_nodes(tmp_path / "run") == []
+        assert not (tmp_path / "run" / ".shared-probe").exists()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    # a node whose probe did not arrive (another host's local disk) refuses the run, naming it
+    with pytest.raises(search.SearchError, match=r"--address without --storage: node\(s\) abc.* cannot write the run folder"):
+        search.require_shared(tmp_path / "run", ["abc" + workers[0].node_id[:9]])
+    search.require_shared(tmp_path / "run", [])
