@@ -15,7 +15,7 @@ Usage::
    same pairs: the holdout score, the best single model and the blend's nested estimate with and
    without the classifiers (OOF pool), and the submission's test score.
 
-About 6 minutes on 2 CPU cores. An interrupted demo continues where it stopped when rerun;
+About 8 minutes on 2 CPU cores. An interrupted demo continues where it stopped when rerun;
 ``--verbose`` shows Ray's own output (otherwise in RUN/logs/).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from . import console, predict, score, search, synth
 from .report import fmt_score
 
 log = logging.getLogger("steel_ray.demo")
-# the demo's scale: what 2 CPU cores search, blend and predict in about 10 minutes
+# the demo's scale: what 2 CPU cores search, blend and predict in about 8 minutes
 DEMO = {"n_train": 160, "n_test": 40, "height": 128, "width": 800, "folds": 3, "holdout": 0.2,
         "spaces": ["search_spaces/demo.yaml", "search_spaces/demo_classifier.yaml"]}
 
