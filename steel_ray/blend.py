@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 
 from . import oof
 from . import ppsearch as ps
+from . import run as layout
 from .data import N_CLASSES, DataError
 from .io import write_json
-from .oof import HOLDOUT
 
 __all__ = ["BlendPool", "load_blend_pool", "optimize", "BlendResult", "select", "write_blend_json", "blend_run", "summary_lines", "main"]
 
@@ -144,7 +144,7 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_h
             tr = np.concatenate([p[2] for p in parts[res][c]])
             pix = np.concatenate([p[3] for p in parts[res][c]]) if (fill_holes and res == "full") else None
             out[res].append(ps.ClassData(img, vals, tr, true_area[res][c], cls[:, :, c].copy(), scale, t_min, pix))
-    ckpts = {m: [str(Path(run) / "checkpoints" / m / f"fold={f}" / "best.pt") for f in folds_all] for m in models + classifiers}
+    ckpts = {m: [str(layout.best_weights(run, m, f)) for f in folds_all] for m in models + classifiers}
     log.info("pool: %d models x %d images, kept %.2f%% of full-res pixels (t_min %d)", len(models), n,
              100 * sum(d.vals.shape[1] for d in out["full"]) / (N_CLASSES * n * h * w), t_min)
     if classifiers:
@@ -630,10 +630,9 @@ def main(argv=None) -> int:
 
 def search_models(run) -> list[str] | None:
     """The search's completed models (RUN/search.json), or None when the run has no search state."""
-    state = Path(run) / "search.json"
-    if not state.exists():
+    saved = layout.read_state(run)
+    if saved is None:
         return None
-    saved = json.loads(state.read_text())
     models = saved.get("selected_models")
     if models is None and saved.get("selected"):
         from .config import TrialConfig
@@ -653,14 +652,14 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
     if pool.left_out:
         log.warning("left out (missing folds): %s", pool.left_out)
     res = optimize(pool, fill_holes=fill_holes, **opts)
-    out = Path(run) / "blend"
+    out = layout.blend_dir(run)
     doc = blend_json(res, pool, run)
-    if (Path(run) / HOLDOUT).exists():
-        doc = score_holdout(run, doc, out / "blend.json")
-    state = Path(run) / "search.json"
-    if state.exists() and "pseudo" in json.loads(state.read_text()):  # a pseudo-labelling round (steel_ray.pseudo)
-        doc["pseudo"] = json.loads(state.read_text())["pseudo"]
-    write_blend_json(doc, out / "blend.json")
+    if layout.holdout_path(run).exists():
+        doc = score_holdout(run, doc, layout.blend_json(run))
+    state = layout.read_state(run) or {}
+    if "pseudo" in state:  # a pseudo-labelling round (steel_ray.pseudo)
+        doc["pseudo"] = state["pseudo"]
+    write_blend_json(doc, layout.blend_json(run))
     from .report import write_report
 
     html = write_report(doc, pool, run, out)
@@ -680,7 +679,7 @@ def score_holdout(run, doc: dict, blend_path, n_boot: int = 2000) -> dict:
     from .infer import pick_device
     from .score import pair_dice
 
-    h = json.loads((Path(run) / HOLDOUT).read_text())
+    h = json.loads(layout.holdout_path(run).read_text())
     device = pick_device("auto")
     members = predict.load_members(doc, blend_path, device)
     paths = [Path(h["images_dir"]) / i for i in h["image_ids"]]

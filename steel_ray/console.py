@@ -26,7 +26,9 @@ class _OursOnly(logging.Filter):
 
 
 def log_dir(run_dir) -> Path:
-    return Path(run_dir) / "logs"
+    from .run import logs_dir
+
+    return logs_dir(run_dir)
 
 
 def setup(run_dir=None, verbose: bool = False, name: str = "run") -> Path | None:

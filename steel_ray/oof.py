@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
+from . import run as layout
 from .data import N_CLASSES, DataError
 from .io import atomic_path
 
@@ -90,10 +91,8 @@ def _schema(meta: dict) -> pa.Schema:
     return pa.schema(fields, metadata=md)
 
 
-HOLDOUT = "holdout.json"  # RUN/holdout.json: the images set aside before the folds, with their labels
-
-def oof_path(run: str | Path, model_id: str, fold: int) -> Path:
-    return Path(run) / "oof" / f"model_id={model_id}" / f"fold={int(fold)}" / "part-0.parquet"
+HOLDOUT = layout.HOLDOUT  # RUN/holdout.json: the images set aside before the folds, with their labels
+oof_path = layout.oof_path
 
 
 class OOFWriter:
@@ -198,7 +197,7 @@ def write_truth(run, train_set, folds, folds_hash) -> Path:
     h, w = train_set.shape
     meta = {"steel_ray.height": str(h), "steel_ray.width": str(w), "steel_ray.folds_hash": folds_hash}
     table = pa.table(cols).replace_schema_metadata(meta)
-    path = Path(run) / "truth.parquet"
+    path = layout.truth_path(run)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return path
@@ -227,7 +226,7 @@ class Truth:
 
 
 def read_truth(run) -> Truth:
-    path = Path(run) / "truth.parquet"
+    path = layout.truth_path(run)
     if not Path(run).is_dir():
         raise DataError(f"{run}: run folder not found")
     if not path.exists():
@@ -273,7 +272,7 @@ def read_presence(run, model_id: str, truth: Truth, folds) -> np.ndarray:
 
 def list_pool(run) -> dict[str, list[int]]:
     """{model_id: sorted folds} of the complete OOF files present in RUN/oof."""
-    root = Path(run) / "oof"
+    root = layout.oof_root(run)
     out: dict[str, list[int]] = {}
     if not root.is_dir():
         return out

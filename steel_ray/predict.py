@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import oof, rle
+from . import run as layout
 from .data import N_CLASSES, DataError, list_images
 from .dataset import build_transforms, read_image
 from .infer import pick_device, predict_batch, tta_views
@@ -35,7 +36,8 @@ from .io import atomic_write_text
 from .metric import PostProcess
 from .ppsearch import blend_cls, blend_u8, gate_signal
 
-__all__ = ["Member", "Prediction", "load_members", "member_maps", "iter_predictions", "predict_images", "main"]
+__all__ = ["Member", "Prediction", "load_members", "member_maps", "iter_predictions", "predict_images", "predict_folder",
+           "write_submission", "main"]
 
 log = logging.getLogger("steel_ray.predict")
 
@@ -157,6 +159,19 @@ def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, s
         yield img, [""] * N_CLASSES if pred is None else [rle.encode(m) for m in pred.masks]
 
 
+def predict_folder(blend_path, images, out, fmt: str = "new", tta: str | None = None, device: str = "auto",
+                   batch_size: int = 8) -> int:
+    """Library entry: a submission CSV for every image of ``images`` from a blend.json; returns the image count."""
+    blend_path = Path(blend_path)
+    if not blend_path.exists():
+        raise DataError(f"{blend_path}: blend file not found (blend the run first)")
+    doc = json.loads(blend_path.read_text())
+    members = load_members(doc, blend_path, pick_device(device), tta)
+    paths = [Path(images) / n for n in list_images(images)]
+    with torch.inference_mode():
+        return write_submission(predict_images(doc, members, paths, tuple(doc["image_shape"]), batch_size=batch_size), out, fmt)
+
+
 def write_submission(rows, out, fmt="new") -> int:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -188,7 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bad", action="store_true", help="give unreadable/wrong-size images empty predictions and list them")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    blend_path = Path(a.blend or Path(a.run) / "blend" / "blend.json")
+    blend_path = Path(a.blend or layout.blend_json(a.run))
     try:
         if not blend_path.exists():
             raise DataError(f"{blend_path}: blend file not found (run python -m steel_ray.blend --run {a.run} first)")

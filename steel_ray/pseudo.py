@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import console
+from . import run as layout
 from .data import N_CLASSES, DataError, check_shapes, list_images
 from .io import atomic_write_text, write_json
 from .search import _where
@@ -99,13 +100,13 @@ def _write_csvs(out: Path, rows: list[dict], labels: dict) -> tuple[Path, Path]:
     for img in sorted(labels):
         for c, s in enumerate(labels[img]):
             w.writerow([img, s, c + 1])
-    lab = out / "pseudo" / "labels.csv"
+    lab = layout.pseudo_dir(out) / "labels.csv"
     atomic_write_text(lab, buf.getvalue())
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    imgs = out / "pseudo" / "images.csv"
+    imgs = layout.pseudo_dir(out) / "images.csv"
     atomic_write_text(imgs, buf.getvalue())
     return lab, imgs
 
@@ -120,7 +121,7 @@ def _member_configs(run: Path, doc: dict, members: list[str]) -> list[dict]:
         ids = sorted(singles, key=lambda m: -singles[m])[:k] + [m["model_id"] for m in doc.get("classifiers", [])]
     out = []
     for mid in ids:
-        path = run / "checkpoints" / mid / "fold=0" / "config.json"
+        path = layout.checkpoint_dir(run, mid, 0) / "config.json"
         if not path.exists():
             raise DataError(f"{path}: config of {mid} not found; the run's checkpoints are needed to retrain its members")
         out.append(json.loads(path.read_text()))
@@ -160,10 +161,10 @@ def _args(argv=None):
 
 def _start_round(a, run: Path, out: Path) -> dict:
     """Label the images and write OUT's search state (stage complete: retrain the members)."""
-    from .oof import HOLDOUT, read_truth
+    from .oof import read_truth
 
-    parent_state_path = run / "search.json"
-    blend_path = run / "blend" / "blend.json"
+    parent_state_path = layout.state_path(run)
+    blend_path = layout.blend_json(run)
     for p in (parent_state_path, blend_path):
         if not p.exists():
             raise DataError(f"{p} not found: --run must be a search run that was blended")
@@ -175,8 +176,8 @@ def _start_round(a, run: Path, out: Path) -> dict:
     images = Path(a.images).resolve()
     names = list_images(images)
     train_ids = set(read_truth(run).image_ids)
-    if (run / HOLDOUT).exists():
-        train_ids |= set(json.loads((run / HOLDOUT).read_text())["image_ids"])
+    if layout.holdout_path(run).exists():
+        train_ids |= set(json.loads(layout.holdout_path(run).read_text())["image_ids"])
     clash = sorted(set(names) & train_ids)
     if clash:
         raise DataError(f"{images / clash[0]}: also a training image of {run} ({len(clash)} such); pseudo labels are for "
@@ -207,7 +208,7 @@ def _start_round(a, run: Path, out: Path) -> dict:
                    "parent_scores": {k: doc["scores"].get(k) for k in ("nested", "holdout", "all_empty", "cross_fitted")},
                    "parent_holdout_all_empty": doc.get("holdout", {}).get("all_empty")},
     }
-    write_json(out / "search.json", state)
+    write_json(layout.state_path(out), state)
     log.info("kept %d of %d images (defects per class %s); retraining %d model(s) on %d folds", len(labels), len(rows),
              per_class, len(configs), parent["folds"])
     return state
@@ -219,27 +220,22 @@ def main(argv=None) -> int:
     console.setup(None, a.verbose)
     from . import search
 
-    sargs = search._args(["--out", str(out), "--resume", "--cpus-per-trial", str(a.cpus_per_trial), "--gpus-per-trial",
-                          str(a.gpus_per_trial), "--max-failures", str(a.max_failures)]
-                         + (["--max-concurrent", str(a.max_concurrent)] if a.max_concurrent else [])
-                         + (["--address", a.address] if a.address else []) + (["--verbose"] if a.verbose else []))
     try:
-        if a.resume and (out / "search.json").exists():
-            state = json.loads((out / "search.json").read_text())
+        if a.resume and layout.state_path(out).exists():
+            state = layout.read_state(out)
             if "pseudo" not in state:
                 raise DataError(f"{out}: not a pseudo-labelling round")
         else:
             state = _start_round(a, run, out)
-        with console.sigterm_as_exit():
-            rc = search.run_search(sargs)
-    except (DataError, search.SearchError) as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        search._shutdown_embedded_ray(sargs)
+    # the retraining is the search's complete stage (then its blend), resumed from the state written above
+    rc = search.search(out, resume=True, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
+                       max_failures=a.max_failures, max_concurrent=a.max_concurrent, address=a.address, verbose=a.verbose)
     if rc:
         return rc
-    doc = json.loads((out / "blend" / "blend.json").read_text())
+    doc = json.loads(layout.blend_json(out).read_text())
     for line in round_lines(state["pseudo"], doc):
         print(line)
     return 0

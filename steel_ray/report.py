@@ -113,7 +113,9 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
                                         [{"model_id": "(none: no classifier beat the segmentation gate, cross-fitted)",
                                           "weight": "", "folds": ""}])
     t["trajectory"] = pd.DataFrame(doc["selection"]["trajectory"])
-    res = run / "results.parquet"
+    from .run import results_path
+
+    res = results_path(run)
     if res.exists():
         r = pd.read_parquet(res)
         keep = [c for c in ["stage", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "wall_s", "error"]

@@ -36,6 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import console
+from . import run as layout
 from .config import ConfigError
 from .data import DataError
 from .io import atomic_path, write_json
@@ -45,7 +46,7 @@ from .train import prepare_run
 log = logging.getLogger("steel_ray.search")
 METRIC = "best_val_dice_pp"  # post-processed Dice of the fold: what the blend will make of the model
 SCREEN_FOLD = 0
-STATE = "search.json"
+STATE = layout.STATE
 RESULT_COLS = ["stage", "space", "trial_id", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "error",
                "node_id", "node_ip", "gpu_ids", "wall_s", "config"]
 
@@ -94,7 +95,7 @@ def _where(uri: str | None) -> str | None:
 def _load_state(run: Path, a) -> dict:
     """The search's saved settings (``--resume``) or new ones; a resumed search keeps its own
     folds, samples, top and seed, and refuses a different space, data or storage."""
-    path = run / STATE
+    path = layout.state_path(run)
     if a.resume:
         if not path.exists():
             raise SearchError(f"{path} not found: nothing to resume in {run}")
@@ -124,13 +125,8 @@ def _load_state(run: Path, a) -> dict:
     return state
 
 
-def run_id(state: dict, run: Path) -> str:
-    """The run's id (runs from before ids existed: their folder name, as their storage used)."""
-    return state.get("run_id") or run.name
-
-
 def _save_state(run: Path, state: dict) -> None:
-    write_json(run / STATE, state)
+    write_json(layout.state_path(run), state)
 
 
 def _results_rows(grid, stage: str, space: str = "") -> list[dict]:
@@ -170,7 +166,7 @@ def _model_id(cfg: dict) -> str:
 
 def _write_results(run: Path, rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=RESULT_COLS)
-    with atomic_path(run / "results.parquet") as tmp:
+    with atomic_path(layout.results_path(run)) as tmp:
         df.to_parquet(tmp, index=False)
     return df
 
@@ -302,7 +298,7 @@ def _explore(space, n_spaces: int, state: dict, run: Path, trainable, storage_pa
 
     name = "explore" if n_spaces == 1 else f"explore-{space.name}"
     sampler = optuna.samplers.TPESampler(seed=state["seed"])
-    storage = f"sqlite:///{run / 'optuna.db'}"
+    storage = f"sqlite:///{layout.optuna_db(run)}"
     searcher = PruneAwareOptunaSearch(space.define_by_run, metric=METRIC, mode="max", sampler=sampler,
                                       points_to_evaluate=list(space.points_to_evaluate) or None,
                                       study_name=name, storage=optuna.storages.RDBStorage(storage))
@@ -399,7 +395,7 @@ def run_search(a) -> int:
     logfile = console.setup(run, a.verbose, "search")
     log.info("search %s: stage %s; Ray and trial logs: %s", run, state["stage"], logfile)
     _save_state(run, state)
-    root = f"{state['storage'].rstrip('/')}/{run_id(state, run)}" if state["storage"] else None
+    root = layout.storage_root(state, run)
     pool = f"{root}/pool" if root else str(run)
     storage_path = f"{root}/ray" if root else str(run / "ray")
     _start_ray(a, run, state)
@@ -408,9 +404,9 @@ def run_search(a) -> int:
         {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial},
     )
     rows: list[dict] = []
-    if (run / "results.parquet").exists() and a.resume:
+    if layout.results_path(run).exists() and a.resume:
         explored = set(state.get("explored", []))
-        rows = [r for r in pd.read_parquet(run / "results.parquet").to_dict("records")
+        rows = [r for r in pd.read_parquet(layout.results_path(run)).to_dict("records")
                 if r["stage"] != state["stage"] or (r["stage"] == "explore" and r.get("space") in explored)]
     if state["stage"] == "explore":
         rows = _explore_stage(spaces, state, run, rows, trainable, storage_path, a, logfile)
@@ -459,8 +455,28 @@ def _print_summary(df: pd.DataFrame, run: Path, selected: list[str]) -> None:
     print(f"run folder {run}: {total / 2**20:.0f} MiB ({big})")
 
 
+def search(out, space=None, data=None, **options) -> int:
+    """Library entry (the demo and the pseudo-labelling rounds use it): run or resume a search.
+
+    ``space`` is a path or a list of paths; ``options`` are the CLI's options by their Python names
+    (``num_samples``, ``top``, ``folds``, ``holdout``, ``max_concurrent``, ``resume``, ``verbose``,
+    ...). Returns the exit code the CLI would (2 for a refused or invalid search).
+    """
+    a = _args(["--out", str(out)])
+    a.space = None if space is None else [str(p) for p in ([space] if isinstance(space, (str, Path)) else space)]
+    a.data = None if data is None else str(data)
+    for k, v in options.items():
+        if not hasattr(a, k):
+            raise TypeError(f"search() got an unknown option {k!r}")
+        setattr(a, k, v)
+    return _run(a)
+
+
 def main(argv=None) -> int:
-    a = _args(argv)
+    return _run(_args(argv))
+
+
+def _run(a) -> int:
     console.setup(None, a.verbose)
     try:
         with console.sigterm_as_exit():

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import oof
+from . import run as layout
 from .config import ConfigError, TrialConfig, parse_set
 from .data import DataError, TrainSet, folds_hash, load_train, make_folds, make_holdout, write_folds
 from .dataset import BalancedSampler, SteelDataset, StepsSampler, build_transforms
@@ -88,14 +89,14 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
         held = make_holdout(ts.presence, holdout, fold_seed)
         doc = {"fraction": holdout, "seed": fold_seed, "images_dir": str(Path(ts.images_dir).resolve()),
                "image_ids": [i for i, h in zip(ts.image_ids, held) if h], "rles": ts.rles[held].tolist()}
-        hpath = run / HOLDOUT
+        hpath = layout.holdout_path(run)
         if hpath.exists() and json.loads(hpath.read_text())["image_ids"] != doc["image_ids"]:
             raise DataError(f"{hpath}: this run set aside other holdout images; use a new --out folder")
         ts = ts.subset(~held)
     all_ids = set(ts.image_ids) | (set(doc["image_ids"]) if holdout else set())
     folds = make_folds(ts.presence, n_folds, fold_seed)
     fd = FoldData(ts, folds, n_folds, _load_pseudo(pseudo, all_ids, ts.shape) if pseudo else None)
-    fpath = run / "folds.csv"
+    fpath = layout.folds_path(run)
     if fpath.exists():
         old = pd.read_csv(fpath)
         if folds_hash(old["image_id"], old["fold"]) != fd.folds_hash:
@@ -105,9 +106,9 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
             )
     else:
         write_folds(fpath, ts.image_ids, folds)
-    if holdout and not (run / HOLDOUT).exists():
-        write_json(run / HOLDOUT, doc)
-    if not (run / "truth.parquet").exists():
+    if holdout and not layout.holdout_path(run).exists():
+        write_json(layout.holdout_path(run), doc)
+    if not layout.truth_path(run).exists():
         oof.write_truth(run, ts, folds, fd.folds_hash)
     return fd
 
@@ -155,8 +156,7 @@ class FoldResult:
     history: list = field(default_factory=list)
 
 
-def checkpoint_dir(run_dir, model_id: str, fold: int) -> Path:
-    return Path(run_dir) / "checkpoints" / model_id / f"fold={int(fold)}"
+checkpoint_dir = layout.checkpoint_dir
 
 
 def _num_workers(cfg: TrialConfig, dev: torch.device, cpus: float | None) -> int:

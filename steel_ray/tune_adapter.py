@@ -19,6 +19,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from . import oof
+from . import run as layout
 from .config import TrialConfig
 from .train import FoldData, checkpoint_dir, fit_fold
 
@@ -176,7 +177,7 @@ def _node_info() -> dict:
 @contextlib.contextmanager
 def _trial_log(run: Path, model_id: str, fold: int):
     """The trial's own log lines (epochs, resume, OOF) in RUN/logs/trials/<model>-fold<k>.log."""
-    path = Path(run) / "logs" / "trials" / f"{model_id}-fold{fold}.log"
+    path = layout.trial_log(run, model_id, fold)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

@@ -1,0 +1,110 @@
+"""The run folder: every path a run has, its identity and its saved search state, in one place.
+
+Layout (RUN is the ``--out`` folder)::
+
+    RUN/search.json                                   the search's state: stage, spaces, selection, run id
+    RUN/results.parquet                               every trial
+    RUN/folds.csv, RUN/truth.parquet, RUN/holdout.json   the split, the labels, the set-aside images
+    RUN/oof/model_id=<id>/fold=<k>/part-0.parquet     the OOF pool
+    RUN/checkpoints/<id>/fold=<k>/{best.pt,last.pt,config.json}
+    RUN/blend/{blend.json,report.html,report.md,holdout_submission.csv}
+    RUN/pseudo/{labels.csv,images.csv}                a pseudo-labelling round's labels
+    RUN/logs/<name>.log, RUN/logs/trials/<id>-fold<k>.log
+    RUN/optuna.db, RUN/ray/                           Optuna studies, Ray experiments (without --storage)
+
+With ``--storage``, what trials write lives under ``STORAGE/<run id>/{pool,ray}`` (:func:`storage_root`).
+Every module asks here for a path instead of spelling it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = [
+    "STATE", "RESULTS", "FOLDS", "TRUTH", "HOLDOUT", "state_path", "results_path", "folds_path", "truth_path", "holdout_path",
+    "oof_root", "oof_path", "checkpoint_dir", "best_weights", "blend_dir", "blend_json", "pseudo_dir", "logs_dir",
+    "trial_log", "optuna_db", "read_state", "run_id", "storage_root",
+]
+
+STATE = "search.json"
+RESULTS = "results.parquet"
+FOLDS = "folds.csv"
+TRUTH = "truth.parquet"
+HOLDOUT = "holdout.json"
+
+
+def state_path(run) -> Path:
+    return Path(run) / STATE
+
+
+def results_path(run) -> Path:
+    return Path(run) / RESULTS
+
+
+def folds_path(run) -> Path:
+    return Path(run) / FOLDS
+
+
+def truth_path(run) -> Path:
+    return Path(run) / TRUTH
+
+
+def holdout_path(run) -> Path:
+    return Path(run) / HOLDOUT
+
+
+def oof_root(run) -> Path:
+    return Path(run) / "oof"
+
+
+def oof_path(run, model_id: str, fold: int) -> Path:
+    return oof_root(run) / f"model_id={model_id}" / f"fold={int(fold)}" / "part-0.parquet"
+
+
+def checkpoint_dir(run, model_id: str, fold: int) -> Path:
+    return Path(run) / "checkpoints" / model_id / f"fold={int(fold)}"
+
+
+def best_weights(run, model_id: str, fold: int) -> Path:
+    return checkpoint_dir(run, model_id, fold) / "best.pt"
+
+
+def blend_dir(run) -> Path:
+    return Path(run) / "blend"
+
+
+def blend_json(run) -> Path:
+    return blend_dir(run) / "blend.json"
+
+
+def pseudo_dir(run) -> Path:
+    return Path(run) / "pseudo"
+
+
+def logs_dir(run) -> Path:
+    return Path(run) / "logs"
+
+
+def trial_log(run, model_id: str, fold: int) -> Path:
+    return logs_dir(run) / "trials" / f"{model_id}-fold{int(fold)}.log"
+
+
+def optuna_db(run) -> Path:
+    return Path(run) / "optuna.db"
+
+
+def read_state(run) -> dict | None:
+    """The saved search state (RUN/search.json), or None for a run without one."""
+    p = state_path(run)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def run_id(state: dict, run) -> str:
+    """The run's id (made when the search starts, kept in its state); runs from before ids
+    existed use their folder name, as their storage did."""
+    return state.get("run_id") or Path(run).name
+
+
+def storage_root(state: dict, run) -> str | None:
+    """``STORAGE/<run id>`` when the run writes to ``--storage``, else None (everything in RUN)."""
+    return f"{state['storage'].rstrip('/')}/{run_id(state, run)}" if state.get("storage") else None

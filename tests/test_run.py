@@ -1,0 +1,27 @@
+"""The run folder's layout: one module spells every path; the others ask it."""
+from pathlib import Path
+
+from steel_ray import oof, train
+from steel_ray import run as layout
+
+
+def test_paths_are_the_documented_layout():
+    r = Path("/r")
+    assert layout.state_path(r) == r / "search.json" and layout.results_path(r) == r / "results.parquet"
+    assert layout.folds_path(r) == r / "folds.csv" and layout.truth_path(r) == r / "truth.parquet"
+    assert layout.holdout_path(r) == r / "holdout.json" and layout.optuna_db(r) == r / "optuna.db"
+    assert layout.oof_path(r, "m", 2) == r / "oof" / "model_id=m" / "fold=2" / "part-0.parquet"
+    assert layout.best_weights(r, "m", 1) == r / "checkpoints" / "m" / "fold=1" / "best.pt"
+    assert layout.blend_json(r) == r / "blend" / "blend.json" and layout.pseudo_dir(r) == r / "pseudo"
+    assert layout.trial_log(r, "m", 0) == r / "logs" / "trials" / "m-fold0.log"
+    # the modules that write these use the same functions, not their own spelling
+    assert oof.oof_path is layout.oof_path and train.checkpoint_dir is layout.checkpoint_dir
+
+
+def test_identity_and_storage_root(tmp_path):
+    assert layout.read_state(tmp_path) is None
+    state = {"run_id": "s1-0123456789ab", "storage": "s3://bucket/runs/"}
+    assert layout.run_id(state, tmp_path) == "s1-0123456789ab"
+    assert layout.storage_root(state, tmp_path) == "s3://bucket/runs/s1-0123456789ab"
+    assert layout.storage_root({"storage": None}, tmp_path) is None
+    assert layout.run_id({}, tmp_path / "old") == "old"  # runs from before ids existed
