@@ -360,11 +360,9 @@ def _complete_stage(state: dict, run: Path, rows: list, pool: str, trainable, st
     copied into the run folder."""
     from ray import tune
 
-    from .config import TrialConfig
-    from .tune_adapter import pool_meta, sync_pool
+    from .tune_adapter import sync_pool
 
-    specs = [{**cfg, "fold": k} for cfg in state["selected"] for k in range(state["folds"])
-             if pool_meta(pool, TrialConfig.from_dict(cfg).model_id(), k) is None]
+    specs = pending_folds(state["selected"], state["folds"], pool)
     rows = [r for r in rows if r["stage"] != "complete"]
     if specs:
         tc = tune.TuneConfig(max_concurrent_trials=a.max_concurrent, num_samples=1)
@@ -373,6 +371,16 @@ def _complete_stage(state: dict, run: Path, rows: list, pool: str, trainable, st
     _write_results(run, rows)
     sync_pool(pool, run)
     return rows
+
+
+def pending_folds(selected: list[dict], n_folds: int, pool: str) -> list[dict]:
+    """The (config, fold) trial specs the complete stage still has to run: those without an OOF
+    file in the pool (the file is the "fold done" marker; weights alone do not count)."""
+    from .config import TrialConfig
+    from .tune_adapter import pool_meta
+
+    return [{**cfg, "fold": k} for cfg in selected for k in range(n_folds)
+            if pool_meta(pool, TrialConfig.from_dict(cfg).model_id(), k) is None]
 
 
 def run_search(a) -> int:

@@ -23,7 +23,8 @@ from . import run as layout
 from .config import TrialConfig
 from .train import FoldData, checkpoint_dir, fit_fold
 
-__all__ = ["PruneAwareOptunaSearch", "ProgressCallback", "run_trial", "is_remote", "pool_meta", "put_file", "sync_pool"]
+__all__ = ["PruneAwareOptunaSearch", "ProgressCallback", "run_trial", "is_remote", "pool_meta", "put_file", "upload_fold",
+           "sync_pool"]
 
 log = logging.getLogger(__name__)
 RESERVED = ("fold",)  # config keys that are not trial config keys
@@ -241,7 +242,13 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
 
     with _trial_log(local_run, model_id, fold):
         res = fit_fold(cfg, fold, data, local_run, report=report, progress=False, cpus=cpus)
-    if remote:  # weights first: the OOF file marks the fold done, so it must arrive last
-        for path in (Path(res.weights_path), Path(res.oof_path)):
-            put_file(path, pool, path.relative_to(local_run).as_posix())
+    if remote:
+        upload_fold(local_run, res.weights_path, res.oof_path, pool)
         shutil.rmtree(local_run, ignore_errors=True)
+
+
+def upload_fold(local_run: Path, weights_path, oof_path, pool: str) -> None:
+    """Copy a finished fold into a remote pool, weights first: the OOF file marks the fold done, so a
+    crash between the two leaves a fold without OOF, which the next --resume retrains."""
+    for path in (Path(weights_path), Path(oof_path)):
+        put_file(path, pool, path.relative_to(local_run).as_posix())

@@ -28,3 +28,39 @@ def test_stopped_trials_are_pruned_finished_complete_errors_fail(searcher):
     assert states == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
     assert trials[0].intermediate_values == {1: 0.5, 2: 0.6}
     assert trials[1].value == 0.7
+
+
+def test_crash_between_uploads_leaves_a_fold_the_next_resume_retrains(tiny_set, tmp_path, monkeypatch):
+    """A remote pool (s3://...) served by a real pyarrow local filesystem: the weights go up first,
+    a crash before the OOF file leaves the fold pending; a finished upload completes it."""
+    import pyarrow.fs as pafs
+    import pytest
+
+    from steel_ray import search, tune_adapter
+    from steel_ray.config import TrialConfig
+    from steel_ray.train import fit_fold, prepare_run
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    monkeypatch.setattr(tune_adapter, "_fs", lambda uri: (pafs.LocalFileSystem(), str(bucket / uri.split("://", 1)[1])))
+    cfg = {"arch": "FPN", "encoder": "tu-test_resnet", "epochs": 1, "batch_size": 8, "decoder_width": 64, "tta": "none"}
+    local = tmp_path / "local"
+    res = fit_fold(TrialConfig.from_dict(cfg), 0, prepare_run(tiny_set, local, 2), local, progress=False)
+    pool = "s3://runs/r1-0123456789ab/pool"
+    real_put = tune_adapter.put_file
+
+    def crash_on_oof(path, pool_, rel):
+        if rel.endswith("part-0.parquet"):
+            raise RuntimeError("node lost")
+        real_put(path, pool_, rel)
+
+    monkeypatch.setattr(tune_adapter, "put_file", crash_on_oof)
+    with pytest.raises(RuntimeError, match="node lost"):
+        tune_adapter.upload_fold(local, res.weights_path, res.oof_path, pool)
+    root = bucket / "runs/r1-0123456789ab/pool"
+    assert (root / "checkpoints" / res.model_id / "fold=0" / "best.pt").exists()
+    assert not list(root.rglob("*.parquet"))
+    assert search.pending_folds([cfg], 2, pool) == [{**cfg, "fold": 0}, {**cfg, "fold": 1}]  # fold 0 is retrained
+    monkeypatch.setattr(tune_adapter, "put_file", real_put)
+    tune_adapter.upload_fold(local, res.weights_path, res.oof_path, pool)
+    assert search.pending_folds([cfg], 2, pool) == [{**cfg, "fold": 1}]
