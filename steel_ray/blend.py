@@ -48,7 +48,7 @@ class BlendPool:
     folds: np.ndarray
     n_folds: int
     shape: tuple[int, int]
-    full: list[ps.ClassData]  # 4 classes, full resolution
+    full: list[ps.ClassData]  # 4 classes, full resolution (or a _StreamedFull reading one class at a time)
     ds: list[ps.ClassData]  # 4 classes, 4x downsampled
     left_out: list[str] = field(default_factory=list)
     checkpoints: dict = field(default_factory=dict)  # model_id -> [best.pt per fold]
@@ -78,10 +78,14 @@ def _truth_ds(mask: np.ndarray) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), (ww, hh), interpolation=cv2.INTER_AREA) >= 0.5
 
 
-def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_holes=False) -> BlendPool:
+def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_holes=False, stream="auto") -> BlendPool:
     """Stream the run's OOF pool into pruned per-class arrays (memory ~ kept pixels x models).
 
     ``fill_holes`` also keeps each kept pixel's position (4 bytes a pixel) for the hole-filling search.
+    ``stream`` (``auto``: when the selection runs on the 4x maps, i.e. images at least 128 px high)
+    keeps only the 4x maps of every class in memory and reads one class at full resolution at a
+    time from the Parquet files, when the blend asks for it (:class:`_StreamedFull`): peak memory
+    is then about one class's kept full-resolution pixels, however many fire where.
     """
     run = Path(run)
     truth = oof.read_truth(run)
@@ -104,53 +108,106 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_h
     grid = ps.default_grid(truth.shape)
     t_min = grid.t_min if t_min is None else t_min
     n, h, w = len(truth.image_ids), *truth.shape
-    pos = {k: i for i, k in enumerate(truth.image_ids)}
-    parts = {r: [[] for _ in range(N_CLASSES)] for r in ("full", "ds")}
-    cls = np.zeros((len(models), n, N_CLASSES), np.float32)
-    true_area = {"full": np.zeros((N_CLASSES, n), np.int64), "ds": np.zeros((N_CLASSES, n), np.int64)}
-    hh, ww = -(-h // oof.DS), -(-w // oof.DS)
-    for f in folds_all:
-        paths = [oof.oof_path(run, m, f) for m in models]
-        for p in paths:  # split, size, image set: checked before any map is read
-            oof.check_fold_file(p, truth, f)
-        readers = [pq.ParquetFile(p).iter_batches(batch_size=32) for p in paths]
-        for batches in zip(*readers):
-            ids = batches[0].column("image_id").to_pylist()
-            order = [ids] + [b.column("image_id").to_pylist() for b in batches[1:]]
-            if any(o != ids for o in order):
-                raise DataError(f"OOF files of fold {f} list images in different orders; rewrite them with one version")
-            rows = np.array([pos[i] for i in ids])
-            for mi, b in enumerate(batches):
-                cls[mi, rows] = np.asarray(b.column("cls").to_pylist(), np.float32)
-            for c in range(N_CLASSES):
-                full = np.stack([oof.maps(b, f"p{c + 1}", (h, w), p) for b, p in zip(batches, paths)])
-                dsm = np.stack([oof.maps(b, f"p{c + 1}_ds{oof.DS}", (hh, ww), p) for b, p in zip(batches, paths)])
-                tmask = truth.masks(rows, [c])[:, 0]
-                tds = np.stack([_truth_ds(t) for t in tmask])
-                true_area["full"][c, rows] = tmask.sum((1, 2))
-                true_area["ds"][c, rows] = tds.sum((1, 2))
-                for res, probs, tm in (("full", full, tmask), ("ds", dsm, tds)):
-                    flat = probs.reshape(len(models), len(ids), -1)
-                    keep = flat.max(0) >= t_min
-                    i_loc, pix = np.nonzero(keep)
-                    parts[res][c].append((rows[i_loc], flat[:, i_loc, pix], tm.reshape(len(ids), -1)[i_loc, pix],
-                                          pix.astype(np.int32) if (fill_holes and res == "full") else None))
-    out = {}
-    for res, scale in (("full", 1.0), ("ds", float(oof.DS * oof.DS))):
-        out[res] = []
-        for c in range(N_CLASSES):
-            img = np.concatenate([p[0] for p in parts[res][c]]).astype(np.int32 if n < 2**23 else np.int64)
-            vals = np.concatenate([p[1] for p in parts[res][c]], axis=1)
-            tr = np.concatenate([p[2] for p in parts[res][c]])
-            pix = np.concatenate([p[3] for p in parts[res][c]]) if (fill_holes and res == "full") else None
-            out[res].append(ps.ClassData(img, vals, tr, true_area[res][c], cls[:, :, c].copy(), scale, t_min, pix))
+    streamed = stream is True or (stream == "auto" and min(h, w) >= 128)
+    reader = _ClassReader(run, models, truth, folds_all, t_min, fill_holes)
+    if streamed:
+        ds = reader.read(range(N_CLASSES), ("ds",))["ds"]
+        full = _StreamedFull(reader)
+        log.info("pool: %d models x %d images, kept %.2f%% of 4x pixels (t_min %d); full resolution streamed class by class",
+                 len(models), n, 100 * sum(d.vals.shape[1] for d in ds) / (N_CLASSES * n * -(-h // oof.DS) * -(-w // oof.DS)), t_min)
+    else:
+        both = reader.read(range(N_CLASSES), ("full", "ds"))
+        full, ds = both["full"], both["ds"]
+        log.info("pool: %d models x %d images, kept %.2f%% of full-res pixels (t_min %d)", len(models), n,
+                 100 * sum(d.vals.shape[1] for d in full) / (N_CLASSES * n * h * w), t_min)
     ckpts = {m: [str(layout.best_weights(run, m, f)) for f in folds_all] for m in models + classifiers}
-    log.info("pool: %d models x %d images, kept %.2f%% of full-res pixels (t_min %d)", len(models), n,
-             100 * sum(d.vals.shape[1] for d in out["full"]) / (N_CLASSES * n * h * w), t_min)
     if classifiers:
         log.info("pool: %d classifier(s) for the gate: %s", len(classifiers), classifiers)
-    return BlendPool(models, list(truth.image_ids), truth.folds, len(folds_all), (h, w), out["full"], out["ds"],
+    return BlendPool(models, list(truth.image_ids), truth.folds, len(folds_all), (h, w), full, ds,
                      left_out, ckpts, truth if fill_holes else None, classifiers, clf)
+
+
+class _ClassReader:
+    """Reads chosen classes at chosen resolutions from a pool's OOF files into pruned ClassData,
+    batch by batch (only the needed map columns are read); every file is checked first."""
+
+    def __init__(self, run, models, truth, folds_all, t_min, fill_holes):
+        self.run, self.models, self.truth, self.folds_all = run, models, truth, folds_all
+        self.t_min, self.fill_holes = t_min, fill_holes
+        self.cls = None  # (M, N, 4) presence, filled by the first read
+
+    def read(self, classes, resolutions) -> dict:
+        models, truth, t_min = self.models, self.truth, self.t_min
+        n, h, w = len(truth.image_ids), *truth.shape
+        hh, ww = -(-h // oof.DS), -(-w // oof.DS)
+        pos = {k: i for i, k in enumerate(truth.image_ids)}
+        classes = list(classes)
+        parts = {r: {c: [] for c in classes} for r in resolutions}
+        cls = np.zeros((len(models), n, N_CLASSES), np.float32)
+        true_area = {r: np.zeros((N_CLASSES, n), np.int64) for r in resolutions}
+        cols = ["image_id", "cls"] + [f"p{c + 1}{'' if r == 'full' else f'_ds{oof.DS}'}" for r in resolutions for c in classes]
+        for f in self.folds_all:
+            paths = [oof.oof_path(self.run, m, f) for m in models]
+            for p in paths:  # split, size, image set: checked before any map is read
+                oof.check_fold_file(p, truth, f)
+            readers = [pq.ParquetFile(p).iter_batches(batch_size=32, columns=cols) for p in paths]
+            for batches in zip(*readers):
+                ids = batches[0].column("image_id").to_pylist()
+                if any(b.column("image_id").to_pylist() != ids for b in batches[1:]):
+                    raise DataError(f"OOF files of fold {f} list images in different orders; rewrite them with one version")
+                rows = np.array([pos[i] for i in ids])
+                for mi, b in enumerate(batches):
+                    cls[mi, rows] = np.asarray(b.column("cls").to_pylist(), np.float32)
+                for c in classes:
+                    tmask = truth.masks(rows, [c])[:, 0]
+                    for res in resolutions:
+                        if res == "full":
+                            probs = np.stack([oof.maps(b, f"p{c + 1}", (h, w), p) for b, p in zip(batches, paths)])
+                            tm = tmask
+                        else:
+                            probs = np.stack([oof.maps(b, f"p{c + 1}_ds{oof.DS}", (hh, ww), p) for b, p in zip(batches, paths)])
+                            tm = np.stack([_truth_ds(t) for t in tmask])
+                        true_area[res][c, rows] = tm.sum((1, 2))
+                        flat = probs.reshape(len(models), len(ids), -1)
+                        i_loc, pix = np.nonzero(flat.max(0) >= t_min)
+                        parts[res][c].append((rows[i_loc], flat[:, i_loc, pix], tm.reshape(len(ids), -1)[i_loc, pix],
+                                              pix.astype(np.int32) if (self.fill_holes and res == "full") else None))
+        self.cls = cls
+        out = {}
+        for res in resolutions:
+            scale = 1.0 if res == "full" else float(oof.DS * oof.DS)
+            out[res] = {}
+            for c in classes:
+                ps_ = parts[res][c]
+                img = np.concatenate([p[0] for p in ps_]).astype(np.int32 if n < 2**23 else np.int64)
+                pix = np.concatenate([p[3] for p in ps_]) if (self.fill_holes and res == "full") else None
+                out[res][c] = ps.ClassData(img, np.concatenate([p[1] for p in ps_], axis=1), np.concatenate([p[2] for p in ps_]),
+                                           true_area[res][c], cls[:, :, c].copy(), scale, t_min, pix)
+            if list(out[res]) == list(range(N_CLASSES)):
+                out[res] = [out[res][c] for c in range(N_CLASSES)]
+        return out
+
+
+class _StreamedFull:
+    """``pool.full[c]``: class ``c`` at full resolution, read from the Parquet files on first use
+    and kept until another class is asked for (one class in memory at a time)."""
+
+    def __init__(self, reader: _ClassReader):
+        self.reader, self.loaded, self.data, self.loads = reader, None, None, 0
+
+    def __len__(self) -> int:
+        return N_CLASSES
+
+    def __getitem__(self, c: int) -> ps.ClassData:
+        if self.loaded != c:
+            self.data = None  # release the previous class before reading the next
+            self.data = self.reader.read([c], ("full",))["full"][c]
+            self.loaded, self.loads = c, self.loads + 1
+            log.info("class %d at full resolution: %d kept pixels x %d models", c + 1, self.data.vals.shape[1], self.data.vals.shape[0])
+        return self.data
+
+    def __iter__(self):
+        return (self[c] for c in range(N_CLASSES))
 
 
 # --------------------------------------------------------------------------- selection
@@ -406,7 +463,8 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     if selection_resolution not in ("ds4", "full"):
         raise ValueError(f"selection_resolution={selection_resolution!r}; choose 'auto', 'ds4' or 'full'")
     settings["selection_resolution"] = selection_resolution
-    sel_data = pool.ds if selection_resolution == "ds4" else pool.full
+    # a streamed pool selecting at full resolution needs every class at once: read them all
+    sel_data = pool.ds if selection_resolution == "ds4" else [pool.full[c] for c in range(N_CLASSES)]
     weights, clf_w, traj, clf_traj = run_selection(sel_data, pool.folds, pool.clf)
     timings = {"selection": time.time() - t0}
     log.info("selection done in %.1fs: %s", time.time() - t0, {pool.model_ids[i]: round(float(x), 3) for i, x in enumerate(weights[0]) if x > 0})
@@ -414,24 +472,41 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         used = {pool.classifiers[i]: round(float(x), 3) for i, x in enumerate(clf_w) if x > 0}
         log.info("classifier ensemble: %s", used or "none (no classifier beats the segmentation gate, cross-fitted)")
 
-    tuned = _final_tuning(pool, weights, clf_w, fill_holes, grid)
-    timings["final_tuning"] = time.time() - t0 - timings["selection"]
-    singles, best_single, base = _singles_and_baseline(pool, fill_holes, grid)
-    timings["singles_and_baseline"] = time.time() - t0 - timings["selection"] - timings["final_tuning"]
-    # nested: the whole procedure without fold k, scored on fold k
+    # nested: the whole procedure without fold k, scored on fold k; the selections without each fold
+    # (the expensive part) run first, in parallel, on the selection maps
     t_n = time.time()
-    nested_total, nested_seg, nested_weights = None, None, []
-    if nested and k > 1:
-        nested_total, nested_seg = 0.0, 0.0
-        jobs = list(range(k))
-        outs = _map(lambda f: _nested_fold(pool, sel_data, f, run_selection, grid, fill_holes), jobs, workers)
-        for s_all, s_seg, w in outs:
+    picks = _map(lambda f: _nested_select(pool, sel_data, f, run_selection), list(range(k)), workers) if nested and k > 1 else None
+    timings["nested"] = time.time() - t_n
+    timings["final_tuning"] = timings["singles_and_baseline"] = 0.0
+    # then everything at full resolution, class by class: a streamed pool reads each class once
+    q_all = _clf_blend(pool, clf_w)
+    # the report's classifier AUC: the chosen ensemble's, else the plain mean of the pool's classifiers
+    q_report = q_all if q_all is not None else (None if pool.clf is None else pool.clf.mean(0))
+    tuned = {"post": {}, "curves": {}, "per_class": {}, "in_sample": 0.0, "cross_fitted": 0.0, "cross_fitted_seg": 0.0,
+             "all_empty": 0.0}
+    single_sums, base = np.zeros(len(pool.model_ids)), 0.0
+    nested_total, nested_seg = (0.0, 0.0) if picks is not None else (None, None)
+    for c in range(N_CLASSES):
+        t1 = time.time()
+        _tune_class(pool, c, weights, q_all, q_report, fill_holes, grid, tuned)
+        t2 = time.time()
+        sums_c, base_c = _singles_and_baseline_class(pool, c, fill_holes, grid)
+        single_sums += sums_c
+        base += base_c
+        t3 = time.time()
+        for f, (w, cw) in enumerate(picks or []):
+            s_all, s_seg = _nested_score(pool, c, f, w, cw, grid, fill_holes)
             nested_total += s_all
             nested_seg += s_seg
-            nested_weights.append(w)
+        timings["final_tuning"] += t2 - t1
+        timings["singles_and_baseline"] += t3 - t2
+        timings["nested"] += time.time() - t3
+    singles = {mid: float(single_sums[mi] / pool.n_pairs) for mi, mid in enumerate(pool.model_ids)}
+    best_single = max(singles.values())
+    nested_weights = [{"segmentation": w.tolist(), "classifiers": None if cw is None else cw.tolist()} for w, cw in picks or []]
+    if picks is not None:
         nested_total /= pool.n_pairs
         nested_seg /= pool.n_pairs
-    timings["nested"] = time.time() - t_n
     settings["timings"] = {k_: round(v, 2) for k_, v in timings.items()}
     settings["classifier_trajectory"] = [{"slots": int(n), "cross_fitted": float(v) / pool.n_pairs} for n, v in clf_traj]
     n_pairs = pool.n_pairs
@@ -447,84 +522,74 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
                        fill_holes, singles, pool.left_out, settings, list(pool.classifiers), clf_w)
 
 
-def _final_tuning(pool: BlendPool, weights, clf_w, fill_holes: bool, grid) -> dict:
-    """Per class at full resolution: the gate source and post-processing (in-sample), the cross-fitted
-    scores with and without classifiers, curves and per-class statistics."""
-    q_all = _clf_blend(pool, clf_w)
-    # the report's classifier AUC: the chosen ensemble's, else the plain mean of the pool's classifiers
-    q_report = q_all if q_all is not None else (None if pool.clf is None else pool.clf.mean(0))
+def _tune_class(pool: BlendPool, c: int, weights, q_all, q_report, fill_holes: bool, grid, out: dict) -> None:
+    """Class ``c`` at full resolution: its gate source and post-processing (in-sample), the
+    cross-fitted scores with and without classifiers, curves and statistics, added to ``out``."""
     n = len(pool.image_ids)
-    out = {"post": {}, "curves": {}, "per_class": {}, "in_sample": 0.0, "cross_fitted": 0.0, "cross_fitted_seg": 0.0, "all_empty": 0.0}
-    for c in range(N_CLASSES):
-        d = pool.full[c]
-        counts = _class_counts(pool, c, weights[c], fill_holes, grid)
-        seg_cls = ps.blend_cls(d.cls, weights[c])
-        q = None if q_all is None else q_all[:, c]
-        tabs = _source_tables(pool, c, counts, seg_cls, q, grid)
-        s_in, src, ch = ps.in_sample_source(tabs, grid)
-        s_in_seg, _ = ps.in_sample(tabs["segmentation"], grid)
-        out["in_sample"] += s_in
-        out["cross_fitted"] += ps.cross_fitted_source(tabs, grid)[0]
-        out["cross_fitted_seg"] += ps.cross_fitted(tabs["segmentation"], grid)[0]
-        out["post"][str(c + 1)] = {"pixel_threshold": ch.pixel_threshold, "min_area": ch.min_area,
-                                   "cls_threshold": ch.cls_threshold, "fill_holes": fill_holes, "gate_source": src}
-        edges = grid.edges(ch)
-        if edges:
-            log.warning("class %d: chosen point on the grid's edge (%s): the optimum may lie outside the grid", c + 1, "; ".join(edges))
-        ti, ai, gi = grid.index(ch)
-        tot = tabs[src].sum(0) / n
-        out["curves"][str(c + 1)] = {"pixel_threshold": (grid.levels / 255).tolist(), "dice_vs_threshold": tot[:, ai, gi].tolist(),
-                                     "min_area": grid.min_areas.tolist(), "dice_vs_min_area": tot[ti, :, gi].tolist(),
-                                     "cls_threshold": grid.cls_thresholds.tolist(), "dice_vs_cls": tot[ti, ai, :].tolist()}
-        gate = ps.gate_signal(seg_cls, q, src)
-        empty = d.true_area == 0
-        out["all_empty"] += float(empty.sum())
-        pc = {"dice": float(s_in / n), "dice_segmentation_only": float(s_in_seg / n), "n_true": int((~empty).sum()),
-              "n_empty": int(empty.sum()), "all_empty": float(empty.mean()), "on_grid_edge": edges,
-              "gate": {"source": src, "threshold": ch.cls_threshold,
-                       **_gate_stats(gate, ~empty, ch.cls_threshold, None if q_report is None else q_report[:, c])}}
-        if not fill_holes:
-            area, _ = counts
-            kept = (area[:, ti] > 0) & (area[:, ti] * d.area_scale >= ch.min_area) & (gate >= ch.cls_threshold)
-            pc["fp_rate_on_empty"] = float(kept[empty].mean()) if empty.any() else 0.0
-        out["per_class"][str(c + 1)] = pc
-    return out
+    d = pool.full[c]
+    counts = _class_counts(pool, c, weights[c], fill_holes, grid)
+    seg_cls = ps.blend_cls(d.cls, weights[c])
+    q = None if q_all is None else q_all[:, c]
+    tabs = _source_tables(pool, c, counts, seg_cls, q, grid)
+    s_in, src, ch = ps.in_sample_source(tabs, grid)
+    s_in_seg, _ = ps.in_sample(tabs["segmentation"], grid)
+    out["in_sample"] += s_in
+    out["cross_fitted"] += ps.cross_fitted_source(tabs, grid)[0]
+    out["cross_fitted_seg"] += ps.cross_fitted(tabs["segmentation"], grid)[0]
+    out["post"][str(c + 1)] = {"pixel_threshold": ch.pixel_threshold, "min_area": ch.min_area,
+                               "cls_threshold": ch.cls_threshold, "fill_holes": fill_holes, "gate_source": src}
+    edges = grid.edges(ch)
+    if edges:
+        log.warning("class %d: chosen point on the grid's edge (%s): the optimum may lie outside the grid", c + 1, "; ".join(edges))
+    ti, ai, gi = grid.index(ch)
+    tot = tabs[src].sum(0) / n
+    out["curves"][str(c + 1)] = {"pixel_threshold": (grid.levels / 255).tolist(), "dice_vs_threshold": tot[:, ai, gi].tolist(),
+                                 "min_area": grid.min_areas.tolist(), "dice_vs_min_area": tot[ti, :, gi].tolist(),
+                                 "cls_threshold": grid.cls_thresholds.tolist(), "dice_vs_cls": tot[ti, ai, :].tolist()}
+    gate = ps.gate_signal(seg_cls, q, src)
+    empty = d.true_area == 0
+    out["all_empty"] += float(empty.sum())
+    pc = {"dice": float(s_in / n), "dice_segmentation_only": float(s_in_seg / n), "n_true": int((~empty).sum()),
+          "n_empty": int(empty.sum()), "all_empty": float(empty.mean()), "on_grid_edge": edges,
+          "gate": {"source": src, "threshold": ch.cls_threshold,
+                   **_gate_stats(gate, ~empty, ch.cls_threshold, None if q_report is None else q_report[:, c])}}
+    if not fill_holes:
+        area, _ = counts
+        kept = (area[:, ti] > 0) & (area[:, ti] * d.area_scale >= ch.min_area) & (gate >= ch.cls_threshold)
+        pc["fp_rate_on_empty"] = float(kept[empty].mean()) if empty.any() else 0.0
+    out["per_class"][str(c + 1)] = pc
 
 
-def _singles_and_baseline(pool: BlendPool, fill_holes: bool, grid):
-    """Each segmentation model alone (cross-fitted, its own gate) and the baseline recipe (plain mean)."""
+def _singles_and_baseline_class(pool: BlendPool, c: int, fill_holes: bool, grid) -> tuple[np.ndarray, float]:
+    """Class ``c``'s cross-fitted Dice sum of each segmentation model alone (its own gate) and of the
+    baseline recipe (plain mean, threshold 0.5, the recipe's min areas, gate 0.5)."""
     m_all = len(pool.model_ids)
-    singles = {}
-    for mi, mid in enumerate(pool.model_ids):
-        e = np.eye(m_all)[mi]
-        singles[mid] = sum(ps.cross_fitted(_full_tables(pool, c, e, fill_holes, grid), grid)[0] for c in range(N_CLASSES)) / pool.n_pairs
+    singles = np.array([ps.cross_fitted(_full_tables(pool, c, np.eye(m_all)[mi], fill_holes, grid), grid)[0]
+                        for mi in range(m_all)])
+    d = pool.full[c]
     mean_w = np.full(m_all, 1.0 / m_all)
-    base = 0.0
-    area_scale = pool.shape[0] * pool.shape[1] / ps.SEVERSTAL_AREA
-    for c in range(N_CLASSES):
-        d = pool.full[c]
-        ch = ps.Choice(128, float(round(BASELINE_AREAS[c] * area_scale)), 0.5)
-        base += ps.score_point(ps.blend_u8(d.vals, mean_w), ps.blend_cls(d.cls, mean_w), d, ch).sum()
-    return singles, max(singles.values()), base
+    ch = ps.Choice(128, float(round(BASELINE_AREAS[c] * pool.shape[0] * pool.shape[1] / ps.SEVERSTAL_AREA)), 0.5)
+    return singles, float(ps.score_point(ps.blend_u8(d.vals, mean_w), ps.blend_cls(d.cls, mean_w), d, ch).sum())
 
 
-def _nested_fold(pool: BlendPool, sel_data, f: int, run_selection, grid, fill_holes):
-    """Held-out Dice sums of fold ``f`` (with the classifiers, segmentation-only) for the procedure
-    run on the other folds, and the weights it chose there."""
+def _nested_select(pool: BlendPool, sel_data, f: int, run_selection):
+    """The segmentation and classifier weights the procedure chooses without fold ``f``."""
     train = pool.folds != f
-    ds_sub = [d.subset(train) for d in sel_data]
-    w, cw, _, _ = run_selection(ds_sub, pool.folds[train], None if pool.clf is None else pool.clf[:, train])
-    q_all = _clf_blend(pool, cw)
-    total, seg_total = 0.0, 0.0
-    for c in range(N_CLASSES):
-        d = pool.full[c]
-        counts = _class_counts(pool, c, w[c], fill_holes, grid)
-        tabs = _source_tables(pool, c, counts, ps.blend_cls(d.cls, w[c]), None if q_all is None else q_all[:, c], grid)
-        src, ch = ps.choose_source(tabs, grid, exclude=f)
-        total += tabs[src][(f, *grid.index(ch))]
-        ch_seg = ps.choose(tabs["segmentation"], grid, exclude=f)
-        seg_total += tabs["segmentation"][(f, *grid.index(ch_seg))]
-    return total, seg_total, {"segmentation": w.tolist(), "classifiers": None if cw is None else cw.tolist()}
+    w, cw, _, _ = run_selection([d.subset(train) for d in sel_data], pool.folds[train],
+                                None if pool.clf is None else pool.clf[:, train])
+    return w, cw
+
+
+def _nested_score(pool: BlendPool, c: int, f: int, w, cw, grid, fill_holes) -> tuple[float, float]:
+    """Held-out Dice sums of class ``c`` on fold ``f`` (with the classifiers, segmentation gate only)
+    for weights chosen without fold ``f``; the post-processing is chosen on the other folds too."""
+    d = pool.full[c]
+    q = _clf_blend(pool, cw)
+    counts = _class_counts(pool, c, w[c], fill_holes, grid)
+    tabs = _source_tables(pool, c, counts, ps.blend_cls(d.cls, w[c]), None if q is None else q[:, c], grid)
+    src, ch = ps.choose_source(tabs, grid, exclude=f)
+    ch_seg = ps.choose(tabs["segmentation"], grid, exclude=f)
+    return float(tabs[src][(f, *grid.index(ch))]), float(tabs["segmentation"][(f, *grid.index(ch_seg))])
 
 
 def _map(fn, items, workers):
@@ -613,6 +678,9 @@ def main(argv=None) -> int:
     ap.add_argument("--choice", choices=list(ps.CHOICE_RULES), default="smooth",
                     help="how a post-processing point is chosen: smooth (best mean over neighbouring grid points, "
                          "default: small pools overfit less) or argmax (the best point)")
+    ap.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                    help="read full-resolution maps one class at a time from the Parquet files (auto: when the selection "
+                         "runs on the 4x maps); off keeps every class in memory")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     from . import console
@@ -621,7 +689,8 @@ def main(argv=None) -> int:
     try:
         blend_run(a.run, a.models, max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
                   init_sorted=a.init_sorted, allow_partial=a.allow_partial, fill_holes=a.fill_holes, nested=not a.no_nested,
-                  workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice)
+                  workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice,
+                  stream={"auto": "auto", "on": True, "off": False}[a.stream])
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -641,14 +710,14 @@ def search_models(run) -> list[str] | None:
     return models or None
 
 
-def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, **opts) -> dict:
+def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, stream="auto", **opts) -> dict:
     """Blend a run's pool (default: the search's completed models, else the whole pool), write
     blend.json and the report, print the score summary; returns the blend.json document."""
     if models is None:
         models = search_models(run)
         if models:
             log.info("blending the search's completed models %s (screening-only configs are left out)", models)
-    pool = load_blend_pool(run, model_ids=models, allow_partial=allow_partial, fill_holes=fill_holes)
+    pool = load_blend_pool(run, model_ids=models, allow_partial=allow_partial, fill_holes=fill_holes, stream=stream)
     if pool.left_out:
         log.warning("left out (missing folds): %s", pool.left_out)
     res = optimize(pool, fill_holes=fill_holes, **opts)

@@ -402,3 +402,32 @@ def test_pool_of_classifiers_only_is_refused(tmp_path):
     write_classifiers(tmp_path, masks, {"c": rng.random((30, 4)).astype(np.float32)})
     with pytest.raises(oof.DataError, match="no segmentation model"):
         blend.load_blend_pool(tmp_path)
+
+
+def test_streamed_full_resolution_gives_the_same_blend_with_one_class_in_memory(tmp_path):
+    """Images at least 128 px high select on the 4x maps and stream full resolution class by class:
+    the same blend as the all-in-memory path, with a lower peak (measured by tracemalloc)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(11)
+    masks = make_truth(rng, n=24, shape=(128, 512), p_defect=0.8)
+    write_run(tmp_path, masks, {"a": signal_model(rng, masks, 0.5, 0.5), "b": signal_model(rng, masks, 0.4, 0.6),
+                                "n": noise_model(rng, masks)})
+    out = {}
+    for stream in (False, True):
+        tracemalloc.start()
+        pool = blend.load_blend_pool(tmp_path, stream=stream)
+        r = blend.optimize(pool, max_members=4)
+        out[stream] = (r, tracemalloc.get_traced_memory()[1], pool)
+        tracemalloc.stop()
+    (mem, peak_mem, _), (st, peak_st, pool_st) = out[False], out[True]
+    assert isinstance(pool_st.full, blend._StreamedFull) and not isinstance(out[False][2].full, blend._StreamedFull)
+    assert r.settings["selection_resolution"] == "ds4"
+    for k in ("in_sample", "cross_fitted", "nested", "best_single", "baseline", "all_empty", "nested_segmentation_only"):
+        assert st.scores[k] == pytest.approx(mem.scores[k], abs=1e-12), k
+    np.testing.assert_array_equal(st.weights, mem.weights)
+    assert st.postprocess == mem.postprocess and st.per_class == mem.per_class
+    print(f"tracemalloc peak: in memory {peak_mem / 2**20:.1f} MiB, streamed {peak_st / 2**20:.1f} MiB, "
+          f"{pool_st.full.loads} class reads")
+    assert pool_st.full.loads == 4  # each class read once at full resolution
+    assert peak_st < 0.6 * peak_mem, (peak_st, peak_mem)
