@@ -25,7 +25,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 
 from . import oof
 from . import ppsearch as ps
@@ -140,22 +139,14 @@ class _ClassReader:
         models, truth, t_min = self.models, self.truth, self.t_min
         n, h, w = len(truth.image_ids), *truth.shape
         hh, ww = -(-h // oof.DS), -(-w // oof.DS)
-        pos = {k: i for i, k in enumerate(truth.image_ids)}
         classes = list(classes)
         parts = {r: {c: [] for c in classes} for r in resolutions}
         cls = np.zeros((len(models), n, N_CLASSES), np.float32)
         true_area = {r: np.zeros((N_CLASSES, n), np.int64) for r in resolutions}
         cols = ["image_id", "cls"] + [f"p{c + 1}{'' if r == 'full' else f'_ds{oof.DS}'}" for r in resolutions for c in classes]
         for f in self.folds_all:
-            paths = [oof.oof_path(self.run, m, f) for m in models]
-            for p in paths:  # split, size, image set: checked before any map is read
-                oof.check_fold_file(p, truth, f)
-            readers = [pq.ParquetFile(p).iter_batches(batch_size=32, columns=cols) for p in paths]
-            for batches in zip(*readers):
-                ids = batches[0].column("image_id").to_pylist()
-                if any(b.column("image_id").to_pylist() != ids for b in batches[1:]):
-                    raise DataError(f"OOF files of fold {f} list images in different orders; rewrite them with one version")
-                rows = np.array([pos[i] for i in ids])
+            # the one OOF reader: files checked (split, size, image set), read in lockstep
+            for rows, batches, paths in oof.iter_fold_batches(self.run, models, truth, f, cols):
                 for mi, b in enumerate(batches):
                     cls[mi, rows] = np.asarray(b.column("cls").to_pylist(), np.float32)
                 for c in classes:
@@ -168,9 +159,9 @@ class _ClassReader:
                             probs = np.stack([oof.maps(b, f"p{c + 1}_ds{oof.DS}", (hh, ww), p) for b, p in zip(batches, paths)])
                             tm = np.stack([_truth_ds(t) for t in tmask])
                         true_area[res][c, rows] = tm.sum((1, 2))
-                        flat = probs.reshape(len(models), len(ids), -1)
+                        flat = probs.reshape(len(models), len(rows), -1)
                         i_loc, pix = np.nonzero(flat.max(0) >= t_min)
-                        parts[res][c].append((rows[i_loc], flat[:, i_loc, pix], tm.reshape(len(ids), -1)[i_loc, pix],
+                        parts[res][c].append((rows[i_loc], flat[:, i_loc, pix], tm.reshape(len(rows), -1)[i_loc, pix],
                                               pix.astype(np.int32) if (self.fill_holes and res == "full") else None))
         self.cls = cls
         out = {}

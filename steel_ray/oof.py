@@ -45,6 +45,7 @@ __all__ = [
     "task_of",
     "read_presence",
     "check_fold_file",
+    "iter_fold_batches",
     "read_pool",
     "Pool",
     "PoolGapError",
@@ -338,6 +339,24 @@ def check_fold_file(path, truth: Truth, fold: int) -> list[str]:
     return ids
 
 
+def iter_fold_batches(run, model_ids, truth: Truth, fold: int, columns, batch_size: int = 32):
+    """The one OOF reader: yield ``(rows, batches, paths)`` for fold ``fold``, the models' files read in
+    lockstep (``rows``: the images' indices in ``truth``; ``batches``: one record batch per model with
+    ``columns``). Every file is checked first (:func:`check_fold_file`: split, size, image set,
+    duplicates); files that list the fold's images in different orders are refused."""
+    paths = [oof_path(run, m, fold) for m in model_ids]
+    for p in paths:
+        check_fold_file(p, truth, fold)
+    pos = {k: i for i, k in enumerate(truth.image_ids)}
+    readers = [pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=list(columns)) for p in paths]
+    for batches in zip(*readers):
+        ids = batches[0].column("image_id").to_pylist()
+        for b, p in zip(batches[1:], paths[1:]):
+            if b.column("image_id").to_pylist() != ids:
+                raise DataError(f"{p}: lists the images of fold {fold} in another order than {paths[0]}; rewrite it with one version")
+        yield np.array([pos[i] for i in ids], dtype=np.int64), batches, paths
+
+
 def maps(batch, column: str, shape, path) -> np.ndarray:
     """(B, h, w) uint8 maps of one blob column; a blob of the wrong size names the file and image."""
     blobs = batch.column(column).to_pylist()
@@ -365,7 +384,8 @@ def read_pool(run, model_ids=None, folds=None, classes=None, resolution: str = "
     if gaps:
         raise PoolGapError(gaps)
     sel = np.flatnonzero(np.isin(truth.folds, folds))
-    pos = {truth.image_ids[i]: j for j, i in enumerate(sel)}
+    local = np.full(len(truth.image_ids), -1, np.int64)
+    local[sel] = np.arange(len(sel))
     h, w = truth.shape
     hh, ww = (h, w) if resolution == "full" else (-(-h // DS), -(-w // DS))
     suffix = "" if resolution == "full" else f"_ds{DS}"
@@ -373,12 +393,10 @@ def read_pool(run, model_ids=None, folds=None, classes=None, resolution: str = "
     cls = np.zeros((len(model_ids), len(sel), N_CLASSES), np.float32)
     for mi, m in enumerate(model_ids):
         for f in folds:
-            path = oof_path(run, m, f)
-            check_fold_file(path, truth, f)  # exactly the fold's images, so every row below is filled once
-            pf = pq.ParquetFile(path)
             cols = ["image_id", "cls"] + [f"p{c + 1}{suffix}" for c in classes]
-            for batch in pf.iter_batches(columns=cols, batch_size=64):
-                rows = [pos[i] for i in batch.column("image_id").to_pylist()]
+            # the files are checked to hold exactly the fold's images, so every row is filled once
+            for truth_rows, (batch,), (path,) in iter_fold_batches(run, [m], truth, f, cols, batch_size=64):
+                rows = local[truth_rows]
                 cls[mi, rows] = np.asarray(batch.column("cls").to_pylist(), np.float32)
                 for k, c in enumerate(classes):
                     probs[mi, rows, k] = maps(batch, f"p{c + 1}{suffix}", (hh, ww), path)

@@ -81,3 +81,21 @@ def test_missing_fold_is_named(run):
         oof.read_pool(path)
     assert e.value.gaps == [("m2", 1)]
     assert oof.read_pool(path, ["m2"], folds=[0, 2]).probs.shape[1] == int((folds != 1).sum())
+
+
+def test_fold_files_in_another_order_are_refused_naming_the_file(tmp_path):
+    """The one OOF reader reads a fold's files in lockstep: a file listing the images in another
+    order (a second writer, an edited file) is named, not silently mis-aligned."""
+    from blend_pools import make_truth, signal_model, write_run
+
+    rng = np.random.default_rng(0)
+    masks = make_truth(rng, n=30, shape=(32, 64))
+    write_run(tmp_path, masks, {"a": signal_model(rng, masks), "b": signal_model(rng, masks)})
+    truth = oof.read_truth(tmp_path)
+    rows = [r for r, _, _ in oof.iter_fold_batches(tmp_path, ["a", "b"], truth, 1, ["image_id", "cls"])]
+    assert sorted(np.concatenate(rows).tolist()) == np.flatnonzero(truth.folds == 1).tolist()
+    path = oof.oof_path(tmp_path, "b", 1)
+    t = pq.read_table(path)
+    pq.write_table(t.take(np.arange(t.num_rows)[::-1]).replace_schema_metadata(t.schema.metadata), path)
+    with pytest.raises(data.DataError, match=r"model_id=b/fold=1/part-0.parquet: lists the images of fold 1 in another order"):
+        list(oof.iter_fold_batches(tmp_path, ["a", "b"], truth, 1, ["image_id", "cls"]))
