@@ -259,15 +259,13 @@ def task_of(run, model_id: str, folds) -> str:
 
 def read_presence(run, model_id: str, truth: Truth, folds) -> np.ndarray:
     """(N, 4) float32 presence of one model over the truth's images (its folds' files checked)."""
-    pos = {k: i for i, k in enumerate(truth.image_ids)}
     out = np.full((len(truth.image_ids), N_CLASSES), np.nan, np.float32)
     for f in folds:
-        path = oof_path(run, model_id, f)
-        ids = check_fold_file(path, truth, f)
-        cls = np.asarray(pq.read_table(path, columns=["cls"]).column("cls").to_pylist(), np.float32).reshape(len(ids), N_CLASSES)
-        if not np.isfinite(cls).all() or cls.min() < 0 or cls.max() > 1:
-            raise DataError(f"{path}: presence probabilities must be finite and in [0, 1]")
-        out[[pos[i] for i in ids]] = cls
+        for rows, (batch,), (path,) in iter_fold_batches(run, [model_id], truth, f, ["image_id", "cls"]):
+            cls = np.asarray(batch.column("cls").to_pylist(), np.float32).reshape(len(rows), N_CLASSES)
+            if not np.isfinite(cls).all() or cls.min() < 0 or cls.max() > 1:
+                raise DataError(f"{path}: presence probabilities must be finite and in [0, 1]")
+            out[rows] = cls
     return out
 
 

@@ -431,3 +431,16 @@ def test_streamed_full_resolution_gives_the_same_blend_with_one_class_in_memory(
           f"{pool_st.full.loads} class reads")
     assert pool_st.full.loads == 4  # each class read once at full resolution
     assert peak_st < 0.6 * peak_mem, (peak_st, peak_mem)
+
+
+def test_classifier_presence_outside_0_1_is_refused_naming_the_file(tmp_path):
+    from blend_pools import write_classifiers
+
+    rng = np.random.default_rng(0)
+    masks = make_truth(rng, n=30, shape=(32, 64))
+    write_run(tmp_path, masks, {"s": signal_model(rng, masks)})
+    bad = rng.random((30, 4)).astype(np.float32)
+    bad[4, 2] = 1.5
+    write_classifiers(tmp_path, masks, {"c": bad})
+    with pytest.raises(oof.DataError, match=r"model_id=c/fold=1/part-0.parquet: presence probabilities must be finite"):
+        blend.load_blend_pool(tmp_path)
