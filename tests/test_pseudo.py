@@ -89,3 +89,44 @@ def test_training_images_and_other_sizes_are_refused(parent, tiny_set, tmp_path)
     r = _run("pseudo", "--run", parent, "--images", other / "test_images", "--out", tmp_path / "y")
     assert r.returncode == 2 and "the run's 64x256" in r.stderr, r.stderr
     shutil.rmtree(other)
+
+
+def test_image_confidence_by_hand():
+    from steel_ray.predict import Prediction
+    from steel_ray.pseudo import image_confidence
+
+    masks = np.zeros((4, 4, 8), bool)
+    blended = np.zeros((4, 4, 8), np.uint8)
+    masks[1, :2, :2] = True
+    blended[1, :2, :2] = [[255, 204], [204, 153]]  # mean 204 / 255 = 0.8
+    gate = np.array([0.1, 0.9, 0.3, 0.05])
+    conf, per_class = image_confidence(Prediction("x.jpg", masks, blended, gate))
+    # empty classes: 1 - presence; the mask: min(presence 0.9, mean pixel 0.8)
+    np.testing.assert_allclose(per_class, [0.9, 0.8, 0.7, 0.95])
+    assert conf == pytest.approx(0.7)
+
+
+def test_max_images_keeps_the_most_confident(parent, tiny_set):
+    from steel_ray import pseudo
+
+    doc = json.loads((parent / "blend" / "blend.json").read_text())
+    paths = sorted((tiny_set / "test_images").iterdir())
+    rows, labels = pseudo.label_images(doc, parent / "blend" / "blend.json", paths, (64, 256), min_confidence=0.0, max_images=2)
+    assert len(rows) == len(paths) and len(labels) == 2 and sum(r["kept"] for r in rows) == 2
+    conf = sorted((r["confidence"] for r in rows), reverse=True)
+    assert sorted(r["confidence"] for r in rows if r["kept"]) == sorted(conf[:2])
+    for rles in labels.values():
+        assert len(rles) == 4 and all(rle.decode(s, (64, 256)).shape == (64, 256) for s in rles)
+
+
+def test_members_blend_or_top_k(parent):
+    from steel_ray import pseudo
+    from steel_ray.config import TrialConfig
+
+    doc = json.loads((parent / "blend" / "blend.json").read_text())
+    blend_ids = [m["model_id"] for m in doc["members"]]
+    assert [TrialConfig.from_dict(c).model_id() for c in pseudo._member_configs(parent, doc, ["blend"])] == blend_ids
+    best = max(doc["single_models_cross_fitted"], key=doc["single_models_cross_fitted"].get)
+    assert [TrialConfig.from_dict(c).model_id() for c in pseudo._member_configs(parent, doc, ["top", "1"])] == [best]
+    with pytest.raises(SystemExit):
+        pseudo._args(["--run", "r", "--out", "o", "--members", "top"])
