@@ -36,7 +36,13 @@ FREQ = np.array([897, 247, 5150, 801]) / 12568
 BOX = [((20, 60), (40, 120)), ((24, 64), (8, 24)), ((40, 180), (60, 400)), ((80, 250), (120, 400))]
 
 
-def generate(n, m, n_folds, seed=0):
+def generate(n, m, n_folds, seed=0, density=None):
+    """A pool of n images x m models. ``density`` None: the original generator (every model that
+    fires on an empty pair fires inside one box per image, ~2% of pairs). ``density`` D: each model
+    that fires on an empty pair (2% x D of pairs) paints its own box at its own place (diverse
+    false positives: the kept pixels add up over models), so the kept fraction grows with D."""
+    if density is not None:
+        return _generate_diverse(n, m, n_folds, seed, density)
     rng = np.random.default_rng(seed)
     skill = rng.uniform(0.55, 0.85, m)  # models differ in quality
     full, ds = [], []
@@ -83,6 +89,74 @@ def generate(n, m, n_folds, seed=0):
     return blend.BlendPool([f"m{j:02d}" for j in range(m)], [f"{i:09x}.jpg" for i in range(n)], folds, n_folds, (H, W), full, ds)
 
 
+def _box_parts(vals_f, truth):
+    """(full-res part, 4x part) of one box: the kept pixels (some member >= T_MIN) with truth."""
+    m = vals_f.shape[0]
+    bh, bw = truth.shape
+    vals = np.rint(np.clip(vals_f, 0, 1) * 255).astype(np.uint8)
+    keep = vals.reshape(m, -1).max(0) >= T_MIN
+    dv = np.rint(vals.reshape(m, bh // 4, 4, bw // 4, 4).mean((2, 4))).astype(np.uint8).reshape(m, -1)
+    dt = (truth.reshape(bh // 4, 4, bw // 4, 4).mean((1, 3)) >= 0.5).ravel()
+    kd = dv.max(0) >= T_MIN
+    return (vals.reshape(m, -1)[:, keep], truth.ravel()[keep]), (dv[:, kd], dt[kd]), int(truth.sum()), int(dt.sum())
+
+
+def _generate_diverse(n, m, n_folds, seed, density):
+    rng = np.random.default_rng(seed)
+    skill = rng.uniform(0.55, 0.85, m)
+    full, ds = [], []
+    for c in range(4):
+        parts = {"f": [], "d": []}
+        true = {"f": np.zeros(n, np.int64), "d": np.zeros(n, np.int64)}
+        has = rng.random(n) < FREQ[c]
+        fp = rng.random((m, n)) < min(1.0, 0.02 * density)
+        cls = np.where(has[None], rng.beta(5, 2, (m, n)), rng.beta(1.5, 6, (m, n))).astype(np.float32)
+        (h0, h1), (w0, w1) = BOX[c]
+        for i in np.flatnonzero(has | fp.any(0)):
+            boxes = []
+            if has[i]:  # the defect: every model sees it, with its own skill and noise
+                bh, bw = int(rng.integers(h0, h1)) // 4 * 4 + 4, int(rng.integers(w0, w1)) // 4 * 4 + 4
+                truth = np.zeros((bh, bw), bool)
+                truth[bh // 6:bh - bh // 6, bw // 6:bw - bw // 6] = True
+                conf = skill * rng.uniform(0.6, 1.2, m)
+                boxes.append((conf[:, None, None] * (0.55 + 0.45 * truth[None]) + rng.normal(0, 0.12, (m, bh, bw)), truth))
+            for j in np.flatnonzero(fp[:, i]):  # each false positive in its own place: only model j is confident
+                bh, bw = int(rng.integers(h0, h1)) // 2 // 4 * 4 + 4, int(rng.integers(w0, w1)) // 2 // 4 * 4 + 4
+                v = np.abs(rng.normal(0, 0.03, (m, bh, bw)))
+                v[j] += rng.uniform(0.4, 0.8) * 0.55 + rng.normal(0, 0.12, (bh, bw))
+                boxes.append((v, np.zeros((bh, bw), bool)))
+            for vals_f, truth in boxes:
+                (fv, ft), (dv, dt), tf, td = _box_parts(vals_f, truth)
+                parts["f"].append((np.full(ft.size, i, np.int32), fv, ft))
+                parts["d"].append((np.full(dt.size, i, np.int32), dv, dt))
+                true["f"][i] += tf
+                true["d"][i] += td
+        for key, scale, out in (("f", 1.0, full), ("d", 16.0, ds)):
+            ps_ = parts[key]
+            img = np.concatenate([p[0] for p in ps_])
+            tr = np.concatenate([p[2] for p in ps_])
+            vals = np.empty((m, img.size), np.uint8)
+            at = 0
+            while ps_:
+                v = ps_.pop(0)[1]
+                vals[:, at:at + v.shape[1]] = v
+                at += v.shape[1]
+            out.append(ps.ClassData(img, vals, tr, true[key], cls, scale, T_MIN))
+    folds = np.arange(n) % n_folds
+    rng.shuffle(folds)
+    return blend.BlendPool([f"m{j:02d}" for j in range(m)], [f"{i:09x}.jpg" for i in range(n)], folds, n_folds, (H, W), full, ds)
+
+
+def real_kept_fraction(run) -> str:
+    """The kept fraction of a real pool (what the generated one should resemble), read from its OOF files."""
+    pool = blend.load_blend_pool(run, stream=False)
+    h, w = pool.shape
+    n = len(pool.image_ids)
+    kept = sum(d.vals.shape[1] for d in pool.full)
+    return (f"real pool {run}: {len(pool.model_ids)} models x {n} images at {h}x{w}: kept full-res pixels {kept:,} "
+            f"({100 * kept / (4 * n * h * w):.2f}%)")
+
+
 def dense_subset(pool: blend.BlendPool, c: int, n_sub: int, weights):
     """Dense full-res blended maps + truth for the first n_sub images of class c."""
     d = pool.full[c]
@@ -126,9 +200,15 @@ def main():
     ap.add_argument("--subset", type=int, default=200, help="images for the re-thresholding comparison")
     ap.add_argument("--kernel-points", type=int, default=12, help="grid points timed for the kernel baseline")
     ap.add_argument("--workers", type=int, default=2, help="processes for the nested folds (blend --workers)")
+    ap.add_argument("--density", type=float, default=None,
+                    help="diverse false positives: each model that fires on an empty pair (2%% x D of pairs) paints "
+                         "its own box; default: the original generator (shared boxes)")
+    ap.add_argument("--pool", help="a real run whose pool's kept fraction to print beside the generated one (e.g. runs/demo)")
     a = ap.parse_args()
     t0 = time.time()
-    pool = generate(a.images, a.models, a.folds)
+    if a.pool:
+        print(real_kept_fraction(a.pool))
+    pool = generate(a.images, a.models, a.folds, density=a.density)
     kept = sum(d.vals.shape[1] for d in pool.full)
     print(f"pool: {a.images} images x 4 classes x {a.models} models at {H}x{W}; kept full-res pixels {kept:,} "
           f"({100 * kept / (4 * a.images * H * W):.2f}%), 4x: {sum(d.vals.shape[1] for d in pool.ds):,}; generated in {time.time() - t0:.0f}s")
@@ -168,11 +248,13 @@ def main():
     res = blend.optimize(pool, max_members=a.max_members, nested=True, selection_resolution="ds4", workers=a.workers)
     total = time.time() - t1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     s, tm = res.scores, res.settings["timings"]
     print(f"\nfull blend (max {a.max_members} members, {a.folds} folds, nested folds on {a.workers} processes), seconds:")
     for k in ("selection", "final_tuning", "singles_and_baseline", "nested"):
         print(f"  {k:24}{tm[k]:8.1f}")
-    print(f"  {'total':24}{total:8.1f}   peak RSS {peak:.1f} GiB")
+    print(f"  {'total':24}{total:8.1f}   peak RSS: main {peak:.2f} GiB, largest nested worker {peak_child:.2f} GiB "
+          f"(all processes <= {peak + a.workers * peak_child:.2f} GiB)")
     print(f"  scores: in_sample {s['in_sample']:.5f} cross_fitted {s['cross_fitted']:.5f} nested {s['nested']:.5f} "
           f"best_single {s['best_single']:.5f} baseline {s['baseline']:.5f}")
     print(f"  members: {sum(1 for x in res.weights[0] if x > 0)} distinct models")
@@ -192,7 +274,8 @@ def main():
         print(f"  class {c}: {f:.5f} vs {d:.5f}  (diff {f - d:+.5f})")
     print(f"  mean over classes: {np.mean([f - d for _, f, d in diff_rows]):+.5f}")
     print(f"\nreproduce: .venv/bin/python benchmarks/bench_blend.py --images {a.images} --models {a.models} --folds {a.folds} "
-          f"--max-members {a.max_members} --workers {a.workers}")
+          f"--max-members {a.max_members} --workers {a.workers}" + (f" --density {a.density:g}" if a.density else "")
+          + (f" --pool {a.pool}" if a.pool else ""))
 
 
 if __name__ == "__main__":
