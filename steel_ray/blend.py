@@ -110,13 +110,13 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_h
     streamed = stream is True or (stream == "auto" and min(h, w) >= 128)
     reader = _ClassReader(run, models, truth, folds_all, t_min, fill_holes)
     if streamed:
-        ds = reader.read(range(N_CLASSES), ("ds",))["ds"]
+        ds = list(reader.read(range(N_CLASSES), ("ds",))["ds"].values())
         full = _StreamedFull(reader)
         log.info("pool: %d models x %d images, kept %.2f%% of 4x pixels (t_min %d); full resolution streamed class by class",
                  len(models), n, 100 * sum(d.vals.shape[1] for d in ds) / (N_CLASSES * n * -(-h // oof.DS) * -(-w // oof.DS)), t_min)
     else:
         both = reader.read(range(N_CLASSES), ("full", "ds"))
-        full, ds = both["full"], both["ds"]
+        full, ds = list(both["full"].values()), list(both["ds"].values())
         log.info("pool: %d models x %d images, kept %.2f%% of full-res pixels (t_min %d)", len(models), n,
                  100 * sum(d.vals.shape[1] for d in full) / (N_CLASSES * n * h * w), t_min)
     ckpts = {m: [str(layout.best_weights(run, m, f)) for f in folds_all] for m in models + classifiers}
@@ -133,9 +133,9 @@ class _ClassReader:
     def __init__(self, run, models, truth, folds_all, t_min, fill_holes):
         self.run, self.models, self.truth, self.folds_all = run, models, truth, folds_all
         self.t_min, self.fill_holes = t_min, fill_holes
-        self.cls = None  # (M, N, 4) presence, filled by the first read
 
     def read(self, classes, resolutions) -> dict:
+        """``{resolution: {class: ClassData}}`` for the given classes and resolutions (``full``, ``ds``)."""
         models, truth, t_min = self.models, self.truth, self.t_min
         n, h, w = len(truth.image_ids), *truth.shape
         hh, ww = -(-h // oof.DS), -(-w // oof.DS)
@@ -163,7 +163,6 @@ class _ClassReader:
                         i_loc, pix = np.nonzero(flat.max(0) >= t_min)
                         parts[res][c].append((rows[i_loc], flat[:, i_loc, pix], tm.reshape(len(rows), -1)[i_loc, pix],
                                               pix.astype(np.int32) if (self.fill_holes and res == "full") else None))
-        self.cls = cls
         out = {}
         for res in resolutions:
             scale = 1.0 if res == "full" else float(oof.DS * oof.DS)
@@ -174,8 +173,6 @@ class _ClassReader:
                 pix = np.concatenate([p[3] for p in ps_]) if (self.fill_holes and res == "full") else None
                 out[res][c] = ps.ClassData(img, np.concatenate([p[1] for p in ps_], axis=1), np.concatenate([p[2] for p in ps_]),
                                            true_area[res][c], cls[:, :, c].copy(), scale, t_min, pix)
-            if list(out[res]) == list(range(N_CLASSES)):
-                out[res] = [out[res][c] for c in range(N_CLASSES)]
         return out
 
 
@@ -305,13 +302,8 @@ def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_member
         if not k_counts.sum():
             return sum(ps.cross_fitted(seg_tables[c], grid)[0] for c in range(N_CLASSES))
         q = np.tensordot(k_counts / k_counts.sum(), clf, axes=1)  # (N, 4)
-        total = 0.0
-        for c in range(N_CLASSES):
-            tabs = {"segmentation": seg_tables[c]}
-            for src in ("classifier", "mean"):
-                tabs[src] = _tables(counts[c], datas[c], ps.gate_signal(seg_cls[c], q[:, c], src), folds, n_folds, grid)
-            total += ps.cross_fitted_source(tabs, grid)[0]
-        return total
+        return sum(ps.cross_fitted_source(_gate_tables(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, grid,
+                                                       seg_tables[c]), grid)[0] for c in range(N_CLASSES))
 
     k_counts = np.zeros(n_clf, np.int64)
     best_score = score(k_counts)
@@ -339,6 +331,17 @@ def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_member
 def _tables(counts, d: ps.ClassData, gate, folds, n_folds, grid):
     area, inter = counts
     return ps.tables_from_counts(area, inter, d.true_area, d.area_scale, gate, folds, n_folds, grid)
+
+
+def _gate_tables(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, grid, seg_tables=None) -> dict:
+    """{gate source: (K, T, A, G) tables} of one class: the segmentation gate alone when there is no
+    classifier presence ``q``, else every source of :data:`ppsearch.GATE_SOURCES` (``seg_tables``:
+    the segmentation tables when already computed)."""
+    out = {"segmentation": _tables(counts, d, seg_cls, folds, n_folds, grid) if seg_tables is None else seg_tables}
+    if q is not None:
+        for src in ("classifier", "mean"):
+            out[src] = _tables(counts, d, ps.gate_signal(seg_cls, q, src), folds, n_folds, grid)
+    return out
 
 
 # --------------------------------------------------------------------------- scoring
@@ -376,22 +379,11 @@ def _full_tables(pool: BlendPool, c: int, weights, fill_holes: bool, grid):
     return _tables(_class_counts(pool, c, weights, fill_holes, grid), d, ps.blend_cls(d.cls, weights), pool.folds, pool.n_folds, grid)
 
 
-def _source_tables(pool: BlendPool, c: int, counts, seg_cls, q, grid) -> dict:
-    """{gate source: (K, T, A, G) tables} of class ``c``: segmentation alone without classifier presence ``q``."""
-    d = pool.full[c]
-    out = {"segmentation": _tables(counts, d, seg_cls, pool.folds, pool.n_folds, grid)}
-    if q is not None:
-        for src in ("classifier", "mean"):
-            out[src] = _tables(counts, d, ps.gate_signal(seg_cls, q, src), pool.folds, pool.n_folds, grid)
-    return out
-
-
-def _clf_blend(pool: BlendPool, clf_weights, image_mask=None):
+def _clf_blend(pool: BlendPool, clf_weights):
     """(N, 4) classifier-ensemble presence, or None when no classifier has weight."""
     if pool.clf is None or clf_weights is None or not np.any(clf_weights):
         return None
-    clf = pool.clf if image_mask is None else pool.clf[:, image_mask]
-    return np.tensordot(np.asarray(clf_weights, np.float64), clf, axes=1)
+    return np.tensordot(np.asarray(clf_weights, np.float64), pool.clf, axes=1)
 
 
 def _gate_stats(gate, truth_present, threshold, q) -> dict:
@@ -475,6 +467,7 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     q_report = q_all if q_all is not None else (None if pool.clf is None else pool.clf.mean(0))
     tuned = {"post": {}, "curves": {}, "per_class": {}, "in_sample": 0.0, "cross_fitted": 0.0, "cross_fitted_seg": 0.0,
              "all_empty": 0.0}
+    nested_q = [_clf_blend(pool, cw) for _, cw in picks or []]  # each fold's classifier presence, once
     single_sums, base = np.zeros(len(pool.model_ids)), 0.0
     nested_total, nested_seg = (0.0, 0.0) if picks is not None else (None, None)
     for c in range(N_CLASSES):
@@ -485,8 +478,8 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
         single_sums += sums_c
         base += base_c
         t3 = time.time()
-        for f, (w, cw) in enumerate(picks or []):
-            s_all, s_seg = _nested_score(pool, c, f, w, cw, grid, fill_holes)
+        for f, ((w, _), q) in enumerate(zip(picks or [], nested_q)):
+            s_all, s_seg = _nested_score(pool, c, f, w, q, grid, fill_holes)
             nested_total += s_all
             nested_seg += s_seg
         timings["final_tuning"] += t2 - t1
@@ -521,7 +514,7 @@ def _tune_class(pool: BlendPool, c: int, weights, q_all, q_report, fill_holes: b
     counts = _class_counts(pool, c, weights[c], fill_holes, grid)
     seg_cls = ps.blend_cls(d.cls, weights[c])
     q = None if q_all is None else q_all[:, c]
-    tabs = _source_tables(pool, c, counts, seg_cls, q, grid)
+    tabs = _gate_tables(counts, d, seg_cls, q, pool.folds, pool.n_folds, grid)
     s_in, src, ch = ps.in_sample_source(tabs, grid)
     s_in_seg, _ = ps.in_sample(tabs["segmentation"], grid)
     out["in_sample"] += s_in
@@ -571,13 +564,13 @@ def _nested_select(pool: BlendPool, sel_data, f: int, run_selection):
     return w, cw
 
 
-def _nested_score(pool: BlendPool, c: int, f: int, w, cw, grid, fill_holes) -> tuple[float, float]:
+def _nested_score(pool: BlendPool, c: int, f: int, w, q, grid, fill_holes) -> tuple[float, float]:
     """Held-out Dice sums of class ``c`` on fold ``f`` (with the classifiers, segmentation gate only)
-    for weights chosen without fold ``f``; the post-processing is chosen on the other folds too."""
+    for segmentation weights ``w`` and classifier presence ``q`` (N, 4) chosen without fold ``f``;
+    the post-processing is chosen on the other folds too."""
     d = pool.full[c]
-    q = _clf_blend(pool, cw)
     counts = _class_counts(pool, c, w[c], fill_holes, grid)
-    tabs = _source_tables(pool, c, counts, ps.blend_cls(d.cls, w[c]), None if q is None else q[:, c], grid)
+    tabs = _gate_tables(counts, d, ps.blend_cls(d.cls, w[c]), None if q is None else q[:, c], pool.folds, pool.n_folds, grid)
     src, ch = ps.choose_source(tabs, grid, exclude=f)
     ch_seg = ps.choose(tabs["segmentation"], grid, exclude=f)
     return float(tabs[src][(f, *grid.index(ch))]), float(tabs["segmentation"][(f, *grid.index(ch_seg))])

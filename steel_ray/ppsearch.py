@@ -281,25 +281,37 @@ def smoothed(table: np.ndarray) -> np.ndarray:
     return uniform_filter(np.asarray(table, np.float64), size=3, mode="nearest")
 
 
-def _argmax(table: np.ndarray, grid: Grid) -> Choice:
-    """First maximum in (level, area, gate) order: the lowest of tied parameter values.
+def _best(table: np.ndarray, grid: Grid) -> tuple[float, Choice]:
+    """(the value the rule ranks by, the chosen point) of a (T, A, G) table.
 
-    With ``grid.rule == "smooth"`` the maximum of the smoothed table; ties in the smoothed
-    table go to the point with the higher raw value, then the lowest parameters.
+    The point is the first maximum in (level, area, gate) order: the lowest of tied parameter
+    values. With ``grid.rule == "smooth"`` it is the maximum of the smoothed table (the value
+    returned); ties in the smoothed table go to the point with the higher raw value, then the
+    lowest parameters.
     """
+    value = float(table.max())
     if grid.rule == "smooth":
         sm = smoothed(table)
-        top = sm >= sm.max() - 1e-9 * max(1.0, abs(sm.max()))
+        value = float(sm.max())
+        top = sm >= value - 1e-9 * max(1.0, abs(value))
         table = np.where(top, table, -np.inf)
     t, a, g = np.unravel_index(int(np.argmax(table)), table.shape)
-    return Choice(int(grid.levels[t]), float(grid.min_areas[a]), float(grid.cls_thresholds[g]))
+    return value, Choice(int(grid.levels[t]), float(grid.min_areas[a]), float(grid.cls_thresholds[g]))
+
+
+def _argmax(table: np.ndarray, grid: Grid) -> Choice:
+    return _best(table, grid)[1]
+
+
+def _fold_sum(tables: np.ndarray, exclude=None) -> np.ndarray:
+    """The (T, A, G) table summed over folds, leaving out ``exclude`` folds."""
+    use = [f for f in range(tables.shape[0]) if exclude is None or f not in np.atleast_1d(exclude)]
+    return tables[use].sum(0)
 
 
 def choose(tables: np.ndarray, grid: Grid, exclude=None) -> Choice:
     """The grid point with the highest Dice summed over folds (leaving out ``exclude`` folds)."""
-    k = tables.shape[0]
-    use = [f for f in range(k) if exclude is None or f not in np.atleast_1d(exclude)]
-    return _argmax(tables[use].sum(0), grid)
+    return _argmax(_fold_sum(tables, exclude), grid)
 
 
 def cross_fitted(tables: np.ndarray, grid: Grid) -> tuple[float, list[Choice]]:
@@ -355,12 +367,9 @@ def choose_source(tables: dict, grid: Grid, exclude=None) -> tuple[str, Choice]:
     for src in GATE_SOURCES:
         if src not in tables:
             continue
-        t = tables[src]
-        use = [f for f in range(t.shape[0]) if exclude is None or f not in np.atleast_1d(exclude)]
-        tab = t[use].sum(0)
-        val = float(smoothed(tab).max() if grid.rule == "smooth" else tab.max())
+        val, choice = _best(_fold_sum(tables[src], exclude), grid)  # the table is smoothed once
         if best is None or val > best[0] + 1e-9 * max(1.0, abs(val)):
-            best = (val, src, _argmax(tab, grid))
+            best = (val, src, choice)
     return best[1], best[2]
 
 
