@@ -160,8 +160,9 @@ def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, s
 
 
 def predict_folder(blend_path, images, out, fmt: str = "new", tta: str | None = None, device: str = "auto",
-                   batch_size: int = 8) -> int:
-    """Library entry: a submission CSV for every image of ``images`` from a blend.json; returns the image count."""
+                   batch_size: int = 8, skip_bad: bool = False, bad: list | None = None) -> int:
+    """Library entry (and the CLI's body): a submission CSV for every image of ``images`` from a
+    blend.json; returns the image count. ``skip_bad``/``bad`` as in :func:`iter_predictions`."""
     blend_path = Path(blend_path)
     if not blend_path.exists():
         raise DataError(f"{blend_path}: blend file not found (blend the run first)")
@@ -169,7 +170,8 @@ def predict_folder(blend_path, images, out, fmt: str = "new", tta: str | None = 
     members = load_members(doc, blend_path, pick_device(device), tta)
     paths = [Path(images) / n for n in list_images(images)]
     with torch.inference_mode():
-        return write_submission(predict_images(doc, members, paths, tuple(doc["image_shape"]), batch_size=batch_size), out, fmt)
+        rows = predict_images(doc, members, paths, tuple(doc["image_shape"]), skip_bad, batch_size=batch_size, bad=bad)
+        return write_submission(rows, out, fmt)
 
 
 def write_submission(rows, out, fmt="new") -> int:
@@ -207,15 +209,10 @@ def main(argv=None) -> int:
     try:
         if not blend_path.exists():
             raise DataError(f"{blend_path}: blend file not found (run python -m steel_ray.blend --run {a.run} first)")
-        doc = json.loads(blend_path.read_text())
+        doc = json.loads(blend_path.read_text())  # for the messages below
         device = pick_device(a.device)
-        members = load_members(doc, blend_path, device, a.tta)
-        paths = [Path(a.images) / n for n in list_images(a.images)]
-        shape = tuple(doc["image_shape"])
         bad: list[str] = []
-        with torch.inference_mode():
-            rows = predict_images(doc, members, paths, shape, a.skip_bad, batch_size=a.batch_size, bad=bad)
-            n = write_submission(rows, a.out, a.format)
+        n = predict_folder(blend_path, a.images, a.out, a.format, a.tta, a.device, a.batch_size, a.skip_bad, bad)
     except torch.OutOfMemoryError:
         print(f"error: {a.device} out of memory predicting batches of {a.batch_size} image(s) with {len(doc['members'])} "
               f"member(s); rerun with a smaller --batch-size (e.g. {max(1, a.batch_size // 2)})", file=sys.stderr)

@@ -74,7 +74,7 @@ def label_images(doc: dict, blend_path, paths: list[Path], shape, min_confidence
     from .infer import pick_device
 
     members = predict.load_members(doc, blend_path, pick_device(device))
-    rows, labels = [], {}
+    rows = []
     with torch.inference_mode():
         for img, pred in predict.iter_predictions(doc, members, paths, shape):
             conf, per_class = image_confidence(pred)
@@ -94,14 +94,10 @@ def label_images(doc: dict, blend_path, paths: list[Path], shape, min_confidence
 
 
 def _write_csvs(out: Path, rows: list[dict], labels: dict) -> tuple[Path, Path]:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["ImageId", "EncodedPixels", "ClassId"])
-    for img in sorted(labels):
-        for c, s in enumerate(labels[img]):
-            w.writerow([img, s, c + 1])
+    from .predict import write_submission
+
     lab = layout.pseudo_dir(out) / "labels.csv"
-    atomic_write_text(lab, buf.getvalue())
+    write_submission(sorted(labels.items()), lab, "new")  # the Kaggle new format, as a submission
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
