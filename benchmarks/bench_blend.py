@@ -41,110 +41,80 @@ def generate(n, m, n_folds, seed=0, density=None):
     fires on an empty pair fires inside one box per image, ~2% of pairs). ``density`` D: each model
     that fires on an empty pair (2% x D of pairs) paints its own box at its own place (diverse
     false positives: the kept pixels add up over models), so the kept fraction grows with D."""
-    if density is not None:
-        return _generate_diverse(n, m, n_folds, seed, density)
     rng = np.random.default_rng(seed)
     skill = rng.uniform(0.55, 0.85, m)  # models differ in quality
     full, ds = [], []
     for c in range(4):
-        parts_f, parts_d = [], []
-        true_f = np.zeros(n, np.int64)
-        true_d = np.zeros(n, np.int64)
+        acc = _ClassParts(n, m)
         has = rng.random(n) < FREQ[c]
-        fp = rng.random((m, n)) < 0.02  # a model fires on ~2% of pairs
-        cls = np.where(has[None], rng.beta(5, 2, (m, n)), rng.beta(1.5, 6, (m, n))).astype(np.float32)
-        for i in np.flatnonzero(has | fp.any(0)):
-            (h0, h1), (w0, w1) = BOX[c]
-            shrink = 1 if has[i] else 2  # false-positive blobs are smaller than real defects
-            bh = int(rng.integers(h0, h1)) // shrink // 4 * 4 + 4
-            bw = int(rng.integers(w0, w1)) // shrink // 4 * 4 + 4
-            truth = np.zeros((bh, bw), bool)
-            if has[i]:
-                ty, tx = bh // 6, bw // 6
-                truth[ty:bh - ty, tx:bw - tx] = True
-            conf = np.where(has[i], skill * rng.uniform(0.6, 1.2, m), 0.0) + fp[:, i] * rng.uniform(0.4, 0.8, m)
-            vals = np.clip(conf[:, None, None] * (0.55 + 0.45 * truth[None]) + rng.normal(0, 0.12, (m, bh, bw)), 0, 1)
-            vals = np.rint(vals * 255).astype(np.uint8)
-            keep = vals.reshape(m, -1).max(0) >= T_MIN
-            parts_f.append((np.full(int(keep.sum()), i, np.int32), vals.reshape(m, -1)[:, keep], truth.ravel()[keep]))
-            true_f[i] = truth.sum()
-            dv = vals.reshape(m, bh // 4, 4, bw // 4, 4).mean((2, 4))
-            dv = np.rint(dv).astype(np.uint8).reshape(m, -1)
-            dt = (truth.reshape(bh // 4, 4, bw // 4, 4).mean((1, 3)) >= 0.5).ravel()
-            kd = dv.max(0) >= T_MIN
-            parts_d.append((np.full(int(kd.sum()), i, np.int32), dv[:, kd], dt[kd]))
-            true_d[i] = dt.sum()
-        for parts, true, scale, out in ((parts_f, true_f, 1.0, full), (parts_d, true_d, 16.0, ds)):
-            img = np.concatenate([p[0] for p in parts])
-            tr = np.concatenate([p[2] for p in parts])
-            vals = np.empty((m, img.size), np.uint8)  # filled part by part: no second full copy
-            at = 0
-            while parts:
-                v = parts.pop(0)[1]
-                vals[:, at:at + v.shape[1]] = v
-                at += v.shape[1]
-            out.append(ps.ClassData(img, vals, tr, true, cls, scale, T_MIN))
-    folds = np.arange(n) % n_folds
-    rng.shuffle(folds)
-    return blend.BlendPool([f"m{j:02d}" for j in range(m)], [f"{i:09x}.jpg" for i in range(n)], folds, n_folds, (H, W), full, ds)
-
-
-def _box_parts(vals_f, truth):
-    """(full-res part, 4x part) of one box: the kept pixels (some member >= T_MIN) with truth."""
-    m = vals_f.shape[0]
-    bh, bw = truth.shape
-    vals = np.rint(np.clip(vals_f, 0, 1) * 255).astype(np.uint8)
-    keep = vals.reshape(m, -1).max(0) >= T_MIN
-    dv = np.rint(vals.reshape(m, bh // 4, 4, bw // 4, 4).mean((2, 4))).astype(np.uint8).reshape(m, -1)
-    dt = (truth.reshape(bh // 4, 4, bw // 4, 4).mean((1, 3)) >= 0.5).ravel()
-    kd = dv.max(0) >= T_MIN
-    return (vals.reshape(m, -1)[:, keep], truth.ravel()[keep]), (dv[:, kd], dt[kd]), int(truth.sum()), int(dt.sum())
-
-
-def _generate_diverse(n, m, n_folds, seed, density):
-    rng = np.random.default_rng(seed)
-    skill = rng.uniform(0.55, 0.85, m)
-    full, ds = [], []
-    for c in range(4):
-        parts = {"f": [], "d": []}
-        true = {"f": np.zeros(n, np.int64), "d": np.zeros(n, np.int64)}
-        has = rng.random(n) < FREQ[c]
-        fp = rng.random((m, n)) < min(1.0, 0.02 * density)
+        fp = rng.random((m, n)) < (0.02 if density is None else min(1.0, 0.02 * density))  # a model fires on 2% (x D) of pairs
         cls = np.where(has[None], rng.beta(5, 2, (m, n)), rng.beta(1.5, 6, (m, n))).astype(np.float32)
         (h0, h1), (w0, w1) = BOX[c]
         for i in np.flatnonzero(has | fp.any(0)):
-            boxes = []
+            if density is None:  # one box per image: the defect and every model's false positive share it
+                shrink = 1 if has[i] else 2  # false-positive blobs are smaller than real defects
+                bh = int(rng.integers(h0, h1)) // shrink // 4 * 4 + 4
+                bw = int(rng.integers(w0, w1)) // shrink // 4 * 4 + 4
+                truth = np.zeros((bh, bw), bool)
+                if has[i]:
+                    truth[bh // 6:bh - bh // 6, bw // 6:bw - bw // 6] = True
+                conf = np.where(has[i], skill * rng.uniform(0.6, 1.2, m), 0.0) + fp[:, i] * rng.uniform(0.4, 0.8, m)
+                acc.add(i, conf[:, None, None] * (0.55 + 0.45 * truth[None]) + rng.normal(0, 0.12, (m, bh, bw)), truth)
+                continue
             if has[i]:  # the defect: every model sees it, with its own skill and noise
                 bh, bw = int(rng.integers(h0, h1)) // 4 * 4 + 4, int(rng.integers(w0, w1)) // 4 * 4 + 4
                 truth = np.zeros((bh, bw), bool)
                 truth[bh // 6:bh - bh // 6, bw // 6:bw - bw // 6] = True
                 conf = skill * rng.uniform(0.6, 1.2, m)
-                boxes.append((conf[:, None, None] * (0.55 + 0.45 * truth[None]) + rng.normal(0, 0.12, (m, bh, bw)), truth))
+                acc.add(i, conf[:, None, None] * (0.55 + 0.45 * truth[None]) + rng.normal(0, 0.12, (m, bh, bw)), truth)
             for j in np.flatnonzero(fp[:, i]):  # each false positive in its own place: only model j is confident
                 bh, bw = int(rng.integers(h0, h1)) // 2 // 4 * 4 + 4, int(rng.integers(w0, w1)) // 2 // 4 * 4 + 4
                 v = np.abs(rng.normal(0, 0.03, (m, bh, bw)))
                 v[j] += rng.uniform(0.4, 0.8) * 0.55 + rng.normal(0, 0.12, (bh, bw))
-                boxes.append((v, np.zeros((bh, bw), bool)))
-            for vals_f, truth in boxes:
-                (fv, ft), (dv, dt), tf, td = _box_parts(vals_f, truth)
-                parts["f"].append((np.full(ft.size, i, np.int32), fv, ft))
-                parts["d"].append((np.full(dt.size, i, np.int32), dv, dt))
-                true["f"][i] += tf
-                true["d"][i] += td
-        for key, scale, out in (("f", 1.0, full), ("d", 16.0, ds)):
-            ps_ = parts[key]
-            img = np.concatenate([p[0] for p in ps_])
-            tr = np.concatenate([p[2] for p in ps_])
-            vals = np.empty((m, img.size), np.uint8)
-            at = 0
-            while ps_:
-                v = ps_.pop(0)[1]
-                vals[:, at:at + v.shape[1]] = v
-                at += v.shape[1]
-            out.append(ps.ClassData(img, vals, tr, true[key], cls, scale, T_MIN))
+                acc.add(i, v, np.zeros((bh, bw), bool))
+        f, d = acc.finish(cls)
+        full.append(f)
+        ds.append(d)
     folds = np.arange(n) % n_folds
     rng.shuffle(folds)
     return blend.BlendPool([f"m{j:02d}" for j in range(m)], [f"{i:09x}.jpg" for i in range(n)], folds, n_folds, (H, W), full, ds)
+
+
+class _ClassParts:
+    """One class's kept pixels, box by box, at full resolution and 4x; :meth:`finish` makes the ClassData."""
+
+    def __init__(self, n, m):
+        self.m, self.parts = m, {"f": [], "d": []}
+        self.true = {"f": np.zeros(n, np.int64), "d": np.zeros(n, np.int64)}
+
+    def add(self, i, vals_f, truth):
+        """Image ``i``'s box: probabilities (m, bh, bw) (clipped and quantised here) and its truth (bh, bw)."""
+        m = self.m
+        bh, bw = truth.shape
+        vals = np.rint(np.clip(vals_f, 0, 1) * 255).astype(np.uint8)
+        keep = vals.reshape(m, -1).max(0) >= T_MIN
+        dv = np.rint(vals.reshape(m, bh // 4, 4, bw // 4, 4).mean((2, 4))).astype(np.uint8).reshape(m, -1)
+        dt = (truth.reshape(bh // 4, 4, bw // 4, 4).mean((1, 3)) >= 0.5).ravel()
+        kd = dv.max(0) >= T_MIN
+        self.parts["f"].append((np.full(int(keep.sum()), i, np.int32), vals.reshape(m, -1)[:, keep], truth.ravel()[keep]))
+        self.parts["d"].append((np.full(int(kd.sum()), i, np.int32), dv[:, kd], dt[kd]))
+        self.true["f"][i] += int(truth.sum())
+        self.true["d"][i] += int(dt.sum())
+
+    def finish(self, cls):
+        out = []
+        for key, scale in (("f", 1.0), ("d", 16.0)):
+            parts = self.parts[key]
+            img = np.concatenate([p[0] for p in parts])
+            tr = np.concatenate([p[2] for p in parts])
+            vals = np.empty((self.m, img.size), np.uint8)  # filled part by part: no second full copy
+            at = 0
+            while parts:
+                v = parts.pop(0)[1]
+                vals[:, at:at + v.shape[1]] = v
+                at += v.shape[1]
+            out.append(ps.ClassData(img, vals, tr, self.true[key], cls, scale, T_MIN))
+        return out
 
 
 def real_kept_fraction(run) -> str:

@@ -15,11 +15,10 @@ from torch.utils.data import Dataset, Sampler
 from . import rle
 from .data import N_CLASSES, DataError
 
-__all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "StepsSampler", "read_image", "SAMPLERS", "SAMPLER_MODES"]
+__all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "StepsSampler", "read_image", "SAMPLERS"]
 
 # the config's sampler choices: none (shuffle), or a BalancedSampler mode; config validation reads these
 SAMPLERS = ("none", "upsample", "downsample", "weighted")
-SAMPLER_MODES = SAMPLERS
 
 log = logging.getLogger(__name__)
 MEAN = (0.485, 0.456, 0.406)
@@ -148,8 +147,8 @@ class BalancedSampler(Sampler):
     """
 
     def __init__(self, presence: np.ndarray, mode: str = "upsample", seed: int = 0):
-        if mode not in SAMPLER_MODES or mode == "none":
-            raise ValueError(f"sampler mode {mode!r} is not one of {list(SAMPLER_MODES[1:])}")
+        if mode not in SAMPLERS or mode == "none":
+            raise ValueError(f"sampler mode {mode!r} is not one of {list(SAMPLERS[1:])}")
         presence = np.asarray(presence, dtype=bool)
         freq = presence.sum(axis=0)
         # rarest present class wins; images with no defect form group 0

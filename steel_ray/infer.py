@@ -10,7 +10,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TTA_FLIPS", "VIEWS", "tta_views", "predict_batch", "autocast", "pick_device"]
+__all__ = ["TTA_FLIPS", "VIEWS", "tta_views", "predict_batch", "autocast", "pick_device", "to_device"]
 
 # dims to flip for each TTA view of an NCHW batch
 TTA_FLIPS = {
@@ -43,6 +43,12 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An NCHW image batch on ``device``: channels_last on CUDA (what its convolution kernels prefer)."""
+    x = images.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on CUDA where supported, fp16 otherwise; nothing on CPU."""
     if device.type != "cuda" or not enabled:
@@ -61,9 +67,7 @@ def predict_batch(model, images: torch.Tensor, out_size, tta="none", amp: bool =
     Presence is the aux head's sigmoid when the model has one, else the max pixel probability.
     """
     device = next(model.parameters()).device
-    x = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = to_device(images, device)
     probs, cls = 0.0, 0.0
     views = tta_views(tta) if isinstance(tta, str) else list(tta)
     for dims in views:

@@ -134,8 +134,8 @@ class SteelClassifier(nn.Module):
 def _build_kwargs(cfg: ModelConfig) -> dict:
     """smp constructor arguments for ``cfg``; every name and combination is checked, nothing is built."""
     _check_encoder(cfg.encoder)
-    if cfg.task == "classify":
-        return {"name": cfg.encoder, "weights": cfg.encoder_weights}
+    if cfg.task == "classify":  # smp.encoders.get_encoder's arguments
+        return {"name": cfg.encoder, "in_channels": 3, "depth": 5, "weights": cfg.encoder_weights}
     _arch_class(cfg.arch)
     kwargs = {"encoder_name": cfg.encoder, "encoder_weights": cfg.encoder_weights, "classes": N_CLASSES}
     if cfg.attention != "none":
@@ -159,15 +159,13 @@ def build_model(cfg: ModelConfig) -> SteelNet | SteelClassifier:
     import segmentation_models_pytorch as smp
 
     kwargs = _build_kwargs(cfg)
+    classify = cfg.task == "classify"
     has_aux = cfg.aux_weight > 0
-    if cfg.task == "classify":
-        cls = lambda **kw: smp.encoders.get_encoder(kw["name"], in_channels=3, depth=5, weights=kw["weights"])  # noqa: E731
-    else:
-        cls = _arch_class(cfg.arch)
-        if has_aux:
-            kwargs["aux_params"] = {"classes": N_CLASSES, "dropout": 0.2}
+    if has_aux and not classify:
+        kwargs["aux_params"] = {"classes": N_CLASSES, "dropout": 0.2}
+    factory = smp.encoders.get_encoder if classify else _arch_class(cfg.arch)
     try:
-        net = cls(**kwargs)
+        net = factory(**kwargs)
     except (OSError, ConnectionError, RuntimeError) as e:
         if cfg.encoder_weights:
             raise RuntimeError(
@@ -180,10 +178,10 @@ def build_model(cfg: ModelConfig) -> SteelNet | SteelClassifier:
         if cfg.encoder_weights:
             raise ConfigError(f"encoder {cfg.encoder!r} has no {cfg.encoder_weights!r} weights: {e}") from e
         raise
-    if cfg.task == "classify":
-        return SteelClassifier(net, cfg.pool, cfg.dropout, int(getattr(net, "output_stride", 32) or 32))
-    stride = getattr(net.encoder, "output_stride", 32) or 32
-    return SteelNet(net, int(stride), has_aux)
+    stride = int(getattr(net if classify else net.encoder, "output_stride", 32) or 32)
+    if classify:
+        return SteelClassifier(net, cfg.pool, cfg.dropout, stride)
+    return SteelNet(net, stride, has_aux)
 
 
 def encoder_parameters(model: SteelNet):

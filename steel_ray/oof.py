@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from . import run as layout
+from .config import TASKS
 from .data import N_CLASSES, DataError
 from .io import atomic_path
 
@@ -80,9 +81,6 @@ def downsample(u8: np.ndarray, factor: int = DS) -> np.ndarray:
     return out.reshape(u8.shape[:-2] + (hh, ww))
 
 
-TASKS = ("segment", "classify")
-
-
 def _schema(meta: dict) -> pa.Schema:
     fields = [pa.field("image_id", pa.string())]
     if meta.get("task", "segment") == "segment":
@@ -92,7 +90,6 @@ def _schema(meta: dict) -> pa.Schema:
     return pa.schema(fields, metadata=md)
 
 
-HOLDOUT = layout.HOLDOUT  # RUN/holdout.json: the images set aside before the folds, with their labels
 oof_path = layout.oof_path
 
 
@@ -142,25 +139,21 @@ class OOFWriter:
     def add(self, image_ids, probs_u8: np.ndarray | None, cls: np.ndarray) -> None:
         """Append images: ``probs_u8`` ``(n, 4, H, W)`` uint8 at full resolution (None for a
         classifier), ``cls`` ``(n, 4)``."""
-        if self.task == "classify":
-            cls = np.asarray(cls, np.float32)
-            if cls.shape != (len(image_ids), N_CLASSES):
-                raise ValueError(f"classifier OOF presence must be ({len(image_ids)}, {N_CLASSES}), got {cls.shape}")
-            self._buf += [{"image_id": str(img), "cls": [float(x) for x in cls[i]]} for i, img in enumerate(image_ids)]
-            if len(self._buf) >= self.row_group:
-                self._flush()
-            return
-        probs_u8 = np.ascontiguousarray(probs_u8, dtype=np.uint8)
-        h, w = self.meta["height"], self.meta["width"]
-        if probs_u8.shape[1:] != (N_CLASSES, h, w):
-            raise ValueError(f"OOF maps must be (n, {N_CLASSES}, {h}, {w}), got {probs_u8.shape}")
-        ds = downsample(probs_u8)
-        for i, img in enumerate(image_ids):
-            row = {"image_id": str(img), "cls": [float(x) for x in np.asarray(cls[i], np.float32)]}
-            for c in range(N_CLASSES):
-                row[f"p{c + 1}"] = probs_u8[i, c].tobytes()
-                row[f"p{c + 1}_ds{DS}"] = ds[i, c].tobytes()
-            self._buf.append(row)
+        cls = np.asarray(cls, np.float32)
+        if self.task == "classify" and cls.shape != (len(image_ids), N_CLASSES):
+            raise ValueError(f"classifier OOF presence must be ({len(image_ids)}, {N_CLASSES}), got {cls.shape}")
+        rows = [{"image_id": str(img), "cls": [float(x) for x in cls[i]]} for i, img in enumerate(image_ids)]
+        if self.task == "segment":  # the maps, full resolution and 4x
+            probs_u8 = np.ascontiguousarray(probs_u8, dtype=np.uint8)
+            h, w = self.meta["height"], self.meta["width"]
+            if probs_u8.shape[1:] != (N_CLASSES, h, w):
+                raise ValueError(f"OOF maps must be (n, {N_CLASSES}, {h}, {w}), got {probs_u8.shape}")
+            ds = downsample(probs_u8)
+            for i, row in enumerate(rows):
+                for c in range(N_CLASSES):
+                    row[f"p{c + 1}"] = probs_u8[i, c].tobytes()
+                    row[f"p{c + 1}_ds{DS}"] = ds[i, c].tobytes()
+        self._buf += rows
         if len(self._buf) >= self.row_group:
             self._flush()
 

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -46,7 +47,6 @@ from .train import prepare_run
 log = logging.getLogger("steel_ray.search")
 METRIC = "best_val_dice_pp"  # post-processed Dice of the fold: what the blend will make of the model
 SCREEN_FOLD = 0
-STATE = layout.STATE
 RESULT_COLS = ["stage", "space", "trial_id", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "error",
                "node_id", "node_ip", "gpu_ids", "wall_s", "config"]
 
@@ -256,13 +256,7 @@ def unshared_nodes(run: Path, timeout_s: float = 60.0) -> list[str]:
     refs = {n: write_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(
         str(probe_dir / n), token) for n in nodes}
     ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-    missing = []
-    for n in nodes:
-        f = probe_dir / n
-        if not (f.exists() and f.read_text() == token):
-            missing.append(n)
-    import shutil
-
+    missing = [n for n in nodes if not ((probe_dir / n).exists() and (probe_dir / n).read_text() == token)]
     shutil.rmtree(probe_dir, ignore_errors=True)
     return missing
 
@@ -403,9 +397,7 @@ def run_search(a) -> int:
     logfile = console.setup(run, a.verbose, "search")
     log.info("search %s: stage %s; Ray and trial logs: %s", run, state["stage"], logfile)
     _save_state(run, state)
-    root = layout.storage_root(state, run)
-    pool = f"{root}/pool" if root else str(run)
-    storage_path = f"{root}/ray" if root else str(run / "ray")
+    pool, storage_path = layout.pool_uri(state, run), layout.ray_storage(state, run)
     _start_ray(a, run, state)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, pool=pool, default_fold=SCREEN_FOLD, cpus=a.cpus_per_trial),

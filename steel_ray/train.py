@@ -35,7 +35,7 @@ from . import run as layout
 from .config import ConfigError, TrialConfig, parse_set
 from .data import DataError, TrainSet, folds_hash, load_train, make_folds, make_holdout, write_folds
 from .dataset import BalancedSampler, SteelDataset, StepsSampler, build_transforms
-from .infer import autocast, pick_device, predict_batch
+from .infer import autocast, pick_device, predict_batch, to_device
 from .io import atomic_path, write_json
 from .losses import build_loss
 from .metric import dice_per_pair_torch
@@ -65,9 +65,6 @@ class FoldData:
     @property
     def folds_hash(self) -> str:
         return folds_hash(self.train.image_ids, self.folds)
-
-
-HOLDOUT = oof.HOLDOUT
 
 
 def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, holdout: float = 0.0,
@@ -275,9 +272,7 @@ def _validate_cls(model, loader, loss_fn, device, amp) -> tuple[float, dict]:
     total, n, pres, truth = 0.0, 0, [], []
     with torch.no_grad():
         for b in loader:
-            x = b["image"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = to_device(b["image"], device)
             with autocast(device, amp):
                 _, cls_logits = model(x)
             target = b["presence"].to(device)
@@ -299,9 +294,7 @@ def _validate(model, loader, loss_fn, device, amp, shape) -> tuple[float, dict]:
     pp = _PPCounts()
     with torch.no_grad():
         for b in loader:
-            x = b["image"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = to_device(b["image"], device)
             masks = b["mask"].to(device, non_blocking=True)
             with autocast(device, amp):
                 logits, cls_logits = model(x)
@@ -414,9 +407,7 @@ def _train_epoch(step_model, model, loader, opt, sched, scaler, loss_fn, cfg: Tr
     bar = tqdm(loader, desc=label, leave=False, disable=not progress or None)
     n_steps = len(loader)
     for step, b in enumerate(bar):
-        x = b["image"].to(dev, non_blocking=True)
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_device(b["image"], dev)
         with autocast(dev, amp):
             logits, cls_logits = step_model(x)
         loss, _ = loss_fn(logits, b["mask"].to(dev, non_blocking=True), cls_logits, b["presence"].to(dev, non_blocking=True))

@@ -27,7 +27,6 @@ __all__ = ["PruneAwareOptunaSearch", "ProgressCallback", "run_trial", "is_remote
            "sync_pool"]
 
 log = logging.getLogger(__name__)
-RESERVED = ("fold",)  # config keys that are not trial config keys
 
 
 class PruneAwareOptunaSearch(OptunaSearch):

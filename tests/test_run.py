@@ -25,3 +25,11 @@ def test_identity_and_storage_root(tmp_path):
     assert layout.storage_root(state, tmp_path) == "s3://bucket/runs/s1-0123456789ab"
     assert layout.storage_root({"storage": None}, tmp_path) is None
     assert layout.run_id({}, tmp_path / "old") == "old"  # runs from before ids existed
+
+
+def test_pool_and_ray_storage_follow_the_storage_root(tmp_path):
+    local = {"storage": None}
+    assert layout.pool_uri(local, tmp_path) == str(tmp_path) and layout.ray_storage(local, tmp_path) == str(tmp_path / "ray")
+    shared = {"run_id": "s1-0123456789ab", "storage": "s3://b/runs"}
+    assert layout.pool_uri(shared, tmp_path) == "s3://b/runs/s1-0123456789ab/pool"
+    assert layout.ray_storage(shared, tmp_path) == "s3://b/runs/s1-0123456789ab/ray"
