@@ -36,6 +36,7 @@ __all__ = ["BlendPool", "load_blend_pool", "optimize", "BlendResult", "select", 
 
 log = logging.getLogger("steel_ray.blend")
 BASELINE_AREAS = (500, 500, 1000, 2000)  # px at 256x1600 (the original solution's recipe)
+BASELINE_LEVEL = 128  # pixel threshold 0.5 as a uint8 level (a level of the default grid)
 
 
 @dataclass
@@ -133,36 +134,51 @@ class _ClassReader:
     def __init__(self, run, models, truth, folds_all, t_min, fill_holes):
         self.run, self.models, self.truth, self.folds_all = run, models, truth, folds_all
         self.t_min, self.fill_holes = t_min, fill_holes
+        self.passes = 0  # reads of the files (each reads only the asked-for columns)
 
-    def read(self, classes, resolutions) -> dict:
-        """``{resolution: {class: ClassData}}`` for the given classes and resolutions (``full``, ``ds``)."""
+    def batches(self, classes, resolutions):
+        """Yield ``(rows, cls, {resolution: {class: ClassData of the batch's images}})`` over the pool,
+        one batch of images at a time (``rows``: the images' indices; ``cls``: (M, B, 4) presence)."""
         models, truth, t_min = self.models, self.truth, self.t_min
-        n, h, w = len(truth.image_ids), *truth.shape
+        h, w = truth.shape
         hh, ww = -(-h // oof.DS), -(-w // oof.DS)
         classes = list(classes)
-        parts = {r: {c: [] for c in classes} for r in resolutions}
-        cls = np.zeros((len(models), n, N_CLASSES), np.float32)
-        true_area = {r: np.zeros((N_CLASSES, n), np.int64) for r in resolutions}
         cols = ["image_id", "cls"] + [f"p{c + 1}{'' if r == 'full' else f'_ds{oof.DS}'}" for r in resolutions for c in classes]
+        self.passes += 1
         for f in self.folds_all:
             # the one OOF reader: files checked (split, size, image set), read in lockstep
             for rows, batches, paths in oof.iter_fold_batches(self.run, models, truth, f, cols):
-                for mi, b in enumerate(batches):
-                    cls[mi, rows] = np.asarray(b.column("cls").to_pylist(), np.float32)
+                cls = np.stack([np.asarray(b.column("cls").to_pylist(), np.float32) for b in batches])
+                out = {r: {} for r in resolutions}
                 for c in classes:
                     tmask = truth.masks(rows, [c])[:, 0]
                     for res in resolutions:
                         if res == "full":
                             probs = np.stack([oof.maps(b, f"p{c + 1}", (h, w), p) for b, p in zip(batches, paths)])
-                            tm = tmask
+                            tm, scale = tmask, 1.0
                         else:
                             probs = np.stack([oof.maps(b, f"p{c + 1}_ds{oof.DS}", (hh, ww), p) for b, p in zip(batches, paths)])
-                            tm = np.stack([_truth_ds(t) for t in tmask])
-                        true_area[res][c, rows] = tm.sum((1, 2))
-                        flat = probs.reshape(len(models), len(rows), -1)
-                        i_loc, pix = np.nonzero(flat.max(0) >= t_min)
-                        parts[res][c].append((rows[i_loc], flat[:, i_loc, pix], tm.reshape(len(rows), -1)[i_loc, pix],
-                                              pix.astype(np.int32) if (self.fill_holes and res == "full") else None))
+                            tm, scale = np.stack([_truth_ds(t) for t in tmask]), float(oof.DS * oof.DS)
+                        d = ps.ClassData.from_dense(probs, tm, cls[:, :, c], t_min, scale)
+                        if not (self.fill_holes and res == "full"):
+                            d.pix = None
+                        out[res][c] = d
+                yield rows, cls, out
+
+    def read(self, classes, resolutions) -> dict:
+        """``{resolution: {class: ClassData}}`` for the given classes and resolutions (``full``, ``ds``)."""
+        n = len(self.truth.image_ids)
+        classes = list(classes)
+        parts = {r: {c: [] for c in classes} for r in resolutions}
+        cls = np.zeros((len(self.models), n, N_CLASSES), np.float32)
+        true_area = {r: np.zeros((N_CLASSES, n), np.int64) for r in resolutions}
+        for rows, cls_b, out in self.batches(classes, resolutions):
+            cls[:, rows] = cls_b
+            for res in resolutions:
+                for c in classes:
+                    d = out[res][c]
+                    true_area[res][c, rows] = d.true_area
+                    parts[res][c].append((rows[d.img], d.vals, d.truth, d.pix))
         out = {}
         for res in resolutions:
             scale = 1.0 if res == "full" else float(oof.DS * oof.DS)
@@ -172,16 +188,17 @@ class _ClassReader:
                 img = np.concatenate([p[0] for p in ps_]).astype(np.int32 if n < 2**23 else np.int64)
                 pix = np.concatenate([p[3] for p in ps_]) if (self.fill_holes and res == "full") else None
                 out[res][c] = ps.ClassData(img, np.concatenate([p[1] for p in ps_], axis=1), np.concatenate([p[2] for p in ps_]),
-                                           true_area[res][c], cls[:, :, c].copy(), scale, t_min, pix)
+                                           true_area[res][c], cls[:, :, c].copy(), scale, self.t_min, pix)
         return out
 
 
 class _StreamedFull:
-    """``pool.full[c]``: class ``c`` at full resolution, read from the Parquet files on first use
-    and kept until another class is asked for (one class in memory at a time)."""
+    """``pool.full[c]`` of a streamed pool: class ``c`` at full resolution, read from the Parquet
+    files on use and kept until another class is asked for. The optimizer does not use it (it
+    reads batches, :func:`_full_counts`); it serves ad-hoc access such as tests and reports."""
 
     def __init__(self, reader: _ClassReader):
-        self.reader, self.loaded, self.data, self.loads = reader, None, None, 0
+        self.reader, self.loaded, self.data = reader, None, None
 
     def __len__(self) -> int:
         return N_CLASSES
@@ -190,12 +207,45 @@ class _StreamedFull:
         if self.loaded != c:
             self.data = None  # release the previous class before reading the next
             self.data = self.reader.read([c], ("full",))["full"][c]
-            self.loaded, self.loads = c, self.loads + 1
-            log.info("class %d at full resolution: %d kept pixels x %d models", c + 1, self.data.vals.shape[1], self.data.vals.shape[0])
+            self.loaded = c
         return self.data
 
     def __iter__(self):
         return (self[c] for c in range(N_CLASSES))
+
+
+def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels) -> tuple[list, ps.ClassData]:
+    """Class ``c`` at full resolution for every weight vector of ``vectors``: ``[(area, inter)]``,
+    each (N, T) at ``levels``, and the class's pixel-free data (true areas, presence, scale).
+
+    A streamed pool is read once, a batch of images at a time, and every vector is evaluated on
+    the batch before the next is read: peak memory is one batch of maps plus (N, T) counts per
+    vector, whatever fraction of the pixels the models fire on. An in-memory pool is one batch.
+    """
+    n, m_all = len(pool.image_ids), len(pool.model_ids)
+    vectors = [np.asarray(v, np.float64) for v in vectors]
+    area = np.zeros((len(vectors), n, len(levels)), np.int64)
+    inter = np.zeros_like(area)
+    true_area = np.zeros(n, np.int64)
+    streamed = isinstance(pool.full, _StreamedFull)
+    batches = (((rows, out["full"][c]) for rows, _, out in pool.full.reader.batches([c], ("full",))) if streamed
+               else [(np.arange(n), pool.full[c])])
+    truth_mask = pool.truth_mask(c) if fill_holes else None
+    for rows, d in batches:
+        true_area[rows] = d.true_area
+        for j, v in enumerate(vectors):
+            # a single model needs no arithmetic: its own map is the blend
+            blended = d.vals[int(np.argmax(v))] if np.count_nonzero(v) == 1 else ps.blend_u8(d.vals, v)
+            if fill_holes:
+                a_, i_ = ps.area_inter_filled(blended, d, lambda i: truth_mask(rows[i]), pool.shape, levels,
+                                              desc=f"fill holes, class {c + 1}")
+            else:
+                a_, i_ = ps.area_inter(blended, d, levels)
+            area[j, rows], inter[j, rows] = a_, i_
+    cls = pool.ds[c].cls if pool.ds else pool.full[c].cls
+    meta = ps.ClassData(np.zeros(0, np.int32), np.zeros((m_all, 0), np.uint8), np.zeros(0, bool), true_area, cls, 1.0,
+                        pool.ds[c].t_min if pool.ds else pool.full[c].t_min)
+    return list(zip(area, inter)), meta
 
 
 # --------------------------------------------------------------------------- selection
@@ -365,20 +415,6 @@ class BlendResult:
     clf_weights: np.ndarray | None = None  # (Mc,) classifier ensemble weights (all 0: none used)
 
 
-def _class_counts(pool: BlendPool, c: int, weights, fill_holes: bool, grid):
-    """(N, T) predicted area and intersection of class ``c``'s blend at full resolution."""
-    d = pool.full[c]
-    blended = ps.blend_u8(d.vals, weights)
-    if fill_holes:
-        return ps.area_inter_filled(blended, d, pool.truth_mask(c), pool.shape, grid.levels, desc=f"fill holes, class {c + 1}")
-    return ps.area_inter(blended, d, grid.levels)
-
-
-def _full_tables(pool: BlendPool, c: int, weights, fill_holes: bool, grid):
-    d = pool.full[c]
-    return _tables(_class_counts(pool, c, weights, fill_holes, grid), d, ps.blend_cls(d.cls, weights), pool.folds, pool.n_folds, grid)
-
-
 def _clf_blend(pool: BlendPool, clf_weights):
     """(N, 4) classifier-ensemble presence, or None when no classifier has weight."""
     if pool.clf is None or clf_weights is None or not np.any(clf_weights):
@@ -459,8 +495,8 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     # (the expensive part) run first, in parallel, on the selection maps
     t_n = time.time()
     picks = _map(lambda f: _nested_select(pool, sel_data, f, run_selection), list(range(k)), workers) if nested and k > 1 else None
-    timings["nested"] = time.time() - t_n
-    timings["final_tuning"] = timings["singles_and_baseline"] = 0.0
+    timings["nested_selection"] = time.time() - t_n
+    timings["full_resolution_pass"] = timings["tuning_and_scores"] = 0.0
     # then everything at full resolution, class by class: a streamed pool reads each class once
     q_all = _clf_blend(pool, clf_w)
     # the report's classifier AUC: the chosen ensemble's, else the plain mean of the pool's classifiers
@@ -470,21 +506,25 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     nested_q = [_clf_blend(pool, cw) for _, cw in picks or []]  # each fold's classifier presence, once
     single_sums, base = np.zeros(len(pool.model_ids)), 0.0
     nested_total, nested_seg = (0.0, 0.0) if picks is not None else (None, None)
+    m_all, n_nested = len(pool.model_ids), len(picks or [])
+    mean_w = np.full(m_all, 1.0 / m_all)
     for c in range(N_CLASSES):
         t1 = time.time()
-        _tune_class(pool, c, weights, q_all, q_report, fill_holes, grid, tuned)
+        # one pass over class c at full resolution: the blend, every nested fold's blend, each model
+        # alone and the baseline's plain mean, all counted on each batch of images as it is read
+        vectors = [weights[c], *[w[c] for w, _ in picks or []], *np.eye(m_all), mean_w]
+        counts, meta = _full_counts(pool, c, vectors, fill_holes, grid.levels)
         t2 = time.time()
-        sums_c, base_c = _singles_and_baseline_class(pool, c, fill_holes, grid)
-        single_sums += sums_c
-        base += base_c
-        t3 = time.time()
+        _tune_class(meta, c, weights[c], counts[0], q_all, q_report, pool.folds, pool.n_folds, fill_holes, grid, tuned)
+        single_sums += [ps.cross_fitted(_tables(counts[1 + n_nested + mi], meta, meta.cls[mi], pool.folds, pool.n_folds, grid),
+                                        grid)[0] for mi in range(m_all)]
+        base += _baseline_class(counts[-1], meta, mean_w, c, pool.shape, grid)
         for f, ((w, _), q) in enumerate(zip(picks or [], nested_q)):
-            s_all, s_seg = _nested_score(pool, c, f, w, q, grid, fill_holes)
+            s_all, s_seg = _nested_score(meta, counts[1 + f], f, w[c], None if q is None else q[:, c], pool.folds, pool.n_folds, grid)
             nested_total += s_all
             nested_seg += s_seg
-        timings["final_tuning"] += t2 - t1
-        timings["singles_and_baseline"] += t3 - t2
-        timings["nested"] += time.time() - t3
+        timings["full_resolution_pass"] += t2 - t1
+        timings["tuning_and_scores"] += time.time() - t2
     singles = {mid: float(single_sums[mi] / pool.n_pairs) for mi, mid in enumerate(pool.model_ids)}
     best_single = max(singles.values())
     nested_weights = [{"segmentation": w.tolist(), "classifiers": None if cw is None else cw.tolist()} for w, cw in picks or []]
@@ -506,15 +546,14 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
                        fill_holes, singles, pool.left_out, settings, list(pool.classifiers), clf_w)
 
 
-def _tune_class(pool: BlendPool, c: int, weights, q_all, q_report, fill_holes: bool, grid, out: dict) -> None:
-    """Class ``c`` at full resolution: its gate source and post-processing (in-sample), the
+def _tune_class(d: ps.ClassData, c: int, w, counts, q_all, q_report, folds, n_folds, fill_holes: bool, grid, out: dict) -> None:
+    """Class ``c`` at full resolution (``counts``: the blend's (N, T) area and intersection, ``d``
+    the class's true areas and presence): its gate source and post-processing (in-sample), the
     cross-fitted scores with and without classifiers, curves and statistics, added to ``out``."""
-    n = len(pool.image_ids)
-    d = pool.full[c]
-    counts = _class_counts(pool, c, weights[c], fill_holes, grid)
-    seg_cls = ps.blend_cls(d.cls, weights[c])
+    n = d.n_images
+    seg_cls = ps.blend_cls(d.cls, w)
     q = None if q_all is None else q_all[:, c]
-    tabs = _gate_tables(counts, d, seg_cls, q, pool.folds, pool.n_folds, grid)
+    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid)
     s_in, src, ch = ps.in_sample_source(tabs, grid)
     s_in_seg, _ = ps.in_sample(tabs["segmentation"], grid)
     out["in_sample"] += s_in
@@ -544,33 +583,33 @@ def _tune_class(pool: BlendPool, c: int, weights, q_all, q_report, fill_holes: b
     out["per_class"][str(c + 1)] = pc
 
 
-def _singles_and_baseline_class(pool: BlendPool, c: int, fill_holes: bool, grid) -> tuple[np.ndarray, float]:
-    """Class ``c``'s cross-fitted Dice sum of each segmentation model alone (its own gate) and of the
-    baseline recipe (plain mean, threshold 0.5, the recipe's min areas, gate 0.5)."""
-    m_all = len(pool.model_ids)
-    singles = np.array([ps.cross_fitted(_full_tables(pool, c, np.eye(m_all)[mi], fill_holes, grid), grid)[0]
-                        for mi in range(m_all)])
-    d = pool.full[c]
-    mean_w = np.full(m_all, 1.0 / m_all)
-    ch = ps.Choice(128, float(round(BASELINE_AREAS[c] * pool.shape[0] * pool.shape[1] / ps.SEVERSTAL_AREA)), 0.5)
-    return singles, float(ps.score_point(ps.blend_u8(d.vals, mean_w), ps.blend_cls(d.cls, mean_w), d, ch).sum())
+def _baseline_class(counts, d: ps.ClassData, mean_w, c: int, shape, grid) -> float:
+    """Class ``c``'s Dice sum of the baseline recipe (plain mean, threshold 0.5, the recipe's min
+    areas, gate 0.5) from the plain mean's counts at the grid's levels."""
+    ch = ps.Choice(BASELINE_LEVEL, float(round(BASELINE_AREAS[c] * shape[0] * shape[1] / ps.SEVERSTAL_AREA)), 0.5)
+    t = int(np.flatnonzero(grid.levels == BASELINE_LEVEL)[0])
+    area, inter = counts
+    return float(ps.score_counts(area[:, t], inter[:, t], d.true_area, d.area_scale, ps.blend_cls(d.cls, mean_w), ch).sum())
 
 
 def _nested_select(pool: BlendPool, sel_data, f: int, run_selection):
-    """The segmentation and classifier weights the procedure chooses without fold ``f``."""
-    train = pool.folds != f
-    w, cw, _, _ = run_selection([d.subset(train) for d in sel_data], pool.folds[train],
-                                None if pool.clf is None else pool.clf[:, train])
+    """The segmentation and classifier weights the procedure chooses without fold ``f``.
+
+    Fold ``f``'s images stay in the arrays with fold -1, which no fold table counts: the same
+    choices as on a copy without them, and a forked worker shares the parent's pages instead of
+    copying most of the pool.
+    """
+    folds = np.where(pool.folds == f, -1, pool.folds)
+    w, cw, _, _ = run_selection(sel_data, folds, pool.clf)
     return w, cw
 
 
-def _nested_score(pool: BlendPool, c: int, f: int, w, q, grid, fill_holes) -> tuple[float, float]:
-    """Held-out Dice sums of class ``c`` on fold ``f`` (with the classifiers, segmentation gate only)
-    for segmentation weights ``w`` and classifier presence ``q`` (N, 4) chosen without fold ``f``;
-    the post-processing is chosen on the other folds too."""
-    d = pool.full[c]
-    counts = _class_counts(pool, c, w[c], fill_holes, grid)
-    tabs = _gate_tables(counts, d, ps.blend_cls(d.cls, w[c]), None if q is None else q[:, c], pool.folds, pool.n_folds, grid)
+def _nested_score(d: ps.ClassData, counts, f: int, w, q, folds, n_folds, grid) -> tuple[float, float]:
+    """Held-out Dice sums of one class on fold ``f`` (with the classifiers, segmentation gate only)
+    for segmentation weights ``w`` and classifier presence ``q`` (N,) chosen without fold ``f``
+    (``counts``: that blend's (N, T) area and intersection); the post-processing is chosen on the
+    other folds too."""
+    tabs = _gate_tables(counts, d, ps.blend_cls(d.cls, w), q, folds, n_folds, grid)
     src, ch = ps.choose_source(tabs, grid, exclude=f)
     ch_seg = ps.choose(tabs["segmentation"], grid, exclude=f)
     return float(tabs[src][(f, *grid.index(ch))]), float(tabs["segmentation"][(f, *grid.index(ch_seg))])

@@ -20,8 +20,8 @@ import numpy as np
 from .metric import dice_from_counts
 
 __all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables", "tables_from_counts",
-           "area_inter", "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice",
-           "choose", "cross_fitted", "in_sample", "score_point", "GATE_SOURCES", "gate_signal", "choose_source",
+           "area_inter", "image_histograms", "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice",
+           "choose", "cross_fitted", "in_sample", "score_point", "score_counts", "GATE_SOURCES", "gate_signal", "choose_source",
            "cross_fitted_source", "in_sample_source"]
 
 SEVERSTAL_AREA = 256 * 1600
@@ -112,12 +112,14 @@ class ClassData:
     def from_dense(cls, probs: np.ndarray, truth: np.ndarray, cls_prob: np.ndarray, t_min: int, area_scale: float = 1.0):
         """``probs`` (M, N, h, w) uint8, ``truth`` (N, h, w) bool, ``cls_prob`` (M, N)."""
         m, n = probs.shape[:2]
-        flat = probs.reshape(m, n, -1)
-        keep = flat.max(axis=0) >= t_min  # (N, hw)
-        img, pix = np.nonzero(keep)
-        return cls(img.astype(np.int32 if n < 2**23 else np.int64), flat[:, img, pix], truth.reshape(n, -1)[img, pix],
-                   truth.reshape(n, -1).sum(1).astype(np.int64), np.asarray(cls_prob, np.float32), area_scale, t_min,
-                   pix.astype(np.int32))
+        flat = probs.reshape(m, -1)
+        top = flat[0] if m == 1 else flat.max(axis=0)
+        idx = np.flatnonzero(top >= t_min)  # flat positions over (N, hw): one gather per array, no 2-D fancy index
+        img, pix = np.divmod(idx, flat.shape[1] // max(n, 1))
+        t = truth.reshape(-1)
+        return cls(img.astype(np.int32 if n < 2**23 else np.int64), flat[:, idx], t[idx],
+                   np.count_nonzero(truth.reshape(n, -1), axis=1).astype(np.int64), np.asarray(cls_prob, np.float32), area_scale,
+                   t_min, pix.astype(np.int32))
 
     def subset(self, image_mask: np.ndarray) -> "ClassData":
         """The same data restricted to the images where ``image_mask`` is true (renumbered)."""
@@ -145,13 +147,43 @@ def blend_cls(cls: np.ndarray, weights) -> np.ndarray:
     return (w[:, None] * cls).sum(0) if cls.ndim == 2 else (w[:, None, None] * cls).sum(0)
 
 
+# kept pixels per image run above which per-run cv2.calcHist beats one np.bincount over all of them
+# (measured: bincount costs ~10 ns a pixel, calcHist ~0.4 ns a pixel plus ~10 us a call)
+HIST_RUN_PIXELS = 1024
+
+
 def area_inter(blended: np.ndarray, d: ClassData, levels: np.ndarray):
     """(N, T) predicted area and intersection at every level, from histograms + suffix sums."""
-    n = d.n_images
-    key = d.img.astype(np.int64) * 256 + blended if n >= 2**23 else d.img * 256 + blended
-    h_all = np.bincount(key, minlength=n * 256).reshape(n, 256)
-    h_true = np.bincount(key[d.truth], minlength=n * 256).reshape(n, 256)
-    return counts_from_histograms(h_all, h_true, levels)
+    return counts_from_histograms(*image_histograms(d.img, blended, d.truth, d.n_images), levels)
+
+
+def image_histograms(img: np.ndarray, vals: np.ndarray, truth: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 256) histograms of the uint8 ``vals`` of each image's pixels, over all of them and over
+    the true ones (``img``: each pixel's image, pixels of an image in one or more contiguous runs).
+
+    Two exact kernels with the same result: one ``np.bincount`` over (image, value) keys, cheap for
+    sparse pools; or OpenCV's SIMD histogram per image run, about 25x cheaper a pixel, for dense
+    ones (numpy has no per-segment histogram; this picks whichever does less work).
+    """
+    runs = np.flatnonzero(img[1:] != img[:-1]) + 1 if img.size else np.zeros(0, np.int64)
+    if img.size < HIST_RUN_PIXELS * (runs.size + 1):
+        key = img.astype(np.int64) * 256 + vals if n >= 2**23 else img * 256 + vals
+        h_all = np.bincount(key, minlength=n * 256).reshape(n, 256)
+        h_true = np.bincount(key[truth], minlength=n * 256).reshape(n, 256)
+        return h_all, h_true
+    import cv2
+
+    h_all = np.zeros((n, 256), np.int64)
+    h_true = np.zeros((n, 256), np.int64)
+    t8 = truth.view(np.uint8)
+    starts = np.concatenate([[0], runs])
+    ends = np.concatenate([runs, [img.size]])
+    for s, e, i in zip(starts.tolist(), ends.tolist(), img[starts].tolist()):
+        v = vals[s:e].reshape(-1, 1)
+        # float32 counts are exact: an image has far fewer than 2**24 pixels
+        h_all[i] += cv2.calcHist([v], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+        h_true[i] += cv2.calcHist([v], [0], t8[s:e].reshape(-1, 1), [256], [0, 256]).ravel().astype(np.int64)
+    return h_all, h_true
 
 
 def counts_from_histograms(h_all: np.ndarray, h_true: np.ndarray, levels) -> tuple[np.ndarray, np.ndarray]:
@@ -331,12 +363,15 @@ def in_sample(tables: np.ndarray, grid: Grid) -> tuple[float, Choice]:
 
 def score_point(blended, cls_b, d: ClassData, choice: Choice, image_mask=None) -> np.ndarray:
     """Pair Dice of every image for one fixed choice (used for baselines and reports)."""
-    g = Grid(np.array([choice.level]), np.array([choice.min_area]), np.array([choice.cls_threshold]))
-    area, inter = area_inter(blended, d, g.levels)
-    area, inter = area[:, 0], inter[:, 0]
-    kept = (area * d.area_scale >= choice.min_area) & (cls_b >= choice.cls_threshold)
-    dice = dice_from_counts(np.where(kept, inter, 0), np.where(kept, area, 0), d.true_area)
+    area, inter = area_inter(blended, d, np.array([choice.level]))
+    dice = score_counts(area[:, 0], inter[:, 0], d.true_area, d.area_scale, cls_b, choice)
     return dice if image_mask is None else dice[image_mask]
+
+
+def score_counts(area, inter, true_area, area_scale, cls_b, choice: Choice) -> np.ndarray:
+    """Pair Dice of every image from its (N,) predicted area and intersection at ``choice.level``."""
+    kept = (area * area_scale >= choice.min_area) & (cls_b >= choice.cls_threshold)
+    return dice_from_counts(np.where(kept, inter, 0), np.where(kept, area, 0), true_area)
 
 
 # --------------------------------------------------------------------------- gate sources

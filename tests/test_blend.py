@@ -428,8 +428,8 @@ def test_streamed_full_resolution_gives_the_same_blend_with_one_class_in_memory(
     np.testing.assert_array_equal(st.weights, mem.weights)
     assert st.postprocess == mem.postprocess and st.per_class == mem.per_class
     print(f"tracemalloc peak: in memory {peak_mem / 2**20:.1f} MiB, streamed {peak_st / 2**20:.1f} MiB, "
-          f"{pool_st.full.loads} class reads")
-    assert pool_st.full.loads == 4  # each class read once at full resolution
+          f"{pool_st.full.reader.passes} passes over the files")
+    assert pool_st.full.reader.passes == 1 + 4  # the 4x maps once, then each class once at full resolution
     assert peak_st < 0.6 * peak_mem, (peak_st, peak_mem)
 
 
@@ -444,3 +444,32 @@ def test_classifier_presence_outside_0_1_is_refused_naming_the_file(tmp_path):
     write_classifiers(tmp_path, masks, {"c": bad})
     with pytest.raises(oof.DataError, match=r"model_id=c/fold=1/part-0.parquet: presence probabilities must be finite"):
         blend.load_blend_pool(tmp_path)
+
+
+def test_nested_selection_on_masked_folds_equals_selection_on_a_copy(tmp_path):
+    """Nested selection leaves fold f in the arrays (fold -1) instead of copying the rest: the
+    same weights, fold by fold, as selecting on a copy without fold f; the planted pool makes the
+    folds choose differently, so a mask that leaked fold f would show."""
+    rng = np.random.default_rng(7)
+    masks = make_truth(rng, n=45, shape=(32, 64), p_defect=0.7)
+    good, bad = signal_model(rng, masks, 0.5, 0.4), blob_noise_model(rng, masks)
+    fold2 = (np.arange(45) % 3 == 2)[:, None]  # write_run's folds
+    # a sees the defects of folds 0-1 only, b those of fold 2 only: which helps depends on the fold left out
+    a = (np.where(fold2[..., None, None], bad[0], good[0]), np.where(fold2, bad[1], good[1]))
+    b = (np.where(fold2[..., None, None], good[0], bad[0]), np.where(fold2, good[1], bad[1]))
+    write_run(tmp_path, masks, {"a": a, "b": b})
+    pool = blend.load_blend_pool(tmp_path)
+    grids = [blend.ps.default_grid(pool.shape)] * 4
+
+    def run_selection(ds, folds, clf):
+        w, _ = blend.select(ds, folds, pool.n_folds, grids, max_members=5)
+        return np.tile(w, (4, 1)), None, None, None
+
+    picks = []
+    for f in range(pool.n_folds):
+        masked, _ = blend._nested_select(pool, pool.full, f, run_selection)
+        keep = pool.folds != f
+        copy = run_selection([d.subset(keep) for d in pool.full], pool.folds[keep], None)[0]
+        np.testing.assert_array_equal(masked, copy)
+        picks.append(masked[0])
+    assert len({tuple(np.round(p, 6)) for p in picks}) > 1, picks  # the folds do choose differently

@@ -199,3 +199,32 @@ def test_streamed_hole_filling_equals_the_dense_reference():
     a2, i2 = ps.area_inter_filled(ps.blend_u8(sub.vals, w_), sub, lambda i: truth[keep][i] if truth[keep][i].any() else None,
                                   (h, w), grid.levels)
     np.testing.assert_array_equal(a2, dense_area[keep])
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_both_histogram_kernels_equal_brute_force(dense, monkeypatch):
+    """np.bincount over (image, value) keys and OpenCV's per-run histogram give the same exact
+    counts; images split into several runs (a batch read per fold) add up."""
+    rng = np.random.default_rng(3)
+    n = 7
+    img = np.concatenate([np.full(int(k), i % n, np.int32) for i, k in enumerate(rng.integers(0, 3000, 12))])  # image 0..4 twice
+    vals = rng.integers(0, 256, img.size).astype(np.uint8)
+    truth = rng.random(img.size) < 0.3
+    monkeypatch.setattr(ps, "HIST_RUN_PIXELS", 0 if dense else 10**9)  # force one kernel
+    h_all, h_true = ps.image_histograms(img, vals, truth, n)
+    for i in range(n):
+        np.testing.assert_array_equal(h_all[i], np.array([(vals[img == i] == v).sum() for v in range(256)]))
+        np.testing.assert_array_equal(h_true[i], np.array([(vals[(img == i) & truth] == v).sum() for v in range(256)]))
+    assert h_all.sum() == img.size and (np.bincount(img, minlength=n) == h_all.sum(1)).all()
+
+
+def test_dense_kernel_gives_the_fast_tables_too(monkeypatch):
+    probs, truth, cls, folds = _pool(4, h=64, w=96)  # dense noise: > HIST_RUN_PIXELS kept per image
+    grid = GRIDS[0]
+    data = ps.ClassData.from_dense(probs, truth, cls, t_min=grid.t_min)
+    assert data.vals.shape[1] / data.n_images > ps.HIST_RUN_PIXELS  # the auto choice takes OpenCV here
+    w = np.array([0.5, 0.25, 0.25])
+    fast = ps.fold_tables(ps.blend_u8(data.vals, w), ps.blend_cls(cls, w), data, folds, 3, grid)
+    monkeypatch.setattr(ps, "HIST_RUN_PIXELS", 10**9)
+    ref = ps.fold_tables(ps.blend_u8(data.vals, w), ps.blend_cls(cls, w), data, folds, 3, grid)
+    np.testing.assert_array_equal(fast, ref)
