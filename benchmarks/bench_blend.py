@@ -5,22 +5,27 @@ Run:  .venv/bin/python benchmarks/bench_blend.py [--images 12568] [--models 20] 
 
 1. Generates realistic sparse OOF maps for N images x 4 classes x M models at 256x1600: true
    masks with the real class frequencies and typical areas, models that find most defects with
-   their own noise, miss some, and fire on some empty pairs; everything below the lowest grid
-   threshold is pruned at generation (the blend can only exceed t where a member does), the 4x
-   maps are block means of the full-resolution ones.
-2. Times the full blend: selection on the 4x maps, final tuning at full resolution, nested
-   5-fold score; reports peak memory.
-3. Ratios against two baselines on a subset of images, run in the same process: the naive
+   their own noise, miss some, and fire on some empty pairs (``--density``: more, and each in its
+   own place). Each image comes from its own seed: the 4x maps (block means of the full-resolution
+   ones) are held like the blend holds them, full resolution is regenerated batch by batch when
+   the blend reads it, as it reads the Parquet files (their decoding is not timed here).
+2. Ratios of the post-processing search against two baselines on dense maps of a subset of
+   images (and of a real pool's maps with ``--pool``), run in the same process: the naive
    per-grid-point re-thresholding of public kernels (threshold the dense maps, measure areas,
    filter, score, for every grid point; timed on a sample of points and scaled), and the fair one
    a careful user would write: exact and dense, thresholding once per level and treating min
-   area and gate as comparisons on the counts.
+   area and gate as comparisons on the counts. All three give identical tables (asserted).
+3. Times the full blend: selection on the 4x maps, nested selections on worker processes, one
+   pass per class over full resolution; peak memory of all processes (summed PSS, sampled).
 4. The Dice difference between post-processing tuned on the 4x maps and at full resolution.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import resource
+import threading
 import time
 
 import numpy as np
@@ -36,117 +41,167 @@ FREQ = np.array([897, 247, 5150, 801]) / 12568
 BOX = [((20, 60), (40, 120)), ((24, 64), (8, 24)), ((40, 180), (60, 400)), ((80, 250), (120, 400))]
 
 
-def generate(n, m, n_folds, seed=0, density=None):
-    """A pool of n images x m models. ``density`` None: the original generator (every model that
-    fires on an empty pair fires inside one box per image, ~2% of pairs). ``density`` D: each model
-    that fires on an empty pair (2% x D of pairs) paints its own box at its own place (diverse
-    false positives: the kept pixels add up over models), so the kept fraction grows with D."""
-    rng = np.random.default_rng(seed)
-    skill = rng.uniform(0.55, 0.85, m)  # models differ in quality
-    full, ds = [], []
-    for c in range(4):
-        acc = _ClassParts(n, m)
-        has = rng.random(n) < FREQ[c]
-        fp = rng.random((m, n)) < (0.02 if density is None else min(1.0, 0.02 * density))  # a model fires on 2% (x D) of pairs
-        cls = np.where(has[None], rng.beta(5, 2, (m, n)), rng.beta(1.5, 6, (m, n))).astype(np.float32)
+def _normal(rng, sigma, shape):
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(sigma)
+
+
+class Generated:
+    """A generated pool of n images x m models, image by image from its own seed, so any batch of
+    images can be regenerated exactly: the 4x maps are held (as the blend holds them), full
+    resolution is produced batch by batch when the blend reads it (as from the Parquet files).
+
+    ``density`` None: the original generator (every model that fires on an empty pair fires
+    inside one box per image, ~2% of pairs). ``density`` D: each model that fires on an empty pair
+    (2% x D of pairs) paints its own box at its own place (diverse false positives: the kept
+    pixels add up over models), so the kept fraction grows with D.
+    """
+
+    def __init__(self, n, m, seed=0, density=None):
+        self.n, self.m, self.seed, self.density = n, m, seed, density
+        rng = np.random.default_rng(seed)
+        self.skill = rng.uniform(0.55, 0.85, m)  # models differ in quality
+        self.has = rng.random((4, n)) < FREQ[:, None]
+        fp_rate = 0.02 if density is None else min(1.0, 0.02 * density)  # a model fires on 2% (x D) of pairs
+        self.fp = rng.random((4, m, n)) < fp_rate
+        self.cls = np.where(self.has[:, None], rng.beta(5, 2, (4, m, n)), rng.beta(1.5, 6, (4, m, n))).astype(np.float32)
+
+    def boxes(self, c, i):
+        """Image i's boxes of class c: [(probabilities (m, bh, bw) float, truth (bh, bw))]."""
+        has, fp, m = self.has[c, i], self.fp[c, :, i], self.m
+        if not (has or fp.any()):
+            return []
+        rng = np.random.default_rng([self.seed, c, i])
         (h0, h1), (w0, w1) = BOX[c]
-        for i in np.flatnonzero(has | fp.any(0)):
-            if density is None:  # one box per image: the defect and every model's false positive share it
-                shrink = 1 if has[i] else 2  # false-positive blobs are smaller than real defects
-                bh = int(rng.integers(h0, h1)) // shrink // 4 * 4 + 4
-                bw = int(rng.integers(w0, w1)) // shrink // 4 * 4 + 4
-                truth = np.zeros((bh, bw), bool)
-                if has[i]:
-                    truth[bh // 6:bh - bh // 6, bw // 6:bw - bw // 6] = True
-                conf = np.where(has[i], skill * rng.uniform(0.6, 1.2, m), 0.0) + fp[:, i] * rng.uniform(0.4, 0.8, m)
-                acc.add(i, conf[:, None, None] * (0.55 + 0.45 * truth[None]) + rng.normal(0, 0.12, (m, bh, bw)), truth)
-                continue
-            if has[i]:  # the defect: every model sees it, with its own skill and noise
-                bh, bw = int(rng.integers(h0, h1)) // 4 * 4 + 4, int(rng.integers(w0, w1)) // 4 * 4 + 4
-                truth = np.zeros((bh, bw), bool)
+        out = []
+        if self.density is None:  # one box per image: the defect and every model's false positive share it
+            shrink = 1 if has else 2  # false-positive blobs are smaller than real defects
+            bh = int(rng.integers(h0, h1)) // shrink // 4 * 4 + 4
+            bw = int(rng.integers(w0, w1)) // shrink // 4 * 4 + 4
+            truth = np.zeros((bh, bw), bool)
+            if has:
                 truth[bh // 6:bh - bh // 6, bw // 6:bw - bw // 6] = True
-                conf = skill * rng.uniform(0.6, 1.2, m)
-                acc.add(i, conf[:, None, None] * (0.55 + 0.45 * truth[None]) + rng.normal(0, 0.12, (m, bh, bw)), truth)
-            for j in np.flatnonzero(fp[:, i]):  # each false positive in its own place: only model j is confident
-                bh, bw = int(rng.integers(h0, h1)) // 2 // 4 * 4 + 4, int(rng.integers(w0, w1)) // 2 // 4 * 4 + 4
-                v = np.abs(rng.normal(0, 0.03, (m, bh, bw)))
-                v[j] += rng.uniform(0.4, 0.8) * 0.55 + rng.normal(0, 0.12, (bh, bw))
-                acc.add(i, v, np.zeros((bh, bw), bool))
-        f, d = acc.finish(cls)
-        full.append(f)
-        ds.append(d)
+            conf = np.where(has, self.skill * rng.uniform(0.6, 1.2, m), 0.0) + fp * rng.uniform(0.4, 0.8, m)
+            return [(conf[:, None, None] * (0.55 + 0.45 * truth[None]) + _normal(rng, 0.12, (m, bh, bw)), truth)]
+        if has:  # the defect: every model sees it, with its own skill and noise
+            bh, bw = int(rng.integers(h0, h1)) // 4 * 4 + 4, int(rng.integers(w0, w1)) // 4 * 4 + 4
+            truth = np.zeros((bh, bw), bool)
+            truth[bh // 6:bh - bh // 6, bw // 6:bw - bw // 6] = True
+            conf = self.skill * rng.uniform(0.6, 1.2, m)
+            out.append((conf[:, None, None] * (0.55 + 0.45 * truth[None]) + _normal(rng, 0.12, (m, bh, bw)), truth))
+        for j in np.flatnonzero(fp):  # each false positive in its own place: only model j is confident
+            bh, bw = int(rng.integers(h0, h1)) // 2 // 4 * 4 + 4, int(rng.integers(w0, w1)) // 2 // 4 * 4 + 4
+            v = np.abs(_normal(rng, 0.03, (m, bh, bw)))
+            v[j] += rng.uniform(0.4, 0.8) * 0.55 + _normal(rng, 0.12, (bh, bw))
+            out.append((v, np.zeros((bh, bw), bool)))
+        return out
+
+    def class_data(self, c, rows, res):
+        """Class c of images ``rows`` (indices 0..len-1 in the result) at ``res`` (full or ds), pruned."""
+        acc = _ClassParts(len(rows), self.m, res)
+        for k, i in enumerate(rows):
+            for vals_f, truth in self.boxes(c, i):
+                acc.add(k, vals_f, truth)
+        return acc.finish(self.cls[c][:, rows])
+
+
+class GeneratedReader:
+    """The blend's full-resolution source for a generated pool: batches like the Parquet reader's."""
+
+    def __init__(self, gen: Generated, batch=512):
+        self.gen, self.batch, self.passes, self.kept, self.counted = gen, batch, 0, 0, set()
+
+    def batches(self, classes, resolutions):
+        self.passes += 1
+        for start in range(0, self.gen.n, self.batch):
+            rows = np.arange(start, min(self.gen.n, start + self.batch))
+            out = {r: {c: self.gen.class_data(c, rows, r) for c in classes} for r in resolutions}
+            for c in classes:
+                if "full" in out and (c, start) not in self.counted:
+                    self.counted.add((c, start))
+                    self.kept += out["full"][c].vals.shape[1]
+            yield rows, None, out
+
+
+def generate(n, m, n_folds, seed=0, density=None) -> tuple[blend.BlendPool, Generated]:
+    """The blend pool of a generated set: 4x maps in memory, full resolution streamed."""
+    gen = Generated(n, m, seed, density)
+    ds = [gen.class_data(c, np.arange(n), "ds") for c in range(4)]
     folds = np.arange(n) % n_folds
-    rng.shuffle(folds)
-    return blend.BlendPool([f"m{j:02d}" for j in range(m)], [f"{i:09x}.jpg" for i in range(n)], folds, n_folds, (H, W), full, ds)
+    np.random.default_rng(seed).shuffle(folds)
+    full = blend._StreamedFull(GeneratedReader(gen))
+    pool = blend.BlendPool([f"m{j:02d}" for j in range(m)], [f"{i:09x}.jpg" for i in range(n)], folds, n_folds, (H, W), full, ds)
+    return pool, gen
 
 
 class _ClassParts:
-    """One class's kept pixels, box by box, at full resolution and 4x; :meth:`finish` makes the ClassData."""
+    """One class's kept pixels, box by box, at one resolution (full or 4x); :meth:`finish` makes the ClassData."""
 
-    def __init__(self, n, m):
-        self.m, self.parts = m, {"f": [], "d": []}
-        self.true = {"f": np.zeros(n, np.int64), "d": np.zeros(n, np.int64)}
+    def __init__(self, n, m, res):
+        self.m, self.res, self.parts = m, res, []
+        self.true = np.zeros(n, np.int64)
 
     def add(self, i, vals_f, truth):
         """Image ``i``'s box: probabilities (m, bh, bw) (clipped and quantised here) and its truth (bh, bw)."""
         m = self.m
         bh, bw = truth.shape
         vals = np.rint(np.clip(vals_f, 0, 1) * 255).astype(np.uint8)
-        keep = vals.reshape(m, -1).max(0) >= T_MIN
-        dv = np.rint(vals.reshape(m, bh // 4, 4, bw // 4, 4).mean((2, 4))).astype(np.uint8).reshape(m, -1)
-        dt = (truth.reshape(bh // 4, 4, bw // 4, 4).mean((1, 3)) >= 0.5).ravel()
-        kd = dv.max(0) >= T_MIN
-        self.parts["f"].append((np.full(int(keep.sum()), i, np.int32), vals.reshape(m, -1)[:, keep], truth.ravel()[keep]))
-        self.parts["d"].append((np.full(int(kd.sum()), i, np.int32), dv[:, kd], dt[kd]))
-        self.true["f"][i] += int(truth.sum())
-        self.true["d"][i] += int(dt.sum())
+        if self.res == "ds":  # block means, as the OOF writer's 4x maps
+            vals = np.rint(vals.reshape(m, bh // 4, 4, bw // 4, 4).mean((2, 4))).astype(np.uint8)
+            truth = truth.reshape(bh // 4, 4, bw // 4, 4).mean((1, 3)) >= 0.5
+        vals = vals.reshape(m, -1)
+        keep = vals.max(0) >= T_MIN
+        self.parts.append((np.full(int(keep.sum()), i, np.int32), vals[:, keep], truth.ravel()[keep]))
+        self.true[i] += int(truth.sum())
 
     def finish(self, cls):
-        out = []
-        for key, scale in (("f", 1.0), ("d", 16.0)):
-            parts = self.parts[key]
-            img = np.concatenate([p[0] for p in parts])
-            tr = np.concatenate([p[2] for p in parts])
-            vals = np.empty((self.m, img.size), np.uint8)  # filled part by part: no second full copy
-            at = 0
-            while parts:
-                v = parts.pop(0)[1]
-                vals[:, at:at + v.shape[1]] = v
-                at += v.shape[1]
-            out.append(ps.ClassData(img, vals, tr, self.true[key], cls, scale, T_MIN))
-        return out
+        parts = self.parts
+        img = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+        tr = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, bool)
+        vals = np.empty((self.m, img.size), np.uint8)  # filled part by part: no second full copy
+        at = 0
+        while parts:
+            v = parts.pop(0)[1]
+            vals[:, at:at + v.shape[1]] = v
+            at += v.shape[1]
+        return ps.ClassData(img, vals, tr, self.true, cls, 1.0 if self.res == "full" else 16.0, T_MIN)
 
 
-def real_kept_fraction(run) -> str:
+def real_kept_fraction(run) -> tuple[str, float]:
     """The kept fraction of a real pool (what the generated one should resemble), read from its OOF files."""
-    pool = blend.load_blend_pool(run, stream=False)
+    pool = blend.load_blend_pool(run, model_ids=blend.search_models(run), stream=False)
     h, w = pool.shape
     n = len(pool.image_ids)
     kept = sum(d.vals.shape[1] for d in pool.full)
+    frac = kept / (4 * n * h * w)
     return (f"real pool {run}: {len(pool.model_ids)} models x {n} images at {h}x{w}: kept full-res pixels {kept:,} "
-            f"({100 * kept / (4 * n * h * w):.2f}%)")
+            f"({100 * frac:.2f}%)"), frac
 
 
-def dense_subset(pool: blend.BlendPool, c: int, n_sub: int, weights):
-    """Dense full-res blended maps + truth for the first n_sub images of class c."""
+def real_dense_class(run, c=2):
+    """Dense full-res maps of the real pool's plain-mean blend of class c, its truth and presence."""
+    pool = blend.load_blend_pool(run, model_ids=blend.search_models(run), stream=False)
     d = pool.full[c]
-    sel = d.img < n_sub
-    maps = np.zeros((n_sub, H * W), np.uint8)
-    truth = np.zeros((n_sub, H * W), bool)
-    # kept pixels are not located in the generator's output; place them in a fixed raster per image
-    # (the metric only depends on counts, so placement does not change any score)
-    order = np.argsort(d.img[sel], kind="stable")
-    img = d.img[sel][order]
-    start = np.searchsorted(img, np.arange(n_sub))
-    pos = np.arange(img.size) - start[img]
-    vals = ps.blend_u8(d.vals[:, sel][:, order], weights)
-    maps[img, pos] = vals
-    truth[img, pos] = d.truth[sel][order]
-    extra = d.true_area[:n_sub] - np.bincount(img[truth[img, pos]], minlength=n_sub)
+    w = np.full(len(pool.model_ids), 1 / len(pool.model_ids))
+    return _dense(d, ps.blend_u8(d.vals, w), ps.blend_cls(d.cls, w), pool.shape)
+
+
+def _dense(d: ps.ClassData, blended, cls_b, shape):
+    """Dense (N, H, W) maps of kept pixels. Without positions (the generator does not locate its
+    boxes) kept pixels go into a fixed raster per image: the metric only depends on counts, so
+    placement does not change any score."""
+    n, (h, w) = d.n_images, shape
+    maps = np.zeros((n, h * w), np.uint8)
+    truth = np.zeros((n, h * w), bool)
+    order = np.argsort(d.img, kind="stable")
+    img = d.img[order]
+    pos = d.pix[order] if d.pix is not None else np.arange(img.size) - np.searchsorted(img, np.arange(n))[img]
+    maps[img, pos] = blended[order]
+    truth[img, pos] = d.truth[order]
+    extra = d.true_area - np.bincount(img[truth[img, pos]], minlength=n)
     for i in np.flatnonzero(extra > 0):  # true pixels below the pruning level
         free = np.flatnonzero(~truth[i] & (maps[i] == 0))[: extra[i]]
         truth[i, free] = True
-    return maps.reshape(n_sub, H, W), truth.reshape(n_sub, H, W), ps.blend_cls(d.cls, weights)[:n_sub]
+    return maps.reshape(n, h, w), truth.reshape(n, h, w), cls_b
 
 
 def kernel_search(maps, truth, cls_b, grid, points):
@@ -161,6 +216,83 @@ def kernel_search(maps, truth, cls_b, grid, points):
     return out
 
 
+def compare_search(maps, truth, cls_b, grid, kernel_points) -> dict:
+    """Seconds of the three exact post-processing searches on the same dense blended maps (identical tables)."""
+    n = len(maps)
+    folds = np.zeros(n, int)
+    t1 = time.perf_counter()  # the fair baseline: threshold once per level, min area and gate as comparisons
+    area, inter = ps.area_inter_dense(maps, truth, grid.levels)
+    dense_tables = ps.tables_from_counts(area, inter, truth.sum((1, 2)), 1.0, cls_b, folds, 1, grid)[0]
+    t_dense = time.perf_counter() - t1
+    t1 = time.perf_counter()  # steel_ray keeps only pixels where some member reaches the lowest level, once, at load
+    sub = ps.ClassData.from_dense(maps[None], truth, cls_b[None], grid.t_min)
+    t_prune = time.perf_counter() - t1
+    t1 = time.perf_counter()  # ... and each candidate blend costs histograms + suffix sums + the tables
+    ours = ps.fold_tables(sub.vals[0], cls_b, sub, folds, 1, grid)[0]
+    t_ours = time.perf_counter() - t1
+    rng = np.random.default_rng(0)
+    pts = [tuple(int(rng.integers(0, s)) for s in ours.shape) for _ in range(kernel_points)]
+    t1 = time.perf_counter()
+    ref = kernel_search(maps, truth, cls_b, grid, pts)
+    t_kernel = (time.perf_counter() - t1) / len(pts) * ours.size
+    assert np.allclose([ours[p] for p in pts], ref), "fast search disagrees with re-thresholding"
+    assert np.allclose(ours, dense_tables), "fast search disagrees with the dense per-level search"
+    return {"kept": sub.vals.shape[1] / maps.size, "points": ours.size, "n": n, "kernel": t_kernel, "dense": t_dense,
+            "prune": t_prune, "ours": t_ours, "sampled": len(pts)}
+
+
+def print_search(title, r):
+    print(f"\npost-processing search, {title}: {r['n']} dense images, kept {100 * r['kept']:.2f}% of pixels, "
+          f"{r['points']} grid points (identical tables):")
+    print(f"  {'method':66}{'seconds':>9}{'steel_ray search is':>21}")
+    print(f"  {'naive kernel: re-threshold per grid point (scaled from ' + str(r['sampled']) + ' points)':66}"
+          f"{r['kernel']:9.2f}{r['kernel'] / r['ours']:20.0f}x")
+    print(f"  {'fair: exact dense, threshold once per level + comparisons':66}{r['dense']:9.3f}{r['dense'] / r['ours']:20.1f}x")
+    print(f"  {'steel_ray search: histograms of kept pixels + suffix sums':66}{r['ours']:9.4f}")
+    print(f"  {'  + pruning to kept pixels (once per pool, at load)':66}{r['prune']:9.4f}"
+          f"   (fair / search incl. pruning: {r['dense'] / (r['ours'] + r['prune']):.1f}x)")
+
+
+def _pss_kib(pid) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _tree(pid) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for t in glob.glob(f"/proc/{p}/task/*/children"):
+            try:
+                todo += [int(x) for x in open(t).read().split()]
+            except OSError:
+                pass
+    return out
+
+
+class PeakMemory(threading.Thread):
+    """Peak of the summed PSS (proportional set size) of this process and all its descendants,
+    sampled: pages a forked worker shares with the parent are counted once, not once per process."""
+
+    def __init__(self, every=0.5):
+        super().__init__(daemon=True)
+        self.every, self.peak_kib, self.halt = every, 0, threading.Event()
+
+    def run(self):
+        while not self.halt.wait(self.every):
+            self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in _tree(os.getpid())))
+
+    def stop(self) -> float:
+        self.halt.set()
+        self.join()
+        self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in _tree(os.getpid())))
+        return self.peak_kib / 2**20
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=12568)
@@ -173,79 +305,79 @@ def main():
     ap.add_argument("--density", type=float, default=None,
                     help="diverse false positives: each model that fires on an empty pair (2%% x D of pairs) paints "
                          "its own box; default: the original generator (shared boxes)")
-    ap.add_argument("--pool", help="a real run whose pool's kept fraction to print beside the generated one (e.g. runs/demo)")
+    ap.add_argument("--pool", help="a real run (e.g. runs/demo): print its pool's kept fraction beside the generated one "
+                                   "and time the post-processing search on its real maps too")
+    ap.add_argument("--skip-ds-check", action="store_true", help="skip part 4 (one more pass over full resolution)")
     a = ap.parse_args()
+    mem = PeakMemory()
+    mem.start()
     t0 = time.time()
     if a.pool:
-        print(real_kept_fraction(a.pool))
-    pool = generate(a.images, a.models, a.folds, density=a.density)
-    kept = sum(d.vals.shape[1] for d in pool.full)
-    print(f"pool: {a.images} images x 4 classes x {a.models} models at {H}x{W}; kept full-res pixels {kept:,} "
-          f"({100 * kept / (4 * a.images * H * W):.2f}%), 4x: {sum(d.vals.shape[1] for d in pool.ds):,}; generated in {time.time() - t0:.0f}s")
+        line, _ = real_kept_fraction(a.pool)
+        print(line)
+    pool, gen = generate(a.images, a.models, a.folds, density=a.density)
+    print(f"pool: {a.images} images x 4 classes x {a.models} models at {H}x{W}; 4x maps in memory: kept "
+          f"{sum(d.vals.shape[1] for d in pool.ds):,} pixels ({100 * sum(d.vals.shape[1] for d in pool.ds) / (4 * a.images * H * W / 16):.2f}%), "
+          f"{sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in pool.ds) / 2**30:.2f} GiB; full resolution generated batch by "
+          f"batch when read; generated in {time.time() - t0:.0f}s")
 
     grid = ps.default_grid((H, W))
-    # 1. exactness + speed vs the per-grid-point kernel on a dense subset
+    # 1. exactness + speed of the post-processing search against the two baselines, on dense maps
+    sub = gen.class_data(2, np.arange(a.subset), "full")
     w = np.full(a.models, 1 / a.models)
-    maps, truth, cls_b = dense_subset(pool, 2, a.subset, w)
-    # the fair baseline: exact and dense, thresholding once per level (not once per grid point),
-    # then min area and gate as comparisons on the counts -- what a careful user would write
-    t1 = time.perf_counter()
-    area, inter = ps.area_inter_dense(maps, truth, grid.levels)
-    dense_tables = ps.tables_from_counts(area, inter, truth.sum((1, 2)), 1.0, cls_b, np.zeros(a.subset, int), 1, grid)[0]
-    t_dense = time.perf_counter() - t1
-    t1 = time.perf_counter()  # ours: prune the dense maps, histograms, suffix sums, whole grid
-    sub = ps.ClassData.from_dense(maps[None], truth, cls_b[None], grid.t_min)
-    ours = ps.fold_tables(sub.vals[0], cls_b, sub, np.zeros(a.subset, int), 1, grid)[0]
-    t_ours = time.perf_counter() - t1
-    n_points = ours.size
-    rng = np.random.default_rng(0)
-    pts = [tuple(int(rng.integers(0, s)) for s in ours.shape) for _ in range(a.kernel_points)]
-    t1 = time.perf_counter()
-    ref = kernel_search(maps, truth, cls_b, grid, pts)
-    t_kernel = (time.perf_counter() - t1) / len(pts) * n_points
-    assert np.allclose([ours[p] for p in pts], ref), "fast search disagrees with re-thresholding"
-    assert np.allclose(ours, dense_tables), "fast search disagrees with the dense per-level search"
-    del maps, truth, area, inter
-    print(f"\npost-processing search, class 3, {a.subset} dense images, {n_points} grid points (identical tables):")
-    print(f"  {'method':62}{'seconds':>10}{'steel_ray is':>14}")
-    print(f"  {'naive kernel: re-threshold per grid point (scaled from ' + str(len(pts)) + ')':62}{t_kernel:10.2f}"
-          f"{t_kernel / t_ours:13.0f}x")
-    print(f"  {'fair: exact dense, threshold once per level + comparisons':62}{t_dense:10.2f}{t_dense / t_ours:13.1f}x")
-    print(f"  {'steel_ray: prune + histograms + suffix sums':62}{t_ours:10.3f}")
+    maps, truth, cls_b = _dense(sub, ps.blend_u8(sub.vals, w), ps.blend_cls(sub.cls, w), (H, W))
+    print_search(f"class 3 of the generated pool ({a.subset} images)", compare_search(maps, truth, cls_b, grid, a.kernel_points))
+    del maps, truth, sub
+    if a.pool:
+        maps, truth, cls_b = real_dense_class(a.pool)
+        print_search(f"class 3 of the real pool {a.pool} (plain mean of its models)",
+                     compare_search(maps, truth, cls_b, ps.default_grid(maps.shape[1:]), a.kernel_points))
+        del maps, truth
 
-    # 2. the full blend
+    # 2. the full blend, full resolution streamed batch by batch
     t1 = time.time()
     res = blend.optimize(pool, max_members=a.max_members, nested=True, selection_resolution="ds4", workers=a.workers)
     total = time.time() - t1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    peak_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    peak = mem.stop()
+    kept = gen_kept(pool)
     s, tm = res.scores, res.settings["timings"]
     print(f"\nfull blend (max {a.max_members} members, {a.folds} folds, nested folds on {a.workers} processes), seconds:")
-    for k in ("selection", "final_tuning", "singles_and_baseline", "nested"):
-        print(f"  {k:24}{tm[k]:8.1f}")
-    print(f"  {'total':24}{total:8.1f}   peak RSS: main {peak:.2f} GiB, largest nested worker {peak_child:.2f} GiB "
-          f"(all processes <= {peak + a.workers * peak_child:.2f} GiB)")
+    for k, v in tm.items():
+        print(f"  {k:24}{v:8.1f}")
+    print(f"  {'total':24}{total:8.1f}")
+    print(f"  full resolution: kept {100 * kept:.2f}% of pixels (pixels where some model reaches {T_MIN}/255), "
+          f"{pool.full.reader.passes} passes over the generated maps (one per class)")
+    print(f"  peak memory, all processes (summed PSS, sampled every {mem.every}s): {peak:.2f} GiB; "
+          f"peak RSS of the main process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB, "
+          f"of the largest nested worker {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.2f} GiB (shared pages in both)")
     print(f"  scores: in_sample {s['in_sample']:.5f} cross_fitted {s['cross_fitted']:.5f} nested {s['nested']:.5f} "
-          f"best_single {s['best_single']:.5f} baseline {s['baseline']:.5f}")
+          f"best_single {s['best_single']:.5f} baseline {s['baseline']:.5f} all_empty {s['all_empty']:.5f}")
     print(f"  members: {sum(1 for x in res.weights[0] if x > 0)} distinct models")
 
     # 3. tuning on 4x maps vs full resolution (same weights): held-out Dice difference
-    diff_rows = []
-    for c in range(4):
-        wc = res.weights[c]
-        tf = ps.fold_tables(ps.blend_u8(pool.full[c].vals, wc), ps.blend_cls(pool.full[c].cls, wc), pool.full[c], pool.folds, a.folds, grid)
-        td = ps.fold_tables(ps.blend_u8(pool.ds[c].vals, wc), ps.blend_cls(pool.ds[c].cls, wc), pool.ds[c], pool.folds, a.folds, grid)
-        ch_full, ch_ds = ps.choose(tf, grid), ps.choose(td, grid)
-        full_at_full = tf.sum(0)[grid.index(ch_full)] / a.images
-        full_at_ds = tf.sum(0)[grid.index(ch_ds)] / a.images
-        diff_rows.append((c + 1, full_at_full, full_at_ds))
-    print("\nper-class Dice at full resolution: parameters tuned at full res vs tuned on 4x maps")
-    for c, f, d in diff_rows:
-        print(f"  class {c}: {f:.5f} vs {d:.5f}  (diff {f - d:+.5f})")
-    print(f"  mean over classes: {np.mean([f - d for _, f, d in diff_rows]):+.5f}")
+    if not a.skip_ds_check:
+        diff_rows = []
+        for c in range(4):
+            wc = res.weights[c]
+            (counts,), meta = blend._full_counts(pool, c, [wc], False, grid.levels)
+            tf = blend._tables(counts, meta, ps.blend_cls(meta.cls, wc), pool.folds, a.folds, grid)
+            td = ps.fold_tables(ps.blend_u8(pool.ds[c].vals, wc), ps.blend_cls(pool.ds[c].cls, wc), pool.ds[c], pool.folds, a.folds, grid)
+            ch_full, ch_ds = ps.choose(tf, grid), ps.choose(td, grid)
+            diff_rows.append((c + 1, tf.sum(0)[grid.index(ch_full)] / a.images, tf.sum(0)[grid.index(ch_ds)] / a.images))
+        print("\nper-class Dice at full resolution: parameters tuned at full res vs tuned on 4x maps")
+        for c, f, d in diff_rows:
+            print(f"  class {c}: {f:.5f} vs {d:.5f}  (diff {f - d:+.5f})")
+        print(f"  mean over classes: {np.mean([f - d for _, f, d in diff_rows]):+.5f}")
     print(f"\nreproduce: .venv/bin/python benchmarks/bench_blend.py --images {a.images} --models {a.models} --folds {a.folds} "
-          f"--max-members {a.max_members} --workers {a.workers}" + (f" --density {a.density:g}" if a.density else "")
-          + (f" --pool {a.pool}" if a.pool else ""))
+          f"--max-members {a.max_members} --workers {a.workers} --subset {a.subset} --kernel-points {a.kernel_points}"
+          + (f" --density {a.density:g}" if a.density else "") + (f" --pool {a.pool}" if a.pool else "")
+          + (" --skip-ds-check" if a.skip_ds_check else ""))
+
+
+def gen_kept(pool) -> float:
+    """Kept fraction of full-resolution pixels, counted by the reader as the blend read them."""
+    r = pool.full.reader
+    return r.kept / (4 * r.gen.n * H * W)
 
 
 if __name__ == "__main__":

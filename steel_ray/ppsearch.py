@@ -20,7 +20,7 @@ import numpy as np
 from .metric import dice_from_counts
 
 __all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables", "tables_from_counts",
-           "area_inter", "image_histograms", "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice",
+           "area_inter", "RunIndex", "image_histograms", "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice",
            "choose", "cross_fitted", "in_sample", "score_point", "score_counts", "GATE_SOURCES", "gate_signal", "choose_source",
            "cross_fitted_source", "in_sample_source"]
 
@@ -45,6 +45,9 @@ class Grid:
     rule: str = "smooth"
 
     def __post_init__(self):
+        for name in ("levels", "min_areas", "cls_thresholds"):
+            if np.any(np.diff(getattr(self, name)) < 0):  # the tables' binning needs them sorted
+                raise ValueError(f"grid {name} must be in ascending order: {getattr(self, name)}")
         if self.rule not in CHOICE_RULES:
             raise ValueError(f"choice rule {self.rule!r} is not one of {list(CHOICE_RULES)}")
 
@@ -108,6 +111,12 @@ class ClassData:
     def n_images(self) -> int:
         return len(self.true_area)
 
+    def histograms(self, blended: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 256) per-image histograms of ``blended`` (one value per kept pixel), all and true pixels."""
+        if getattr(self, "_runs", None) is None:
+            self._runs = RunIndex(self.img, self.truth, self.n_images)  # built once, reused by every candidate
+        return self._runs.histograms(blended)
+
     @classmethod
     def from_dense(cls, probs: np.ndarray, truth: np.ndarray, cls_prob: np.ndarray, t_min: int, area_scale: float = 1.0):
         """``probs`` (M, N, h, w) uint8, ``truth`` (N, h, w) bool, ``cls_prob`` (M, N)."""
@@ -147,48 +156,72 @@ def blend_cls(cls: np.ndarray, weights) -> np.ndarray:
     return (w[:, None] * cls).sum(0) if cls.ndim == 2 else (w[:, None, None] * cls).sum(0)
 
 
-# kept pixels per image run above which per-run cv2.calcHist beats one np.bincount over all of them
-# (measured: bincount costs ~10 ns a pixel, calcHist ~0.4 ns a pixel plus ~10 us a call)
-HIST_RUN_PIXELS = 1024
-
-
 def area_inter(blended: np.ndarray, d: ClassData, levels: np.ndarray):
     """(N, T) predicted area and intersection at every level, from histograms + suffix sums."""
-    return counts_from_histograms(*image_histograms(d.img, blended, d.truth, d.n_images), levels)
+    return counts_from_histograms(*d.histograms(blended), levels)
+
+
+class RunIndex:
+    """Where each image's kept pixels lie, built once per :class:`ClassData` and reused by every
+    candidate blend: pixels come in runs of one image (an image may have several runs).
+
+    Per-image histograms are the search's inner loop and numpy has no segmented histogram:
+    ``np.bincount`` over (image, value) keys costs ~10 ns a pixel (an int64 copy and scattered
+    writes). Here each pixel carries a 16-bit key ``(run mod 256) * 256 + value`` and one
+    OpenCV SIMD histogram of 65,536 bins per 256 runs gives every run's 256-bin histogram at
+    ~1-2 ns a pixel; the (sparser) true pixels keep a bincount over precomputed keys.
+    """
+
+    CHUNK = 256
+
+    def __init__(self, img: np.ndarray, truth: np.ndarray, n: int):
+        p = img.size
+        brk = np.flatnonzero(img[1:] != img[:-1]) + 1 if p else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], brk]) if p else np.zeros(0, np.int64)
+        self.n, self.p = n, p
+        self.run_img = img[starts].astype(np.int64)
+        self.unique = np.unique(self.run_img).size == self.run_img.size
+        self.bounds = np.concatenate([starts[::self.CHUNK], [p]]).astype(np.int64)  # pixel bounds of every 256 runs
+        run_of = np.repeat(np.arange(starts.size), np.diff(np.concatenate([starts, [p]]))) if p else np.zeros(0, np.int64)
+        self.hi = ((run_of % self.CHUNK).astype(np.uint16) << 8)  # (P,) uint16
+        self.true_idx = np.flatnonzero(truth)
+        self.true_key = img[self.true_idx].astype(np.int64) * 256
+
+    def histograms(self, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        n, runs = self.n, self.run_img.size
+        per_run = np.zeros((runs, 256), np.float32)
+        key = self.hi + vals  # uint16: run within its chunk, then value
+        for j in range(self.bounds.size - 1):
+            a, b = int(self.bounds[j]), int(self.bounds[j + 1])
+            r0 = j * self.CHUNK
+            r1 = min(runs, r0 + self.CHUNK)
+            # float32 counts are exact: a run has far fewer than 2**24 pixels
+            h = cv2.calcHist([key[a:b].reshape(-1, 1)], [0], None, [65536], [0, 65536])
+            per_run[r0:r1] = h.reshape(self.CHUNK, 256)[: r1 - r0]
+        h_all = np.zeros((n, 256), np.int64)
+        if self.unique:
+            h_all[self.run_img] = per_run
+        else:
+            np.add.at(h_all, self.run_img, per_run.astype(np.int64))
+        h_true = np.bincount(self.true_key + vals[self.true_idx], minlength=n * 256).reshape(n, 256)
+        return h_all, h_true
 
 
 def image_histograms(img: np.ndarray, vals: np.ndarray, truth: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, 256) histograms of the uint8 ``vals`` of each image's pixels, over all of them and over
-    the true ones (``img``: each pixel's image, pixels of an image in one or more contiguous runs).
-
-    Two exact kernels with the same result: one ``np.bincount`` over (image, value) keys, cheap for
-    sparse pools; or OpenCV's SIMD histogram per image run, about 25x cheaper a pixel, for dense
-    ones (numpy has no per-segment histogram; this picks whichever does less work).
-    """
-    runs = np.flatnonzero(img[1:] != img[:-1]) + 1 if img.size else np.zeros(0, np.int64)
-    if img.size < HIST_RUN_PIXELS * (runs.size + 1):
-        key = img.astype(np.int64) * 256 + vals if n >= 2**23 else img * 256 + vals
-        h_all = np.bincount(key, minlength=n * 256).reshape(n, 256)
-        h_true = np.bincount(key[truth], minlength=n * 256).reshape(n, 256)
-        return h_all, h_true
-    import cv2
-
-    h_all = np.zeros((n, 256), np.int64)
-    h_true = np.zeros((n, 256), np.int64)
-    t8 = truth.view(np.uint8)
-    starts = np.concatenate([[0], runs])
-    ends = np.concatenate([runs, [img.size]])
-    for s, e, i in zip(starts.tolist(), ends.tolist(), img[starts].tolist()):
-        v = vals[s:e].reshape(-1, 1)
-        # float32 counts are exact: an image has far fewer than 2**24 pixels
-        h_all[i] += cv2.calcHist([v], [0], None, [256], [0, 256]).ravel().astype(np.int64)
-        h_true[i] += cv2.calcHist([v], [0], t8[s:e].reshape(-1, 1), [256], [0, 256]).ravel().astype(np.int64)
-    return h_all, h_true
+    the true ones (``img``: each pixel's image; see :class:`RunIndex`)."""
+    return RunIndex(img, truth, n).histograms(vals)
 
 
 def counts_from_histograms(h_all: np.ndarray, h_true: np.ndarray, levels) -> tuple[np.ndarray, np.ndarray]:
     """(N, T) predicted area and intersection at each level from (N, 256) per-image histograms of
     the uint8 values over all pixels and over true pixels (suffix sums: #pixels with value >= v)."""
+    levels = np.asarray(levels)
+    if levels.size and np.all(np.diff(levels) > 0):  # sums over [level_j, level_j+1), then suffix sums over T levels
+        a, t = (np.cumsum(np.add.reduceat(h, levels, axis=1)[:, ::-1], axis=1)[:, ::-1] for h in (h_all, h_true))
+        return a, t
     suf_all = np.cumsum(h_all[:, ::-1], axis=1)[:, ::-1]
     suf_true = np.cumsum(h_true[:, ::-1], axis=1)[:, ::-1]
     return suf_all[:, levels], suf_true[:, levels]
@@ -216,15 +249,21 @@ def tables_from_counts(area, inter, true_area, area_scale, cls_b, folds, n_folds
     drop = (true == 0).astype(np.float64)  # Dice of an emptied mask
     delta = dice_from_counts(inter, area, true[:, None]) - drop[:, None]  # (N, T)
     full_area = np.asarray(area, np.float64) * area_scale
-    gate = (np.asarray(cls_b)[:, None] >= grid.cls_thresholds[None, :]).astype(np.float64)  # (N, G)
-    out = np.zeros((n_folds, len(grid.levels), len(grid.min_areas), len(grid.cls_thresholds)))
-    for k in range(n_folds):
-        idx = np.flatnonzero(folds == k)
-        base = drop[idx].sum()
-        for t in range(len(grid.levels)):
-            big = (full_area[idx, t][None, :] >= grid.min_areas[:, None]) * delta[idx, t][None, :]  # (A, n_k)
-            out[k, t] = base + big @ gate[idx]
-    return out
+    n_t, n_a, n_g = len(grid.levels), len(grid.min_areas), len(grid.cls_thresholds)
+    # A pair adds its delta at (t, a, g) when full_area >= min_areas[a] and cls_b >= cls_thresholds[g]:
+    # with both grids ascending that is a <= (its area bin), g <= (its gate bin). So bin every pair once
+    # (bin 0: below the lowest value) and take suffix sums over the bins: O(N T) instead of O(N T A G).
+    a_bin = np.searchsorted(grid.min_areas, full_area, side="right")  # (N, T) in 0..A
+    g_bin = np.searchsorted(grid.cls_thresholds, np.asarray(cls_b, np.float64), side="right")  # (N,) in 0..G
+    folds = np.asarray(folds)
+    used = (folds >= 0) & (folds < n_folds)  # fold -1: left out (nested selection)
+    t_idx = np.arange(n_t)[None, :]
+    key = ((folds[used, None] * n_t + t_idx) * (n_a + 1) + a_bin[used]) * (n_g + 1) + g_bin[used, None]
+    hist = np.bincount(key.ravel(), weights=delta[used].ravel(), minlength=n_folds * n_t * (n_a + 1) * (n_g + 1))
+    hist = hist.reshape(n_folds, n_t, n_a + 1, n_g + 1)
+    suffix = hist[:, :, ::-1, ::-1].cumsum(2).cumsum(3)[:, :, ::-1, ::-1][:, :, 1:, 1:]
+    base = np.bincount(folds[used], weights=drop[used], minlength=n_folds)[:n_folds]
+    return base[:, None, None, None] + suffix
 
 
 def area_inter_dense(blended: np.ndarray, truth: np.ndarray, levels: np.ndarray, fill_holes: bool = False):

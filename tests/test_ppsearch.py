@@ -201,30 +201,58 @@ def test_streamed_hole_filling_equals_the_dense_reference():
     np.testing.assert_array_equal(a2, dense_area[keep])
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_both_histogram_kernels_equal_brute_force(dense, monkeypatch):
-    """np.bincount over (image, value) keys and OpenCV's per-run histogram give the same exact
-    counts; images split into several runs (a batch read per fold) add up."""
+def test_run_histograms_equal_brute_force():
+    """The 16-bit run-chunked OpenCV histograms give exact per-image counts: more than 256 runs
+    (several chunks), images split into several runs (a batch read per fold) add up, empty images."""
     rng = np.random.default_rng(3)
-    n = 7
-    img = np.concatenate([np.full(int(k), i % n, np.int32) for i, k in enumerate(rng.integers(0, 3000, 12))])  # image 0..4 twice
+    n = 300
+    sizes = rng.integers(0, 60, 700)
+    img = np.concatenate([np.full(int(k), i % n, np.int32) for i, k in enumerate(sizes)])  # runs 300..699 repeat images
     vals = rng.integers(0, 256, img.size).astype(np.uint8)
     truth = rng.random(img.size) < 0.3
-    monkeypatch.setattr(ps, "HIST_RUN_PIXELS", 0 if dense else 10**9)  # force one kernel
     h_all, h_true = ps.image_histograms(img, vals, truth, n)
+    ref_all = np.zeros((n, 256), np.int64)
+    ref_true = np.zeros((n, 256), np.int64)
+    np.add.at(ref_all, (img, vals), 1)
+    np.add.at(ref_true, (img[truth], vals[truth]), 1)
+    np.testing.assert_array_equal(h_all, ref_all)
+    np.testing.assert_array_equal(h_true, ref_true)
+    assert not ps.RunIndex(img, truth, n).unique and len(ps.RunIndex(img, truth, n).bounds) > 2
+
+
+def test_tables_from_counts_equal_a_direct_loop():
+    """The binned suffix sums equal the definition, pair by pair, with a grid whose lowest min area
+    and gate are above every pair's (bin 0) and images left out with fold -1."""
+    rng = np.random.default_rng(5)
+    n = 80
+    area = rng.integers(0, 40, (n, 3))
+    inter = np.minimum(area, rng.integers(0, 20, (n, 3)))
+    true = np.where(rng.random(n) < 0.4, 0, rng.integers(1, 30, n))
+    inter[true == 0] = 0
+    cls_b = rng.random(n)
+    folds = rng.integers(-1, 3, n)
+    grid = ps.Grid(np.array([50, 100, 150]), np.array([2.0, 10, 25]), np.array([0.05, 0.5, 0.8]), rule="argmax")
+    got = ps.tables_from_counts(area, inter, true, 1.5, cls_b, folds, 3, grid)
+    ref = np.zeros_like(got)
     for i in range(n):
-        np.testing.assert_array_equal(h_all[i], np.array([(vals[img == i] == v).sum() for v in range(256)]))
-        np.testing.assert_array_equal(h_true[i], np.array([(vals[(img == i) & truth] == v).sum() for v in range(256)]))
-    assert h_all.sum() == img.size and (np.bincount(img, minlength=n) == h_all.sum(1)).all()
+        if folds[i] < 0:
+            continue
+        for t in range(3):
+            for a, ma in enumerate(grid.min_areas):
+                for g, ct in enumerate(grid.cls_thresholds):
+                    keep = area[i, t] * 1.5 >= ma and cls_b[i] >= ct
+                    p, q = (area[i, t], inter[i, t]) if keep else (0, 0)
+                    ref[folds[i], t, a, g] += 1.0 if p + true[i] == 0 else 2 * q / (p + true[i])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="ascending"):
+        ps.Grid(np.array([50, 40]), np.array([0.0]), np.array([0.0]))
 
 
-def test_dense_kernel_gives_the_fast_tables_too(monkeypatch):
-    probs, truth, cls, folds = _pool(4, h=64, w=96)  # dense noise: > HIST_RUN_PIXELS kept per image
-    grid = GRIDS[0]
-    data = ps.ClassData.from_dense(probs, truth, cls, t_min=grid.t_min)
-    assert data.vals.shape[1] / data.n_images > ps.HIST_RUN_PIXELS  # the auto choice takes OpenCV here
-    w = np.array([0.5, 0.25, 0.25])
-    fast = ps.fold_tables(ps.blend_u8(data.vals, w), ps.blend_cls(cls, w), data, folds, 3, grid)
-    monkeypatch.setattr(ps, "HIST_RUN_PIXELS", 10**9)
-    ref = ps.fold_tables(ps.blend_u8(data.vals, w), ps.blend_cls(cls, w), data, folds, 3, grid)
-    np.testing.assert_array_equal(fast, ref)
+def test_counts_at_levels_in_any_order_equal_suffix_sums():
+    rng = np.random.default_rng(8)
+    h_all = rng.integers(0, 50, (6, 256))
+    h_true = np.minimum(h_all, rng.integers(0, 20, (6, 256)))
+    for levels in (np.array([13, 26, 128, 255]), np.array([128, 13, 13, 200]), np.array([0])):
+        a, t = ps.counts_from_histograms(h_all, h_true, levels)
+        np.testing.assert_array_equal(a, np.stack([h_all[:, lv:].sum(1) for lv in levels], 1))
+        np.testing.assert_array_equal(t, np.stack([h_true[:, lv:].sum(1) for lv in levels], 1))
