@@ -1,12 +1,14 @@
 """Blend optimizer at Severstal scale on generated pools (nothing needs training).
 
 Run:  .venv/bin/python benchmarks/bench_blend.py [--images 12568] [--models 20] [--folds 5] [--max-members 25]
+          [--density D] [--haze F] [--pool RUN] [--skip-ds-check]
       .venv/bin/python benchmarks/bench_blend.py --images 2000 --models 8     # a quick look
 
 1. Generates realistic sparse OOF maps for N images x 4 classes x M models at 256x1600: true
    masks with the real class frequencies and typical areas, models that find most defects with
    their own noise, miss some, and fire on some empty pairs (``--density``: more, and each in its
-   own place). Each image comes from its own seed: the 4x maps (block means of the full-resolution
+   own place; ``--haze F``: diffuse low probabilities on a fraction F of every image, as the demo's
+   under-trained models give, for a kept fraction like a real pool's). Each image comes from its own seed: the 4x maps (block means of the full-resolution
    ones) are held like the blend holds them, full resolution is regenerated batch by batch when
    the blend reads it, as it reads the Parquet files (their decoding is not timed here).
 2. Ratios of the post-processing search against two baselines on dense maps of a subset of
@@ -56,8 +58,8 @@ class Generated:
     pixels add up over models), so the kept fraction grows with D.
     """
 
-    def __init__(self, n, m, seed=0, density=None):
-        self.n, self.m, self.seed, self.density = n, m, seed, density
+    def __init__(self, n, m, seed=0, density=None, haze=0.0):
+        self.n, self.m, self.seed, self.density, self.haze = n, m, seed, density, haze
         rng = np.random.default_rng(seed)
         self.skill = rng.uniform(0.55, 0.85, m)  # models differ in quality
         self.has = rng.random((4, n)) < FREQ[:, None]
@@ -68,11 +70,16 @@ class Generated:
     def boxes(self, c, i):
         """Image i's boxes of class c: [(probabilities (m, bh, bw) float, truth (bh, bw))]."""
         has, fp, m = self.has[c, i], self.fp[c, :, i], self.m
-        if not (has or fp.any()):
+        if not (has or fp.any() or self.haze):
             return []
         rng = np.random.default_rng([self.seed, c, i])
         (h0, h1), (w0, w1) = BOX[c]
         out = []
+        if self.haze:  # diffuse low probabilities (0.05-0.2) on a fraction of the image, as under-trained models give
+            hw = max(4, int(self.haze * W) // 4 * 4)
+            out.append((rng.integers(T_MIN, 52, (m, H, hw), dtype=np.uint8), np.zeros((H, hw), bool)))
+        if not (has or fp.any()):
+            return out
         if self.density is None:  # one box per image: the defect and every model's false positive share it
             shrink = 1 if has else 2  # false-positive blobs are smaller than real defects
             bh = int(rng.integers(h0, h1)) // shrink // 4 * 4 + 4
@@ -122,9 +129,9 @@ class GeneratedReader:
             yield rows, None, out
 
 
-def generate(n, m, n_folds, seed=0, density=None) -> tuple[blend.BlendPool, Generated]:
+def generate(n, m, n_folds, seed=0, density=None, haze=0.0) -> tuple[blend.BlendPool, Generated]:
     """The blend pool of a generated set: 4x maps in memory, full resolution streamed."""
-    gen = Generated(n, m, seed, density)
+    gen = Generated(n, m, seed, density, haze)
     ds = [gen.class_data(c, np.arange(n), "ds") for c in range(4)]
     folds = np.arange(n) % n_folds
     np.random.default_rng(seed).shuffle(folds)
@@ -144,7 +151,7 @@ class _ClassParts:
         """Image ``i``'s box: probabilities (m, bh, bw) (clipped and quantised here) and its truth (bh, bw)."""
         m = self.m
         bh, bw = truth.shape
-        vals = np.rint(np.clip(vals_f, 0, 1) * 255).astype(np.uint8)
+        vals = vals_f if vals_f.dtype == np.uint8 else np.rint(np.clip(vals_f, 0, 1) * 255).astype(np.uint8)
         if self.res == "ds":  # block means, as the OOF writer's 4x maps
             vals = np.rint(vals.reshape(m, bh // 4, 4, bw // 4, 4).mean((2, 4))).astype(np.uint8)
             truth = truth.reshape(bh // 4, 4, bw // 4, 4).mean((1, 3)) >= 0.5
@@ -305,6 +312,9 @@ def main():
     ap.add_argument("--density", type=float, default=None,
                     help="diverse false positives: each model that fires on an empty pair (2%% x D of pairs) paints "
                          "its own box; default: the original generator (shared boxes)")
+    ap.add_argument("--haze", type=float, default=0.0,
+                    help="fraction F of every image where every model puts diffuse low probabilities (0.05-0.2), as the "
+                         "demo's under-trained models do: a kept fraction near a real pool's (--pool prints it)")
     ap.add_argument("--pool", help="a real run (e.g. runs/demo): print its pool's kept fraction beside the generated one "
                                    "and time the post-processing search on its real maps too")
     ap.add_argument("--skip-ds-check", action="store_true", help="skip part 4 (one more pass over full resolution)")
@@ -315,7 +325,7 @@ def main():
     if a.pool:
         line, _ = real_kept_fraction(a.pool)
         print(line)
-    pool, gen = generate(a.images, a.models, a.folds, density=a.density)
+    pool, gen = generate(a.images, a.models, a.folds, density=a.density, haze=a.haze)
     print(f"pool: {a.images} images x 4 classes x {a.models} models at {H}x{W}; 4x maps in memory: kept "
           f"{sum(d.vals.shape[1] for d in pool.ds):,} pixels ({100 * sum(d.vals.shape[1] for d in pool.ds) / (4 * a.images * H * W / 16):.2f}%), "
           f"{sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in pool.ds) / 2**30:.2f} GiB; full resolution generated batch by "
@@ -370,7 +380,8 @@ def main():
         print(f"  mean over classes: {np.mean([f - d for _, f, d in diff_rows]):+.5f}")
     print(f"\nreproduce: .venv/bin/python benchmarks/bench_blend.py --images {a.images} --models {a.models} --folds {a.folds} "
           f"--max-members {a.max_members} --workers {a.workers} --subset {a.subset} --kernel-points {a.kernel_points}"
-          + (f" --density {a.density:g}" if a.density else "") + (f" --pool {a.pool}" if a.pool else "")
+          + (f" --density {a.density:g}" if a.density else "") + (f" --haze {a.haze:g}" if a.haze else "")
+          + (f" --pool {a.pool}" if a.pool else "")
           + (" --skip-ds-check" if a.skip_ds_check else ""))
 
 

@@ -680,8 +680,29 @@ def blend_json(result: BlendResult, pool: BlendPool, run) -> dict:
         "single_models_cross_fitted": result.singles,
         "left_out_models": result.left_out,
         "selection": {**result.settings, "trajectory": result.trajectory, "nested_weights": result.nested_weights},
+        "scores_include": score_selections(run, pool),
         "curves": result.curves,
     }
+
+
+def score_selections(run, pool: BlendPool) -> dict:
+    """Per score: the choices made with the labels of the very images it is scored on (an empty
+    list: none, the score is unbiased by selection). Upstream choices come from the run: the
+    explore stage's config choice (a search state with explored spaces, or a pseudo round that
+    reuses them) and each member's OOF epoch policy (its config in the OOF file)."""
+    folds = sorted(set(pool.folds.tolist()))
+    configs = {m: oof.read_meta(layout.oof_path(run, m, folds[0])).get("config") or {} for m in pool.model_ids + pool.classifiers}
+    best_epoch = [m for m, c in configs.items() if c.get("oof_epoch", "best") == "best"]
+    state = layout.read_state(run) or {}
+    upstream = []
+    if state.get("explored") or state.get("pseudo"):
+        upstream.append("config choice (explore stage, screening-fold validation Dice)")
+    if best_epoch:
+        upstream.append(f"epoch choice on each fold's own labels (oof_epoch=best: {len(best_epoch)} of {len(configs)} models)")
+    ens, pp = "ensemble weights and classifier ensemble", "post-processing (pixel threshold, min area, gate)"
+    return {"in_sample": [ens, pp, *upstream], "cross_fitted": [ens, *upstream], "cross_fitted_segmentation_only": [ens, *upstream],
+            "nested": upstream, "nested_segmentation_only": upstream, "best_single": ["which single model is best", *upstream],
+            "baseline": upstream, "all_empty": [], "holdout": []}
 
 
 def write_blend_json(doc: dict, path) -> None:

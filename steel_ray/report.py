@@ -19,7 +19,7 @@ SCORE_HELP = {
     "in_sample": "post-processing tuned and scored on the same OOF (optimistic)",
     "cross_fitted": "post-processing chosen on K-1 folds, scored on the held-out fold",
     "nested": "whole procedure (selection included) rerun without fold k, scored on fold k: the blend's cross-validated "
-              "estimate (the config choice and best epochs upstream saw every fold)",
+              "estimate (upstream choices, if any, are listed beside it)",
     "holdout": "the chosen blend on images set aside before the folds (search --holdout): the estimate to trust",
     "cross_fitted_segmentation_only": "as cross_fitted, with every class gated by the segmentation members (no classifier)",
     "nested_segmentation_only": "as nested, with every class gated by the segmentation members: the gain from the "
@@ -95,7 +95,8 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
     t["scores"] = pd.DataFrame([{"score": k, "value": fmt_score(s.get(k)),
                                  "vs all_empty": "" if k == "all_empty" or s.get(k) is None else
                                  f"{s[k] - (doc['holdout']['all_empty'] if k == 'holdout' else s['all_empty']):+.6f}",
-                                 "meaning": SCORE_HELP[k]} for k in SCORE_HELP if k in s])
+                                 "meaning": SCORE_HELP[k],
+                                 "choices made on these images' labels": _includes(doc, k)} for k in SCORE_HELP if k in s])
     t["weights"] = pd.DataFrame([{"model_id": m["model_id"], "weight": m["weight"] if m["weight"] is not None else
                                   ", ".join(f"{k}:{v:.3f}" for k, v in m["class_weights"].items()),
                                   "folds": len(m["checkpoints"]),
@@ -125,6 +126,14 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
     singles = doc["single_models_cross_fitted"]
     t["singles"] = pd.DataFrame(sorted(singles.items(), key=lambda x: -x[1]), columns=["model_id", "cross_fitted"])
     return t
+
+
+def _includes(doc: dict, score: str) -> str:
+    """The selections a score's own images took part in (blend.json ``scores_include``)."""
+    inc = doc.get("scores_include", {}).get(score)
+    if inc is None:
+        return "-"
+    return "; ".join(inc) if inc else "none"
 
 
 def _gate_table(doc: dict) -> pd.DataFrame:

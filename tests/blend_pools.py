@@ -18,8 +18,9 @@ def make_truth(rng, n=60, shape=(32, 64), p_defect=0.5):
     return masks
 
 
-def write_run(run, masks, models: dict, n_folds=3, seed=0):
-    """``models``: model_id -> (probs (N,4,H,W) float in [0,1], cls (N,4))."""
+def write_run(run, masks, models: dict, n_folds=3, seed=0, configs=None):
+    """``models``: model_id -> (probs (N,4,H,W) float in [0,1], cls (N,4)); ``configs``: model_id -> the
+    flat config written into its OOF files' metadata."""
     n, _, h, w = masks.shape
     ids = [f"{i:09x}.jpg" for i in range(n)]
     rles = np.array([[rle.encode(masks[i, c]) for c in range(4)] for i in range(n)], dtype=object)
@@ -30,7 +31,7 @@ def write_run(run, masks, models: dict, n_folds=3, seed=0):
     for mid, (probs, cls) in models.items():
         for k in range(n_folds):
             idx = np.flatnonzero(folds == k)
-            oof.write_oof(run, mid, k, [ids[i] for i in idx], oof.quantize(probs[idx]), cls[idx], h, w, fh)
+            oof.write_oof(run, mid, k, [ids[i] for i in idx], oof.quantize(probs[idx]), cls[idx], h, w, fh, (configs or {}).get(mid))
     return ids, folds
 
 

@@ -473,3 +473,25 @@ def test_nested_selection_on_masked_folds_equals_selection_on_a_copy(tmp_path):
         np.testing.assert_array_equal(masked, copy)
         picks.append(masked[0])
     assert len({tuple(np.round(p, 6)) for p in picks}) > 1, picks  # the folds do choose differently
+
+
+def test_report_lists_the_choices_each_score_saw(tmp_path):
+    """scores_include follows the run: a best-epoch member puts the epoch choice into nested; with
+    every member at oof_epoch=last and no explore stage, nested has none; a search state with an
+    explore stage adds the config choice; holdout and all-empty never have any."""
+    rng = np.random.default_rng(2)
+    masks = make_truth(rng, n=30, shape=(32, 64))
+    models = {"a": signal_model(rng, masks, 0.5, 0.4), "b": signal_model(rng, masks, 0.4, 0.5)}
+    for policy, explored in (("best", False), ("last", False), ("last", True)):
+        run = tmp_path / f"{policy}{explored}"
+        write_run(run, masks, models, configs={m: {"oof_epoch": policy} for m in models})
+        if explored:
+            (run / "search.json").write_text(json.dumps({"stage": "done", "explored": ["demo"], "selected_models": ["a", "b"]}))
+        doc = blend.blend_run(run, max_members=3, nested=False)
+        inc = doc["scores_include"]
+        assert inc["all_empty"] == [] and inc["holdout"] == []
+        assert any("post-processing" in x for x in inc["in_sample"]) and not any("post-processing" in x for x in inc["cross_fitted"])
+        assert any("epoch choice" in x for x in inc["nested"]) == (policy == "best")
+        assert any("config choice" in x for x in inc["nested"]) == explored
+        md = (run / "blend" / "report.md").read_text()
+        assert ("| none" in md.split("| nested ")[1].split("\n")[0]) == (policy == "last" and not explored)

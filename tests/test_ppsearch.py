@@ -201,12 +201,14 @@ def test_streamed_hole_filling_equals_the_dense_reference():
     np.testing.assert_array_equal(a2, dense_area[keep])
 
 
-def test_run_histograms_equal_brute_force():
-    """The 16-bit run-chunked OpenCV histograms give exact per-image counts: more than 256 runs
-    (several chunks), images split into several runs (a batch read per fold) add up, empty images."""
+@pytest.mark.parametrize("dense", [False, True])
+def test_run_histograms_equal_brute_force(dense):
+    """Both OpenCV kernels give exact per-image counts: 16-bit run chunks (more than 256 runs,
+    several chunks) and one call per run (dense runs); images split into several runs (a batch
+    read per fold) add up; empty images stay empty."""
     rng = np.random.default_rng(3)
     n = 300
-    sizes = rng.integers(0, 60, 700)
+    sizes = rng.integers(0, 60, 700) * (200 if dense else 1)
     img = np.concatenate([np.full(int(k), i % n, np.int32) for i, k in enumerate(sizes)])  # runs 300..699 repeat images
     vals = rng.integers(0, 256, img.size).astype(np.uint8)
     truth = rng.random(img.size) < 0.3
@@ -217,7 +219,8 @@ def test_run_histograms_equal_brute_force():
     np.add.at(ref_true, (img[truth], vals[truth]), 1)
     np.testing.assert_array_equal(h_all, ref_all)
     np.testing.assert_array_equal(h_true, ref_true)
-    assert not ps.RunIndex(img, truth, n).unique and len(ps.RunIndex(img, truth, n).bounds) > 2
+    idx = ps.RunIndex(img, truth, n)
+    assert not idx.unique and idx.per_run == dense and (dense or len(idx.bounds) > 2)
 
 
 def test_tables_from_counts_equal_a_direct_loop():
