@@ -8,9 +8,10 @@ Run:  .venv/bin/python benchmarks/bench_blend.py [--images 12568] [--models 20] 
    masks with the real class frequencies and typical areas, models that find most defects with
    their own noise, miss some, and fire on some empty pairs (``--density``: more, and each in its
    own place; ``--haze F``: diffuse low probabilities on a fraction F of every image, as the demo's
-   under-trained models give, for a kept fraction like a real pool's). Each image comes from its own seed: the 4x maps (block means of the full-resolution
-   ones) are held like the blend holds them, full resolution is regenerated batch by batch when
-   the blend reads it, as it reads the Parquet files (their decoding is not timed here).
+   under-trained models give, for a kept fraction like a real pool's). Each image comes from its
+   own seed: the 4x maps (block means of the full-resolution ones) are held like the blend holds
+   them, full resolution is regenerated batch by batch when the blend reads it, as it reads the
+   Parquet files (their decoding is not timed here).
 2. Ratios of the post-processing search against two baselines on dense maps of a subset of
    images (and of a real pool's maps with ``--pool``), run in the same process: the naive
    per-grid-point re-thresholding of public kernels (threshold the dense maps, measure areas,
