@@ -89,7 +89,8 @@ class Generated:
             if has:
                 truth[bh // 6:bh - bh // 6, bw // 6:bw - bw // 6] = True
             conf = np.where(has, self.skill * rng.uniform(0.6, 1.2, m), 0.0) + fp * rng.uniform(0.4, 0.8, m)
-            return [(conf[:, None, None] * (0.55 + 0.45 * truth[None]) + _normal(rng, 0.12, (m, bh, bw)), truth)]
+            out.append((conf[:, None, None] * (0.55 + 0.45 * truth[None]) + _normal(rng, 0.12, (m, bh, bw)), truth))
+            return out
         if has:  # the defect: every model sees it, with its own skill and noise
             bh, bw = int(rng.integers(h0, h1)) // 4 * 4 + 4, int(rng.integers(w0, w1)) // 4 * 4 + 4
             truth = np.zeros((bh, bw), bool)
