@@ -135,6 +135,14 @@ class _ClassReader:
         self.run, self.models, self.truth, self.folds_all = run, models, truth, folds_all
         self.t_min, self.fill_holes = t_min, fill_holes
         self.passes = 0  # reads of the files (each reads only the asked-for columns)
+        self.buffers = {}  # resolution -> reused batch buffer
+
+    def _buffer(self, res, shape) -> np.ndarray:
+        """A reused uint8 array of ``shape`` per resolution (fresh pages cost as much as the copy)."""
+        size = int(np.prod(shape))
+        if res not in self.buffers or self.buffers[res].size < size:
+            self.buffers[res] = np.empty(size, np.uint8)
+        return self.buffers[res][:size].reshape(shape)
 
     def batches(self, classes, resolutions):
         """Yield ``(rows, cls, {resolution: {class: ClassData of the batch's images}})`` over the pool,
@@ -153,11 +161,14 @@ class _ClassReader:
                 for c in classes:
                     tmask = truth.masks(rows, [c])[:, 0]
                     for res in resolutions:
+                        col, shape = (f"p{c + 1}", (h, w)) if res == "full" else (f"p{c + 1}_ds{oof.DS}", (hh, ww))
+                        # every model's maps copied once into one reused (M, B, h, w) buffer
+                        probs = self._buffer(res, (len(models), len(rows), *shape))
+                        for mi, (b, p) in enumerate(zip(batches, paths)):
+                            oof.maps(b, col, shape, p, out=probs[mi])
                         if res == "full":
-                            probs = np.stack([oof.maps(b, f"p{c + 1}", (h, w), p) for b, p in zip(batches, paths)])
                             tm, scale = tmask, 1.0
                         else:
-                            probs = np.stack([oof.maps(b, f"p{c + 1}_ds{oof.DS}", (hh, ww), p) for b, p in zip(batches, paths)])
                             tm, scale = np.stack([_truth_ds(t) for t in tmask]), float(oof.DS * oof.DS)
                         d = ps.ClassData.from_dense(probs, tm, cls[:, :, c], t_min, scale)
                         if not (self.fill_holes and res == "full"):

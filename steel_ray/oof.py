@@ -348,15 +348,26 @@ def iter_fold_batches(run, model_ids, truth: Truth, fold: int, columns, batch_si
         yield np.array([pos[i] for i in ids], dtype=np.int64), batches, paths
 
 
-def maps(batch, column: str, shape, path) -> np.ndarray:
-    """(B, h, w) uint8 maps of one blob column; a blob of the wrong size names the file and image."""
-    blobs = batch.column(column).to_pylist()
+def maps(batch, column: str, shape, path, out: np.ndarray | None = None) -> np.ndarray:
+    """(B, h, w) uint8 maps of one blob column; a blob of the wrong size names the file and image.
+
+    Read straight from the Arrow buffers (no Python bytes objects): a read-only view, or copied
+    once into ``out`` (a (B, h, w) uint8 array, e.g. one model's slot of a stacked batch).
+    """
+    col = batch.column(column)
     size = shape[0] * shape[1]
-    for i, b in enumerate(blobs):
-        if len(b) != size:
-            raise DataError(f"{path}: {column} of image {batch.column('image_id')[i]} has {len(b)} bytes, "
-                            f"expected {shape[0]}x{shape[1]} = {size}")
-    return np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), *shape)
+    n = len(col)
+    offsets = np.frombuffer(col.buffers()[1], np.int32, count=n + 1, offset=4 * col.offset)
+    lengths = np.diff(offsets)
+    if col.null_count or np.any(lengths != size):
+        i = int(np.flatnonzero((lengths != size) | np.asarray(col.is_null()))[0])
+        raise DataError(f"{path}: {column} of image {batch.column('image_id')[i]} has "
+                        f"{0 if col[i].as_py() is None else lengths[i]} bytes, expected {shape[0]}x{shape[1]} = {size}")
+    data = np.frombuffer(col.buffers()[2], np.uint8)[offsets[0]:offsets[0] + n * size].reshape(n, *shape)
+    if out is None:
+        return data
+    out[...] = data
+    return out
 
 
 def read_pool(run, model_ids=None, folds=None, classes=None, resolution: str = "full", truth: Truth | None = None) -> Pool:

@@ -99,3 +99,18 @@ def test_fold_files_in_another_order_are_refused_naming_the_file(tmp_path):
     pq.write_table(t.take(np.arange(t.num_rows)[::-1]).replace_schema_metadata(t.schema.metadata), path)
     with pytest.raises(data.DataError, match=r"model_id=b/fold=1/part-0.parquet: lists the images of fold 1 in another order"):
         list(oof.iter_fold_batches(tmp_path, ["a", "b"], truth, 1, ["image_id", "cls"]))
+
+
+def test_maps_read_from_arrow_buffers_of_a_sliced_batch(run):
+    """oof.maps reads the blobs from the Arrow buffers: a batch that starts mid-buffer (offset)
+    gives the same maps as decoding each blob, into a view or into a given array."""
+    path, ts, folds = run
+    ids, probs, cls = _fake(ts, folds, 0, 0)
+    f = oof.write_oof(path, "m1", 0, ids, oof.quantize(probs), cls, *ts.shape, data.folds_hash(ts.image_ids, folds))
+    batch = pq.read_table(f).to_batches()[0].slice(3, 5)
+    assert batch.column("p2").offset == 3
+    want = np.stack([np.frombuffer(b, np.uint8).reshape(ts.shape) for b in batch.column("p2").to_pylist()])
+    np.testing.assert_array_equal(oof.maps(batch, "p2", ts.shape, f), want)
+    out = np.zeros((5, *ts.shape), np.uint8)
+    assert oof.maps(batch, "p2", ts.shape, f, out=out) is out
+    np.testing.assert_array_equal(out, oof.quantize(probs)[3:8, 1])
