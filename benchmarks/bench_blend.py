@@ -114,23 +114,38 @@ class Generated:
 
 
 class GeneratedReader:
-    """The blend's full-resolution source for a generated pool: batches like the Parquet reader's."""
+    """The blend's full-resolution source for a generated pool: batches like the Parquet reader's.
 
-    def __init__(self, gen: Generated, batch=512):
-        self.gen, self.batch, self.passes, self.kept, self.counted = gen, batch, 0, 0, set()
-        self.seconds = 0.0  # spent generating maps (stands in for reading and decoding the Parquet files)
+    Its counters live in shared memory: the blend reads classes on forked worker processes.
+    """
+
+    def __init__(self, gen: Generated, batch=128):
+        import multiprocessing as mp
+
+        self.gen, self.batch = gen, batch
+        self._passes, self._kept = mp.Value("i", 0), mp.Value("q", 0)
+        self._seconds = mp.Value("d", 0.0)  # spent generating maps (stands in for reading and decoding the Parquet files)
+        self._counted = mp.Array("b", 4 * (-(-gen.n // batch)))  # (class, batch) already in kept
+
+    passes = property(lambda self: self._passes.value)
+    kept = property(lambda self: self._kept.value)
+    seconds = property(lambda self: self._seconds.value)
 
     def batches(self, classes, resolutions):
-        self.passes += 1
+        with self._passes.get_lock():
+            self._passes.value += 1
         for start in range(0, self.gen.n, self.batch):
             rows = np.arange(start, min(self.gen.n, start + self.batch))
             t = time.perf_counter()
             out = {r: {c: self.gen.class_data(c, rows, r) for c in classes} for r in resolutions}
-            self.seconds += time.perf_counter() - t
+            with self._seconds.get_lock():
+                self._seconds.value += time.perf_counter() - t
             for c in classes:
-                if "full" in out and (c, start) not in self.counted:
-                    self.counted.add((c, start))
-                    self.kept += out["full"][c].vals.shape[1]
+                slot = c * len(self._counted) // 4 + start // self.batch
+                if "full" in out and not self._counted[slot]:
+                    self._counted[slot] = 1
+                    with self._kept.get_lock():
+                        self._kept.value += out["full"][c].vals.shape[1]
             yield rows, None, out
 
 
@@ -356,13 +371,15 @@ def main():
     peak = mem.stop()
     kept = gen_kept(pool)
     s, tm = res.scores, res.settings["timings"]
-    print(f"\nfull blend (max {a.max_members} members, {a.folds} folds, nested folds on {a.workers} processes), seconds:")
+    print(f"\nfull blend (max {a.max_members} members, {a.folds} folds, nested on; the selection and the {a.folds} nested "
+          f"selections, then the 4 classes' full-resolution passes, on {a.workers} processes), seconds:")
     for k, v in tm.items():
         print(f"  {k:24}{v:8.1f}")
     print(f"  {'total':24}{total:8.1f}")
     print(f"  full resolution: kept {100 * kept:.2f}% of pixels (pixels where some model reaches {T_MIN}/255), "
-          f"{pool.full.reader.passes} passes over the generated maps (one per class); generating them took "
-          f"{pool.full.reader.seconds:.0f}s of full_resolution_pass (in a real run: reading the Parquet files)")
+          f"{pool.full.reader.passes} passes over the generated maps (one per class, classes on {a.workers} processes); "
+          f"generating them took {pool.full.reader.seconds:.0f} CPU-s of full_resolution_pass (in a real run: reading the "
+          f"Parquet files)")
     print(f"  peak memory, all processes (summed PSS, sampled every {mem.every}s): {peak:.2f} GiB; "
           f"peak RSS of the main process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB, "
           f"of the largest nested worker {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.2f} GiB (shared pages in both)")

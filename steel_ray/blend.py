@@ -502,20 +502,21 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     settings["selection_resolution"] = selection_resolution
     # a streamed pool selecting at full resolution needs every class at once: read them all
     sel_data = pool.ds if selection_resolution == "ds4" else [pool.full[c] for c in range(N_CLASSES)]
-    weights, clf_w, traj, clf_traj = run_selection(sel_data, pool.folds, pool.clf)
-    timings = {"selection": time.time() - t0}
-    log.info("selection done in %.1fs: %s", time.time() - t0, {pool.model_ids[i]: round(float(x), 3) for i, x in enumerate(weights[0]) if x > 0})
+    # the selection and, for nested, the selections without each fold (the expensive part) run
+    # together on the worker processes (K + 1 tasks), on the selection maps
+    for d in sel_data:
+        d.run_index()  # built once here, shared by the forked workers
+    tasks = [None] + (list(range(k)) if nested and k > 1 else [])
+    outs = _map(lambda f: _nested_select(pool, sel_data, f, run_selection), tasks, workers)
+    (weights, clf_w, traj, clf_traj), picks = outs[0], ([o[:2] for o in outs[1:]] if len(outs) > 1 else None)
+    timings = {"selections": time.time() - t0}
+    log.info("%d selection(s) done in %.1fs: %s", len(tasks), time.time() - t0,
+             {pool.model_ids[i]: round(float(x), 3) for i, x in enumerate(weights[0]) if x > 0})
     if clf_w is not None:
         used = {pool.classifiers[i]: round(float(x), 3) for i, x in enumerate(clf_w) if x > 0}
         log.info("classifier ensemble: %s", used or "none (no classifier beats the segmentation gate, cross-fitted)")
 
-    # nested: the whole procedure without fold k, scored on fold k; the selections without each fold
-    # (the expensive part) run first, in parallel, on the selection maps
-    t_n = time.time()
-    picks = _map(lambda f: _nested_select(pool, sel_data, f, run_selection), list(range(k)), workers) if nested and k > 1 else None
-    timings["nested_selection"] = time.time() - t_n
-    timings["full_resolution_pass"] = timings["tuning_and_scores"] = 0.0
-    # then everything at full resolution, class by class: a streamed pool reads each class once
+    # then everything at full resolution: a streamed pool reads each class once
     q_all = _clf_blend(pool, clf_w)
     # the report's classifier AUC: the chosen ensemble's, else the plain mean of the pool's classifiers
     q_report = q_all if q_all is not None else (None if pool.clf is None else pool.clf.mean(0))
@@ -526,13 +527,14 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     nested_total, nested_seg = (0.0, 0.0) if picks is not None else (None, None)
     m_all, n_nested = len(pool.model_ids), len(picks or [])
     mean_w = np.full(m_all, 1.0 / m_all)
-    for c in range(N_CLASSES):
-        t1 = time.time()
-        # one pass over class c at full resolution: the blend, every nested fold's blend, each model
-        # alone and the baseline's plain mean, all counted on each batch of images as it is read
-        vectors = [weights[c], *[w[c] for w, _ in picks or []], *np.eye(m_all), mean_w]
-        counts, meta = _full_counts(pool, c, vectors, fill_holes, grid.levels)
-        t2 = time.time()
+    # one pass over each class at full resolution, classes in parallel: the blend, every nested
+    # fold's blend, each model alone and the baseline's plain mean, counted on each batch as it is read
+    t1 = time.time()
+    vectors = [[weights[c], *[w[c] for w, _ in picks or []], *np.eye(m_all), mean_w] for c in range(N_CLASSES)]
+    per_class = _map(lambda c: _full_counts(pool, c, vectors[c], fill_holes, grid.levels), list(range(N_CLASSES)), workers)
+    timings["full_resolution_pass"] = time.time() - t1
+    t2 = time.time()
+    for c, (counts, meta) in enumerate(per_class):
         _tune_class(meta, c, weights[c], counts[0], q_all, q_report, pool.folds, pool.n_folds, fill_holes, grid, tuned)
         single_sums += [ps.cross_fitted(_tables(counts[1 + n_nested + mi], meta, meta.cls[mi], pool.folds, pool.n_folds, grid),
                                         grid)[0] for mi in range(m_all)]
@@ -541,8 +543,7 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
             s_all, s_seg = _nested_score(meta, counts[1 + f], f, w[c], None if q is None else q[:, c], pool.folds, pool.n_folds, grid)
             nested_total += s_all
             nested_seg += s_seg
-        timings["full_resolution_pass"] += t2 - t1
-        timings["tuning_and_scores"] += time.time() - t2
+    timings["tuning_and_scores"] = time.time() - t2
     singles = {mid: float(single_sums[mi] / pool.n_pairs) for mi, mid in enumerate(pool.model_ids)}
     best_single = max(singles.values())
     nested_weights = [{"segmentation": w.tolist(), "classifiers": None if cw is None else cw.tolist()} for w, cw in picks or []]
@@ -610,16 +611,16 @@ def _baseline_class(counts, d: ps.ClassData, mean_w, c: int, shape, grid) -> flo
     return float(ps.score_counts(area[:, t], inter[:, t], d.true_area, d.area_scale, ps.blend_cls(d.cls, mean_w), ch).sum())
 
 
-def _nested_select(pool: BlendPool, sel_data, f: int, run_selection):
-    """The segmentation and classifier weights the procedure chooses without fold ``f``.
+def _nested_select(pool: BlendPool, sel_data, f, run_selection):
+    """``run_selection``'s result (weights, classifier weights, trajectories) without fold ``f``
+    (``None``: on every fold, the blend's own selection).
 
     Fold ``f``'s images stay in the arrays with fold -1, which no fold table counts: the same
     choices as on a copy without them, and a forked worker shares the parent's pages instead of
     copying most of the pool.
     """
-    folds = np.where(pool.folds == f, -1, pool.folds)
-    w, cw, _, _ = run_selection(sel_data, folds, pool.clf)
-    return w, cw
+    folds = pool.folds if f is None else np.where(pool.folds == f, -1, pool.folds)
+    return run_selection(sel_data, folds, pool.clf)
 
 
 def _nested_score(d: ps.ClassData, counts, f: int, w, q, folds, n_folds, grid) -> tuple[float, float]:

@@ -111,11 +111,15 @@ class ClassData:
     def n_images(self) -> int:
         return len(self.true_area)
 
-    def histograms(self, blended: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 256) per-image histograms of ``blended`` (one value per kept pixel), all and true pixels."""
+    def run_index(self) -> "RunIndex":
+        """Where each image's pixels lie (:class:`RunIndex`), built on first use and kept."""
         if getattr(self, "_runs", None) is None:
             self._runs = RunIndex(self.img, self.truth, self.n_images)  # built once, reused by every candidate
-        return self._runs.histograms(blended)
+        return self._runs
+
+    def histograms(self, blended: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 256) per-image histograms of ``blended`` (one value per kept pixel), all and true pixels."""
+        return self.run_index().histograms(blended)
 
     @classmethod
     def from_dense(cls, probs: np.ndarray, truth: np.ndarray, cls_prob: np.ndarray, t_min: int, area_scale: float = 1.0):
