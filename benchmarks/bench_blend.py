@@ -204,6 +204,18 @@ def real_kept_fraction(run) -> tuple[str, float]:
             f"({100 * frac:.2f}%)"), frac
 
 
+def real_read_cost(run) -> float:
+    """Seconds per pixel per model to read a real pool's full resolution the way the blend does
+    (Parquet decode, one batch buffer, pruning), over every class: what the generator stands in for."""
+    pool = blend.load_blend_pool(run, model_ids=blend.search_models(run))
+    t = time.perf_counter()
+    for c in range(4):
+        for _ in pool.full.reader.batches([c], ("full",)):
+            pass
+    h, w = pool.shape
+    return (time.perf_counter() - t) / (4 * len(pool.image_ids) * len(pool.model_ids) * h * w)
+
+
 def real_dense_class(run, c=2):
     """Dense full-res maps of the real pool's plain-mean blend of class c, its truth and presence."""
     pool = blend.load_blend_pool(run, model_ids=blend.search_models(run), stream=False)
@@ -342,9 +354,11 @@ def main():
     mem = PeakMemory()
     mem.start()
     t0 = time.time()
+    read_cost = None
     if a.pool:
         line, _ = real_kept_fraction(a.pool)
-        print(line)
+        read_cost = real_read_cost(a.pool)
+        print(f"{line}; reading its full resolution: {read_cost * 1e9:.1f} ns per pixel per model")
     pool, gen = generate(a.images, a.models, a.folds, density=a.density, haze=a.haze)
     print(f"pool: {a.images} images x 4 classes x {a.models} models at {H}x{W}; 4x maps in memory: kept "
           f"{sum(d.vals.shape[1] for d in pool.ds):,} pixels ({100 * sum(d.vals.shape[1] for d in pool.ds) / (4 * a.images * H * W / 16):.2f}%), "
@@ -380,6 +394,11 @@ def main():
           f"{pool.full.reader.passes} passes over the generated maps (one per class, classes on {a.workers} processes); "
           f"generating them took {pool.full.reader.seconds:.0f} CPU-s of full_resolution_pass (in a real run: reading the "
           f"Parquet files)")
+    if read_cost:
+        est = read_cost * 4 * a.images * a.models * H * W / a.workers
+        print(f"  reading this pool's full resolution from Parquet at {a.pool}'s measured cost would take ~{est:.0f}s "
+              f"on {a.workers} processes, in place of the {pool.full.reader.seconds / a.workers:.0f}s of generating it "
+              f"(an estimate: real run ~{total - pool.full.reader.seconds / a.workers + est:.0f}s)")
     print(f"  peak memory, all processes (summed PSS, sampled every {mem.every}s): {peak:.2f} GiB; "
           f"peak RSS of the main process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB, "
           f"of the largest nested worker {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.2f} GiB (shared pages in both)")
