@@ -350,20 +350,27 @@ def main():
     ap.add_argument("--pool", help="a real run (e.g. runs/demo): print its pool's kept fraction beside the generated one "
                                    "and time the post-processing search on its real maps too")
     ap.add_argument("--skip-ds-check", action="store_true", help="skip part 4 (one more pass over full resolution)")
+    ap.add_argument("--search-only", action="store_true", help="only the post-processing search comparison (parts 1-2)")
     a = ap.parse_args()
-    mem = PeakMemory()
-    mem.start()
+    repro = (f"\nreproduce: .venv/bin/python benchmarks/bench_blend.py --images {a.images} --models {a.models} --folds {a.folds} "
+          f"--max-members {a.max_members} --workers {a.workers} --subset {a.subset} --kernel-points {a.kernel_points}"
+          + (f" --density {a.density:g}" if a.density else "") + (f" --haze {a.haze:g}" if a.haze else "")
+          + (f" --pool {a.pool}" if a.pool else "")
+          + (" --skip-ds-check" if a.skip_ds_check else "") + (" --search-only" if a.search_only else ""))
     t0 = time.time()
     read_cost = None
     if a.pool:
         line, _ = real_kept_fraction(a.pool)
         read_cost = real_read_cost(a.pool)
         print(f"{line}; reading its full resolution: {read_cost * 1e9:.1f} ns per pixel per model")
-    pool, gen = generate(a.images, a.models, a.folds, density=a.density, haze=a.haze)
-    print(f"pool: {a.images} images x 4 classes x {a.models} models at {H}x{W}; 4x maps in memory: kept "
-          f"{sum(d.vals.shape[1] for d in pool.ds):,} pixels ({100 * sum(d.vals.shape[1] for d in pool.ds) / (4 * a.images * H * W / 16):.2f}%), "
-          f"{sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in pool.ds) / 2**30:.2f} GiB; full resolution generated batch by "
-          f"batch when read; generated in {time.time() - t0:.0f}s")
+    if a.search_only:  # no pool: only the subset's maps are generated
+        pool, gen = None, Generated(a.images, a.models, density=a.density, haze=a.haze)
+    else:
+        pool, gen = generate(a.images, a.models, a.folds, density=a.density, haze=a.haze)
+        print(f"pool: {a.images} images x 4 classes x {a.models} models at {H}x{W}; 4x maps in memory: kept "
+              f"{sum(d.vals.shape[1] for d in pool.ds):,} pixels ({100 * sum(d.vals.shape[1] for d in pool.ds) / (4 * a.images * H * W / 16):.2f}%), "
+              f"{sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in pool.ds) / 2**30:.2f} GiB; full resolution generated batch "
+              f"by batch when read; generated in {time.time() - t0:.0f}s")
 
     grid = ps.default_grid((H, W))
     # 1. exactness + speed of the post-processing search against the two baselines, on dense maps
@@ -378,7 +385,13 @@ def main():
                      compare_search(maps, truth, cls_b, ps.default_grid(maps.shape[1:]), a.kernel_points))
         del maps, truth
 
-    # 2. the full blend, full resolution streamed batch by batch
+    if a.search_only:
+        print(repro)
+        return
+    # 2. the full blend, full resolution streamed batch by batch; memory sampled from here on (the
+    # sampler reads /proc, which must not disturb the timings above; the pool is already in memory)
+    mem = PeakMemory()
+    mem.start()
     t1 = time.time()
     res = blend.optimize(pool, max_members=a.max_members, nested=True, selection_resolution="ds4", workers=a.workers)
     total = time.time() - t1
@@ -420,11 +433,7 @@ def main():
         for c, f, d in diff_rows:
             print(f"  class {c}: {f:.5f} vs {d:.5f}  (diff {f - d:+.5f})")
         print(f"  mean over classes: {np.mean([f - d for _, f, d in diff_rows]):+.5f}")
-    print(f"\nreproduce: .venv/bin/python benchmarks/bench_blend.py --images {a.images} --models {a.models} --folds {a.folds} "
-          f"--max-members {a.max_members} --workers {a.workers} --subset {a.subset} --kernel-points {a.kernel_points}"
-          + (f" --density {a.density:g}" if a.density else "") + (f" --haze {a.haze:g}" if a.haze else "")
-          + (f" --pool {a.pool}" if a.pool else "")
-          + (" --skip-ds-check" if a.skip_ds_check else ""))
+    print(repro)
 
 
 def gen_kept(pool) -> float:
