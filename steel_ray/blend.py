@@ -170,10 +170,8 @@ class _ClassReader:
                             tm, scale = tmask, 1.0
                         else:
                             tm, scale = np.stack([_truth_ds(t) for t in tmask]), float(oof.DS * oof.DS)
-                        d = ps.ClassData.from_dense(probs, tm, cls[:, :, c], t_min, scale)
-                        if not (self.fill_holes and res == "full"):
-                            d.pix = None
-                        out[res][c] = d
+                        out[res][c] = ps.ClassData.from_dense(probs, tm, cls[:, :, c], t_min, scale,
+                                                              positions=self.fill_holes and res == "full")
                 yield rows, cls, out
 
     def read(self, classes, resolutions) -> dict:
@@ -507,7 +505,7 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     for d in sel_data:
         d.run_index()  # built once here, shared by the forked workers
     tasks = [None] + (list(range(k)) if nested and k > 1 else [])
-    outs = _map(lambda f: _nested_select(pool, sel_data, f, run_selection), tasks, workers)
+    outs = _map(lambda f: _select_without(pool, sel_data, f, run_selection), tasks, workers)
     (weights, clf_w, traj, clf_traj), picks = outs[0], ([o[:2] for o in outs[1:]] if len(outs) > 1 else None)
     timings = {"selections": time.time() - t0}
     log.info("%d selection(s) done in %.1fs: %s", len(tasks), time.time() - t0,
@@ -611,7 +609,7 @@ def _baseline_class(counts, d: ps.ClassData, mean_w, c: int, shape, grid) -> flo
     return float(ps.score_counts(area[:, t], inter[:, t], d.true_area, d.area_scale, ps.blend_cls(d.cls, mean_w), ch).sum())
 
 
-def _nested_select(pool: BlendPool, sel_data, f, run_selection):
+def _select_without(pool: BlendPool, sel_data, f, run_selection):
     """``run_selection``'s result (weights, classifier weights, trajectories) without fold ``f``
     (``None``: on every fold, the blend's own selection).
 

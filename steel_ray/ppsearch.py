@@ -13,7 +13,7 @@ held-out one (cross-fitting) costs nothing extra.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -106,6 +106,7 @@ class ClassData:
     area_scale: float  # full-resolution pixels per pixel of this resolution
     t_min: int
     pix: np.ndarray | None = None  # (P,) int32 flat position of each kept pixel in its image (hole filling only)
+    _runs: "RunIndex | None" = field(default=None, init=False, repr=False, compare=False)  # built on first use
 
     @property
     def n_images(self) -> int:
@@ -113,7 +114,7 @@ class ClassData:
 
     def run_index(self) -> "RunIndex":
         """Where each image's pixels lie (:class:`RunIndex`), built on first use and kept."""
-        if getattr(self, "_runs", None) is None:
+        if self._runs is None:
             self._runs = RunIndex(self.img, self.truth, self.n_images)  # built once, reused by every candidate
         return self._runs
 
@@ -122,17 +123,20 @@ class ClassData:
         return self.run_index().histograms(blended)
 
     @classmethod
-    def from_dense(cls, probs: np.ndarray, truth: np.ndarray, cls_prob: np.ndarray, t_min: int, area_scale: float = 1.0):
-        """``probs`` (M, N, h, w) uint8, ``truth`` (N, h, w) bool, ``cls_prob`` (M, N)."""
+    def from_dense(cls, probs: np.ndarray, truth: np.ndarray, cls_prob: np.ndarray, t_min: int, area_scale: float = 1.0,
+                   positions: bool = True):
+        """``probs`` (M, N, h, w) uint8, ``truth`` (N, h, w) bool, ``cls_prob`` (M, N); ``positions``:
+        keep each kept pixel's position (``pix``, needed for hole filling only)."""
         m, n = probs.shape[:2]
         flat = probs.reshape(m, -1)
         top = flat[0] if m == 1 else flat.max(axis=0)
         idx = np.flatnonzero(top >= t_min)  # flat positions over (N, hw): one gather per array, no 2-D fancy index
-        img, pix = np.divmod(idx, flat.shape[1] // max(n, 1))
+        hw = flat.shape[1] // max(n, 1)
+        img = idx // hw
         t = truth.reshape(-1)
         return cls(img.astype(np.int32 if n < 2**23 else np.int64), flat[:, idx], t[idx],
                    np.count_nonzero(truth.reshape(n, -1), axis=1).astype(np.int64), np.asarray(cls_prob, np.float32), area_scale,
-                   t_min, pix.astype(np.int32))
+                   t_min, (idx - img * hw).astype(np.int32) if positions else None)
 
     def subset(self, image_mask: np.ndarray) -> "ClassData":
         """The same data restricted to the images where ``image_mask`` is true (renumbered)."""
@@ -185,7 +189,7 @@ class RunIndex:
         brk = np.flatnonzero(img[1:] != img[:-1]) + 1 if p else np.zeros(0, np.int64)
         self.starts = (np.concatenate([[0], brk]) if p else np.zeros(0, np.int64)).astype(np.int64)
         self.ends = np.concatenate([self.starts[1:], [p]]).astype(np.int64)
-        self.n, self.p = n, p
+        self.n = n
         self.run_img = img[self.starts].astype(np.int64)
         self.unique = np.unique(self.run_img).size == self.run_img.size
         self.per_run = p > self.DENSE_RUN * max(1, self.starts.size)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .data import N_CLASSES
 from .io import atomic_write_text
+from .run import results_path
 
 __all__ = ["write_report"]
 
@@ -114,8 +115,6 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
                                         [{"model_id": "(none: no classifier beat the segmentation gate, cross-fitted)",
                                           "weight": "", "folds": ""}])
     t["trajectory"] = pd.DataFrame(doc["selection"]["trajectory"])
-    from .run import results_path
-
     res = results_path(run)
     if res.exists():
         r = pd.read_parquet(res)

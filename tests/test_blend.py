@@ -467,7 +467,7 @@ def test_nested_selection_on_masked_folds_equals_selection_on_a_copy(tmp_path):
 
     picks = []
     for f in range(pool.n_folds):
-        masked = blend._nested_select(pool, pool.full, f, run_selection)[0]
+        masked = blend._select_without(pool, pool.full, f, run_selection)[0]
         keep = pool.folds != f
         copy = run_selection([d.subset(keep) for d in pool.full], pool.folds[keep], None)[0]
         np.testing.assert_array_equal(masked, copy)
