@@ -193,35 +193,25 @@ class _ClassParts:
         return ps.ClassData(img, vals, tr, self.true, cls, 1.0 if self.res == "full" else 16.0, T_MIN)
 
 
-def real_kept_fraction(run) -> tuple[str, float]:
-    """The kept fraction of a real pool (what the generated one should resemble), read from its OOF files."""
-    pool = blend.load_blend_pool(run, model_ids=blend.search_models(run), stream=False)
-    h, w = pool.shape
-    n = len(pool.image_ids)
-    kept = sum(d.vals.shape[1] for d in pool.full)
-    frac = kept / (4 * n * h * w)
-    return (f"real pool {run}: {len(pool.model_ids)} models x {n} images at {h}x{w}: kept full-res pixels {kept:,} "
-            f"({100 * frac:.2f}%)"), frac
-
-
-def real_read_cost(run) -> float:
-    """Seconds per pixel per model to read a real pool's full resolution the way the blend does
-    (Parquet decode, one batch buffer, pruning), over every class: what the generator stands in for."""
+def real_pool(run, c=2):
+    """A real pool, loaded once (streamed, as the blend reads it): a line with its kept fraction of
+    full-resolution pixels (what the generated pool should resemble), the seconds per pixel per
+    model of reading its full resolution the way the blend does (Parquet decode, one batch
+    buffer, pruning: what the generator stands in for), and class ``c``'s dense plain-mean blend,
+    truth and presence for the search comparison."""
     pool = blend.load_blend_pool(run, model_ids=blend.search_models(run))
+    (h, w), n, m = pool.shape, len(pool.image_ids), len(pool.model_ids)
+    kept = 0
     t = time.perf_counter()
-    for c in range(4):
-        for _ in pool.full.reader.batches([c], ("full",)):
-            pass
-    h, w = pool.shape
-    return (time.perf_counter() - t) / (4 * len(pool.image_ids) * len(pool.model_ids) * h * w)
-
-
-def real_dense_class(run, c=2):
-    """Dense full-res maps of the real pool's plain-mean blend of class c, its truth and presence."""
-    pool = blend.load_blend_pool(run, model_ids=blend.search_models(run), stream=False)
+    for k in range(4):
+        for _, _, out in pool.full.reader.batches([k], ("full",)):
+            kept += out["full"][k].vals.shape[1]
+    read_cost = (time.perf_counter() - t) / (4 * n * m * h * w)
+    line = (f"real pool {run}: {m} models x {n} images at {h}x{w}: kept full-res pixels {kept:,} "
+            f"({100 * kept / (4 * n * h * w):.2f}%); reading its full resolution: {read_cost * 1e9:.1f} ns per pixel per model")
     d = pool.full[c]
-    w = np.full(len(pool.model_ids), 1 / len(pool.model_ids))
-    return _dense(d, ps.blend_u8(d.vals, w), ps.blend_cls(d.cls, w), pool.shape)
+    mean = np.full(m, 1 / m)
+    return line, read_cost, _dense(d, ps.blend_u8(d.vals, mean), ps.blend_cls(d.cls, mean), pool.shape)
 
 
 def _dense(d: ps.ClassData, blended, cls_b, shape):
@@ -347,10 +337,10 @@ def main():
     ap.add_argument("--haze", type=float, default=0.0,
                     help="fraction F of every image where every model puts diffuse low probabilities (0.05-0.2), as the "
                          "demo's under-trained models do: a kept fraction near a real pool's (--pool prints it)")
-    ap.add_argument("--pool", help="a real run (e.g. runs/demo): print its pool's kept fraction beside the generated one "
-                                   "and time the post-processing search on its real maps too")
+    ap.add_argument("--pool", help="a real run (e.g. runs/demo): print its pool's kept fraction beside the generated one, "
+                                   "measure its Parquet read cost and time the post-processing search on its real maps too")
     ap.add_argument("--skip-ds-check", action="store_true", help="skip part 4 (one more pass over full resolution)")
-    ap.add_argument("--search-only", action="store_true", help="only the post-processing search comparison (parts 1-2)")
+    ap.add_argument("--search-only", action="store_true", help="only the post-processing search comparison (part 2)")
     a = ap.parse_args()
     repro = (f"\nreproduce: .venv/bin/python benchmarks/bench_blend.py --images {a.images} --models {a.models} --folds {a.folds} "
           f"--max-members {a.max_members} --workers {a.workers} --subset {a.subset} --kernel-points {a.kernel_points}"
@@ -358,11 +348,10 @@ def main():
           + (f" --pool {a.pool}" if a.pool else "")
           + (" --skip-ds-check" if a.skip_ds_check else "") + (" --search-only" if a.search_only else ""))
     t0 = time.time()
-    read_cost = None
+    read_cost = real = None
     if a.pool:
-        line, _ = real_kept_fraction(a.pool)
-        read_cost = real_read_cost(a.pool)
-        print(f"{line}; reading its full resolution: {read_cost * 1e9:.1f} ns per pixel per model")
+        line, read_cost, real = real_pool(a.pool)
+        print(line)
     if a.search_only:  # no pool: only the subset's maps are generated
         pool, gen = None, Generated(a.images, a.models, density=a.density, haze=a.haze)
     else:
@@ -373,22 +362,22 @@ def main():
               f"by batch when read; generated in {time.time() - t0:.0f}s")
 
     grid = ps.default_grid((H, W))
-    # 1. exactness + speed of the post-processing search against the two baselines, on dense maps
+    # 2. exactness + speed of the post-processing search against the two baselines, on dense maps
     sub = gen.class_data(2, np.arange(a.subset), "full")
     w = np.full(a.models, 1 / a.models)
     maps, truth, cls_b = _dense(sub, ps.blend_u8(sub.vals, w), ps.blend_cls(sub.cls, w), (H, W))
     print_search(f"class 3 of the generated pool ({a.subset} images)", compare_search(maps, truth, cls_b, grid, a.kernel_points))
     del maps, truth, sub
-    if a.pool:
-        maps, truth, cls_b = real_dense_class(a.pool)
+    if real:
+        maps, truth, cls_b = real
         print_search(f"class 3 of the real pool {a.pool} (plain mean of its models)",
                      compare_search(maps, truth, cls_b, ps.default_grid(maps.shape[1:]), a.kernel_points))
-        del maps, truth
+        del maps, truth, real
 
     if a.search_only:
         print(repro)
         return
-    # 2. the full blend, full resolution streamed batch by batch; memory sampled from here on (the
+    # 3. the full blend, full resolution streamed batch by batch; memory sampled from here on (the
     # sampler reads /proc, which must not disturb the timings above; the pool is already in memory)
     mem = PeakMemory()
     mem.start()
@@ -419,7 +408,7 @@ def main():
           f"best_single {s['best_single']:.5f} baseline {s['baseline']:.5f} all_empty {s['all_empty']:.5f}")
     print(f"  members: {sum(1 for x in res.weights[0] if x > 0)} distinct models")
 
-    # 3. tuning on 4x maps vs full resolution (same weights): held-out Dice difference
+    # 4. tuning on 4x maps vs full resolution (same weights): held-out Dice difference
     if not a.skip_ds_check:
         diff_rows = []
         for c in range(4):
