@@ -41,10 +41,16 @@ class PruneAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id, result=None, error=False):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # a resumed search: the study (sqlite) already has this trial's outcome from before the
+            # interruption, while Tune's own state still listed the trial as running (e.g. killed
+            # between the two saves); telling Optuna again would raise, so the first outcome stands
+            self._completed_trials.add(trial_id)
+            return None
         if error or not result or not result.get("finished"):
             import optuna
 
-            ot_trial = self._ot_trials[trial_id]
             step = result.get("training_iteration") if result else None
             if not error and step is not None and result.get(self.metric) is not None:
                 # the result ASHA stopped on reaches the searcher only here; Optuna ignores
@@ -54,7 +60,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
                     ot_trial.report(result[self.metric], step)
 
             state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
-            self._ot_study.tell(self._ot_trials[trial_id], None, state=state)
+            self._ot_study.tell(ot_trial, None, state=state)
             self._completed_trials.add(trial_id)
             return None
         return super().on_trial_complete(trial_id, result, error)

@@ -30,6 +30,17 @@ def test_stopped_trials_are_pruned_finished_complete_errors_fail(searcher):
     assert trials[1].value == 0.7
 
 
+def test_a_trial_the_study_already_closed_keeps_its_outcome(searcher):
+    """A search killed after Optuna recorded a trial's outcome but before Tune saved it: on resume
+    Tune reports the trial again (here as an error, its checkpoint missing); the study keeps the
+    outcome it has instead of raising (Optuna refuses to tell a finished trial twice)."""
+    assert searcher.suggest("a") is not None
+    searcher._ot_study.tell(searcher._ot_trials["a"], 0.7)  # recorded before the kill
+    searcher.on_trial_complete("a", {"best_val_dice": 0.1, "training_iteration": 1}, error=True)
+    (trial,) = searcher._ot_study.get_trials(deepcopy=False)
+    assert trial.state == TrialState.COMPLETE and trial.value == 0.7
+
+
 def test_crash_between_uploads_leaves_a_fold_the_next_resume_retrains(tiny_set, tmp_path, monkeypatch):
     """A remote pool (s3://...) served by a real pyarrow local filesystem: the weights go up first,
     a crash before the OOF file leaves the fold pending; a finished upload completes it."""
