@@ -243,13 +243,15 @@ def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels) -> 
     for rows, d in batches:
         true_area[rows] = d.true_area
         for j, v in enumerate(vectors):
-            # a single model needs no arithmetic: its own map is the blend
-            blended = d.vals[int(np.argmax(v))] if np.count_nonzero(v) == 1 else ps.blend_u8(d.vals, v)
+            single = np.count_nonzero(v) == 1  # a single model needs no arithmetic: its own map is the blend
             if fill_holes:
+                blended = d.vals[int(np.argmax(v))] if single else ps.blend_u8(d.vals, v)
                 a_, i_ = ps.area_inter_filled(blended, d, lambda i: truth_mask(rows[i]), pool.shape, levels,
                                               desc=f"fill holes, class {c + 1}")
-            else:
-                a_, i_ = ps.area_inter(blended, d, levels)
+            elif single:
+                a_, i_ = d.run_index().counts(levels, d.vals[int(np.argmax(v))])
+            else:  # the blend rule computed inside the counting pass (no blended map)
+                a_, i_ = d.run_index().counts_weighted(levels, d.vals, v)
             area[j, rows], inter[j, rows] = a_, i_
     cls = pool.ds[c].cls if pool.ds else pool.full[c].cls
     meta = ps.ClassData(np.zeros(0, np.int32), np.zeros((m_all, 0), np.uint8), np.zeros(0, bool), true_area, cls, 1.0,
@@ -295,16 +297,23 @@ def _forward(datas, folds, n_folds, grids, models, max_members, init, classes):
     csum = {c: (counts[:, None] * datas[c].cls).sum(0) for c in classes}
     traj, best_counts, best_score = [], None, -np.inf
 
+    folds = np.asarray(folds)
+    unused = (folds < 0) | (folds >= n_folds)  # left out (nested selection): no table counts them
+    skip = unused if unused.any() else None
+    for c in classes:
+        if grids[c].t_min < datas[c].t_min:
+            raise ValueError(f"grid level {grids[c].t_min} is below the pruning level {datas[c].t_min} of the data")
+
     def score(add):
         k = int(counts.sum()) + (add is not None)
-        # the blend rule as a lookup table over the possible sums: one gather instead of int64 arithmetic
+        # the blend rule as a lookup table over the possible sums, applied inside the counting pass
         lut = ((2 * np.arange(255 * k + 1) + k) // (2 * k)).astype(np.uint8)
         total = 0.0
         for c in classes:
-            d = datas[c]
-            s = sums[c] + d.vals[add] if add is not None else sums[c]
+            d, g = datas[c], grids[c]
+            area, inter = d.run_index().counts(g.levels, sums[c], None if add is None else d.vals[add], lut, skip)
             cl = csum[c] + d.cls[add] if add is not None else csum[c]
-            total += _cf_class(d, lut[s], cl / k, folds, n_folds, grids[c])
+            total += ps.cross_fitted(ps.tables_from_counts(area, inter, d.true_area, d.area_scale, cl / k, folds, n_folds, g), g)[0]
         return total
 
     if counts.sum():

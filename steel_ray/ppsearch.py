@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import kernels
 from .metric import dice_from_counts
 
-__all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables", "tables_from_counts",
-           "area_inter", "RunIndex", "image_histograms", "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice",
-           "choose", "cross_fitted", "in_sample", "score_point", "score_counts", "GATE_SOURCES", "gate_signal", "choose_source",
-           "cross_fitted_source", "in_sample_source"]
+__all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables",
+           "tables_from_counts", "area_inter", "RunIndex", "level_bins", "counts_from_bins", "image_histograms",
+           "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice", "choose", "cross_fitted", "in_sample",
+           "score_point", "score_counts", "GATE_SOURCES", "gate_signal", "choose_source", "cross_fitted_source",
+           "in_sample_source"]
 
 SEVERSTAL_AREA = 256 * 1600
 
@@ -165,65 +167,72 @@ def blend_cls(cls: np.ndarray, weights) -> np.ndarray:
 
 
 def area_inter(blended: np.ndarray, d: ClassData, levels: np.ndarray):
-    """(N, T) predicted area and intersection at every level, from histograms + suffix sums."""
-    return counts_from_histograms(*d.histograms(blended), levels)
+    """(N, T) predicted area and intersection at every level (any order), from per-image counts by
+    level bin + suffix sums."""
+    levels = np.asarray(levels)
+    uniq, inv = np.unique(levels, return_inverse=True)
+    area, inter = d.run_index().counts(uniq, blended)
+    return (area, inter) if uniq.size == levels.size and np.all(inv == np.arange(levels.size)) else (area[:, inv], inter[:, inv])
+
+
+def level_bins(levels) -> np.ndarray:
+    """(256,) uint8: the bin of each uint8 value for ascending ``levels``, the number of levels <= it
+    (a pixel of bin b is at or above the first b levels)."""
+    levels = np.asarray(levels)
+    if levels.size > 255 or not np.all(np.diff(levels) > 0):
+        raise ValueError(f"levels must ascend strictly and be at most 255, got {levels.tolist()}")
+    return np.searchsorted(levels, np.arange(256), side="right").astype(np.uint8)
+
+
+def counts_from_bins(h_all: np.ndarray, h_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, T) area and intersection at each level from (N, T + 1) per-image counts by bin of
+    :func:`level_bins` (suffix sums: level t counts the bins above t)."""
+    return tuple(np.cumsum(h[:, :0:-1], axis=1)[:, ::-1] for h in (h_all, h_true))
 
 
 class RunIndex:
     """Where each image's kept pixels lie, built once per :class:`ClassData` and reused by every
-    candidate blend: pixels come in runs of one image (an image may have several runs).
-
-    Per-image histograms are the search's inner loop and numpy has no segmented histogram:
-    ``np.bincount`` over (image, value) keys costs ~10 ns a pixel (an int64 copy and scattered
-    writes). OpenCV's SIMD histogram is much cheaper a pixel but costs a call: runs of many
-    pixels (dense pools) get one 256-bin call each (~0.4 ns a pixel + ~3 us a call); many short
-    runs (sparse pools) carry a 16-bit key ``(run mod 256) * 256 + value`` and get one 65,536-bin
-    call per 256 runs (~3 ns a pixel). The (sparser) true pixels keep a bincount over precomputed keys.
-    """
-
-    CHUNK = 256
-    DENSE_RUN = 2500  # mean pixels a run above which one 8-bit call per run is cheaper (measured)
+    candidate blend: pixels come in runs of one image (an image may have several runs, e.g. a
+    batch read per fold). The per-image counts are one compiled pass over the runs
+    (:mod:`steel_ray.kernels`, which says why by hand)."""
 
     def __init__(self, img: np.ndarray, truth: np.ndarray, n: int):
         p = img.size
         brk = np.flatnonzero(img[1:] != img[:-1]) + 1 if p else np.zeros(0, np.int64)
         self.starts = (np.concatenate([[0], brk]) if p else np.zeros(0, np.int64)).astype(np.int64)
         self.ends = np.concatenate([self.starts[1:], [p]]).astype(np.int64)
-        self.n = n
         self.run_img = img[self.starts].astype(np.int64)
-        self.unique = np.unique(self.run_img).size == self.run_img.size
-        self.per_run = p > self.DENSE_RUN * max(1, self.starts.size)
-        if not self.per_run:
-            self.bounds = np.concatenate([self.starts[::self.CHUNK], [p]]).astype(np.int64)  # pixel bounds of every 256 runs
-            run_of = np.repeat(np.arange(self.starts.size), self.ends - self.starts)
-            self.hi = ((run_of % self.CHUNK).astype(np.uint16) << 8)  # (P,) uint16
-        self.true_idx = np.flatnonzero(truth)
-        self.true_key = img[self.true_idx].astype(np.int64) * 256
+        self.truth, self.n = truth, n
+
+    def counts(self, levels, values: np.ndarray, add: np.ndarray | None = None, lut: np.ndarray | None = None,
+               skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N, T) predicted area and intersection at ascending ``levels`` of the uint8 blend
+        ``lut[values + add]`` (``lut`` None: ``values`` is the blend; ``add`` None: nothing added).
+        Images with ``skip`` true are not counted (zero rows)."""
+        bins = level_bins(levels)
+        lut = bins if lut is None else bins[lut]
+        h = kernels.binned_counts(self.starts, self.ends, self.run_img, _empty(skip, np.bool_), self.truth, lut, values,
+                                  _empty(add, np.uint8), self.n, len(levels) + 1)
+        return counts_from_bins(*h)
+
+    def counts_weighted(self, levels, vals: np.ndarray, weights) -> tuple[np.ndarray, np.ndarray]:
+        """(N, T) area and intersection at ascending ``levels`` of ``blend_u8(vals, weights)``."""
+        w = np.asarray(weights, np.float64)
+        members = np.flatnonzero(w)
+        h = kernels.binned_counts_weighted(self.starts, self.ends, self.run_img, self.truth, vals, members, w[members],
+                                           level_bins(levels), self.n, len(levels) + 1)
+        return counts_from_bins(*h)
 
     def histograms(self, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import cv2
+        """(N, 256) per-image histograms of the uint8 ``vals``, over all pixels and over true ones."""
+        ident = np.arange(256, dtype=np.int64)
+        return kernels.binned_counts(self.starts, self.ends, self.run_img, _empty(None, np.bool_), self.truth, ident, vals,
+                                     _empty(None, np.uint8), self.n, 256)
 
-        n, runs = self.n, self.run_img.size
-        per_run = np.zeros((runs, 256), np.float32)
-        # float32 counts are exact: a run has far fewer than 2**24 pixels
-        if self.per_run:
-            for r, (a, b) in enumerate(zip(self.starts.tolist(), self.ends.tolist())):
-                per_run[r] = cv2.calcHist([vals[a:b].reshape(-1, 1)], [0], None, [256], [0, 256]).ravel()
-        else:
-            key = self.hi + vals  # uint16: run within its chunk, then value
-            for j in range(self.bounds.size - 1):
-                a, b = int(self.bounds[j]), int(self.bounds[j + 1])
-                r0 = j * self.CHUNK
-                r1 = min(runs, r0 + self.CHUNK)
-                h = cv2.calcHist([key[a:b].reshape(-1, 1)], [0], None, [65536], [0, 65536])
-                per_run[r0:r1] = h.reshape(self.CHUNK, 256)[: r1 - r0]
-        h_all = np.zeros((n, 256), np.int64)
-        if self.unique:
-            h_all[self.run_img] = per_run
-        else:
-            np.add.at(h_all, self.run_img, per_run.astype(np.int64))
-        h_true = np.bincount(self.true_key + vals[self.true_idx], minlength=n * 256).reshape(n, 256)
-        return h_all, h_true
+
+def _empty(a, dtype):
+    """``a``, or an empty array standing for "none" in the kernels' signatures."""
+    return np.zeros(0, dtype) if a is None else a
 
 
 def image_histograms(img: np.ndarray, vals: np.ndarray, truth: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

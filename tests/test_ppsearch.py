@@ -201,17 +201,33 @@ def test_streamed_hole_filling_equals_the_dense_reference():
     np.testing.assert_array_equal(a2, dense_area[keep])
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_run_histograms_equal_brute_force(dense):
-    """Both OpenCV kernels give exact per-image counts: 16-bit run chunks (more than 256 runs,
-    several chunks) and one call per run (dense runs); images split into several runs (a batch
-    read per fold) add up; empty images stay empty."""
-    rng = np.random.default_rng(3)
+def _runs_case(seed, n=300):
+    """Pixels in runs of one image: 700 runs over 300 images (runs 300..699 repeat images, as a
+    batch read per fold does), some empty images, random values and truth."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, 60, 700)
+    sizes[np.arange(700) % n < 10] = 0  # images 0..9 have no kept pixel
+    img = np.concatenate([np.full(int(k), i % n, np.int32) for i, k in enumerate(sizes)])
+    return rng, img, rng.random(img.size) < 0.3
+
+
+def _brute_counts(img, blended, truth, levels, n, skip=None):
+    area = np.zeros((n, len(levels)), np.int64)
+    inter = np.zeros_like(area)
+    for t, lv in enumerate(levels):
+        np.add.at(area[:, t], img, blended >= lv)
+        np.add.at(inter[:, t], img, (blended >= lv) & truth)
+    if skip is not None:
+        area[skip], inter[skip] = 0, 0
+    return area, inter
+
+
+def test_run_histograms_equal_brute_force():
+    """The compiled per-run counts give exact per-image histograms; images split into several
+    runs add up; empty images stay empty."""
+    rng, img, truth = _runs_case(3)
     n = 300
-    sizes = rng.integers(0, 60, 700) * (200 if dense else 1)
-    img = np.concatenate([np.full(int(k), i % n, np.int32) for i, k in enumerate(sizes)])  # runs 300..699 repeat images
     vals = rng.integers(0, 256, img.size).astype(np.uint8)
-    truth = rng.random(img.size) < 0.3
     h_all, h_true = ps.image_histograms(img, vals, truth, n)
     ref_all = np.zeros((n, 256), np.int64)
     ref_true = np.zeros((n, 256), np.int64)
@@ -219,8 +235,44 @@ def test_run_histograms_equal_brute_force(dense):
     np.add.at(ref_true, (img[truth], vals[truth]), 1)
     np.testing.assert_array_equal(h_all, ref_all)
     np.testing.assert_array_equal(h_true, ref_true)
+    assert (h_all.sum(1) == 0).any() and ps.RunIndex(img, truth, n).starts.size > n
+
+
+def test_run_counts_of_a_running_sum_equal_brute_force():
+    """The greedy's fused pass (blend rule as a lookup over running sums, plus one more member,
+    thresholds as bins, images left out) equals thresholding the blended values one level at a time."""
+    rng, img, truth = _runs_case(4)
+    n, k = 300, 7
+    members = rng.integers(0, 256, (k, img.size)).astype(np.uint8)
+    sums = members[:-1].astype(np.uint16).sum(0).astype(np.uint16)
+    lut = ((2 * np.arange(255 * k + 1) + k) // (2 * k)).astype(np.uint8)
+    blended = ps.blend_u8(members, np.full(k, 1 / k))
+    np.testing.assert_array_equal(lut[sums + members[-1]], blended)  # the lookup is the blend rule
+    levels = np.array([0, 13, 64, 127, 128, 200, 255])
+    skip = rng.random(n) < 0.2
     idx = ps.RunIndex(img, truth, n)
-    assert not idx.unique and idx.per_run == dense and (dense or len(idx.bounds) > 2)
+    got = idx.counts(levels, sums, members[-1], lut, skip)
+    for g, r in zip(got, _brute_counts(img, blended, truth, levels, n, skip)):
+        np.testing.assert_array_equal(g, r)
+    for g, r in zip(idx.counts(levels, blended), _brute_counts(img, blended, truth, levels, n)):
+        np.testing.assert_array_equal(g, r)
+    with pytest.raises(ValueError, match="ascend"):
+        idx.counts(levels[::-1], blended)
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.5, 0], [1 / 3, 1 / 3, 1 / 3], [0.1, 0.7, 0.2], [0.6, 0.0, 0.4]])
+def test_run_counts_weighted_are_blend_u8_bit_for_bit(weights):
+    """The fused weighted blend rounds exactly like blend_u8, ties at .5 included ([0.5, 0.5] on odd
+    sums), and skips zero-weight members."""
+    rng, img, truth = _runs_case(5)
+    n = 300
+    vals = rng.integers(0, 256, (3, img.size)).astype(np.uint8)
+    vals[1, ::2] = vals[0, ::2] + 1  # odd pair sums: exact .5 ties for [0.5, 0.5]
+    blended = ps.blend_u8(vals, weights)
+    levels = np.arange(1, 256)  # every value boundary
+    got = ps.RunIndex(img, truth, n).counts_weighted(levels, vals, weights)
+    for g, r in zip(got, _brute_counts(img, blended, truth, levels, n)):
+        np.testing.assert_array_equal(g, r)
 
 
 def test_tables_from_counts_equal_a_direct_loop():
