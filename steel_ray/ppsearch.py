@@ -1,8 +1,8 @@
 """Exact, vectorised post-processing search over (pixel threshold x min area x classifier gate).
 
-For a blend (uint8 probability maps), per-image histograms of the blended values over all
-pixels and over true pixels give, by suffix sums, the predicted area and the intersection for
-every pixel threshold at once. Whole-mask min area and the classifier gate are then plain
+For a blend (uint8 probability maps), per-image counts of the blended values by threshold bin,
+over all pixels and over true pixels (one compiled pass, :mod:`steel_ray.kernels`), give, by
+suffix sums, the predicted area and the intersection for every pixel threshold at once. Whole-mask min area and the classifier gate are then plain
 comparisons, so the Dice of every (image, grid point) follows without re-thresholding a mask.
 The metric is a mean over (image, class) pairs, so classes are tuned independently.
 
