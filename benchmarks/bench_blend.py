@@ -28,8 +28,11 @@ import argparse
 import glob
 import os
 import resource
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -194,12 +197,51 @@ class _ClassParts:
         return ps.ClassData(img, vals, tr, self.true, cls, 1.0 if self.res == "full" else 16.0, T_MIN)
 
 
-def real_pool(run, c=2):
+def copied_run(run, copies, out) -> tuple[Path, list[str]]:
+    """A run at ``out`` whose pool lists each of ``run``'s models ``copies`` times (``<id>-copyK``):
+    symlinks to the same Parquet files, nothing copied. Reading its pool costs what reading
+    ``copies`` x as many real models costs (decode, batch buffer, pruning over every model), where
+    the demo has only 3: costs per pixel that do not grow with the models (truth masks, the
+    kept-pixel test) are then shared as in a 20-model pool."""
+    run, out = Path(run).resolve(), Path(out)
+    out.mkdir(parents=True)
+    for e in run.iterdir():
+        if e.name != "oof":
+            (out / e.name).symlink_to(e)
+    (out / "oof").mkdir()
+    base = blend.search_models(run)
+    if not base:
+        raise SystemExit(f"{run}: no completed search (search.json), so no model list to copy")
+    for d in (run / "oof").iterdir():
+        (out / "oof" / d.name).symlink_to(d)
+    ids = list(base)
+    for k in range(1, copies):
+        for m in base:
+            (out / "oof" / f"model_id={m}-copy{k}").symlink_to(run / "oof" / f"model_id={m}")
+            ids.append(f"{m}-copy{k}")
+    return out, ids
+
+
+def real_pool(run, c=2, copies=1):
     """A real pool, loaded once (streamed, as the blend reads it): a line with its kept fraction of
     full-resolution pixels (what the generated pool should resemble), the seconds per pixel per
     model of reading its full resolution the way the blend does (Parquet decode, one batch
-    buffer, pruning: what the generator stands in for), and class ``c``'s dense plain-mean blend,
-    truth and presence for the search comparison."""
+    buffer, pruning: what the generator stands in for; ``copies`` > 1: of the pool's models listed
+    ``copies`` times, see :func:`copied_run`), and class ``c``'s dense plain-mean blend, truth and
+    presence for the search comparison (of the pool itself)."""
+    if copies > 1:
+        tmp = tempfile.mkdtemp(prefix="bench_blend_copies_")
+        try:
+            path, ids = copied_run(run, copies, Path(tmp) / "run")
+            cpool = blend.load_blend_pool(path, model_ids=ids)
+            t = time.perf_counter()
+            for k in range(4):
+                for _ in cpool.full.reader.batches([k], ("full",)):
+                    pass
+            (h, w), n, m = cpool.shape, len(cpool.image_ids), len(cpool.model_ids)
+            copy_cost = (time.perf_counter() - t) / (4 * n * m * h * w)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     pool = blend.load_blend_pool(run, model_ids=blend.search_models(run))
     (h, w), n, m = pool.shape, len(pool.image_ids), len(pool.model_ids)
     kept = 0
@@ -210,6 +252,10 @@ def real_pool(run, c=2):
     read_cost = (time.perf_counter() - t) / (4 * n * m * h * w)
     line = (f"real pool {run}: {m} models x {n} images at {h}x{w}: kept full-res pixels {kept:,} "
             f"({100 * kept / (4 * n * h * w):.2f}%); reading its full resolution: {read_cost * 1e9:.1f} ns per pixel per model")
+    if copies > 1:
+        line += (f"\n  the same files listed {copies} times ({copies * m} models, --pool-copies): {copy_cost * 1e9:.1f} ns per pixel "
+                 f"per model (used for the real-run estimate)")
+        read_cost = copy_cost
     d = pool.full[c]
     mean = np.full(m, 1 / m)
     return line, read_cost, _dense(d, ps.blend_u8(d.vals, mean), ps.blend_cls(d.cls, mean), pool.shape)
@@ -342,18 +388,21 @@ def main():
                          "demo's under-trained models do: a kept fraction near a real pool's (--pool prints it)")
     ap.add_argument("--pool", help="a real run (e.g. runs/demo): print its pool's kept fraction beside the generated one, "
                                    "measure its Parquet read cost and time the post-processing search on its real maps too")
+    ap.add_argument("--pool-copies", type=int, default=1,
+                    help="with --pool: also measure the read cost with its models listed K times (symlinks), as a "
+                         "pool of K x as many models reads; the real-run estimate uses it")
     ap.add_argument("--skip-ds-check", action="store_true", help="skip part 4 (one more pass over full resolution)")
     ap.add_argument("--search-only", action="store_true", help="only the post-processing search comparison (part 2)")
     a = ap.parse_args()
     repro = (f"\nreproduce: .venv/bin/python benchmarks/bench_blend.py --images {a.images} --models {a.models} --folds {a.folds} "
           f"--max-members {a.max_members} --workers {a.workers} --subset {a.subset} --kernel-points {a.kernel_points}"
           + (f" --density {a.density:g}" if a.density else "") + (f" --haze {a.haze:g}" if a.haze else "")
-          + (f" --pool {a.pool}" if a.pool else "")
+          + (f" --pool {a.pool}" if a.pool else "") + (f" --pool-copies {a.pool_copies}" if a.pool_copies > 1 else "")
           + (" --skip-ds-check" if a.skip_ds_check else "") + (" --search-only" if a.search_only else ""))
     t0 = time.time()
     read_cost = real = None
     if a.pool:
-        line, read_cost, real = real_pool(a.pool)
+        line, read_cost, real = real_pool(a.pool, copies=a.pool_copies)
         print(line)
     if a.search_only:  # no pool: only the subset's maps are generated
         pool, gen = None, Generated(a.images, a.models, density=a.density, haze=a.haze)
