@@ -201,8 +201,8 @@ def copied_run(run, copies, out) -> tuple[Path, list[str]]:
     """A run at ``out`` whose pool lists each of ``run``'s models ``copies`` times (``<id>-copyK``):
     symlinks to the same Parquet files, nothing copied. Reading its pool costs what reading
     ``copies`` x as many real models costs (decode, batch buffer, pruning over every model), where
-    the demo has only 3: costs per pixel that do not grow with the models (truth masks, the
-    kept-pixel test) are then shared as in a 20-model pool."""
+    the demo has only 3: costs per pixel that do not grow with the models (truth masks, locating
+    the kept pixels) are then shared as in a 20-model pool."""
     run, out = Path(run).resolve(), Path(out)
     out.mkdir(parents=True)
     for e in run.iterdir():
