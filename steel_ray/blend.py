@@ -301,8 +301,7 @@ def _forward(datas, folds, n_folds, grids, models, max_members, init, classes):
     unused = (folds < 0) | (folds >= n_folds)  # left out (nested selection): no table counts them
     skip = unused if unused.any() else None
     for c in classes:
-        if grids[c].t_min < datas[c].t_min:
-            raise ValueError(f"grid level {grids[c].t_min} is below the pruning level {datas[c].t_min} of the data")
+        datas[c].check_level(grids[c].t_min)
 
     def score(add):
         k = int(counts.sum()) + (add is not None)
@@ -313,7 +312,7 @@ def _forward(datas, folds, n_folds, grids, models, max_members, init, classes):
             d, g = datas[c], grids[c]
             area, inter = d.run_index().counts(g.levels, sums[c], None if add is None else d.vals[add], lut, skip)
             cl = csum[c] + d.cls[add] if add is not None else csum[c]
-            total += ps.cross_fitted(ps.tables_from_counts(area, inter, d.true_area, d.area_scale, cl / k, folds, n_folds, g), g)[0]
+            total += ps.cross_fitted(_tables((area, inter), d, cl / k, folds, n_folds, g), g)[0]
         return total
 
     if counts.sum():

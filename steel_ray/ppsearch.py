@@ -120,9 +120,10 @@ class ClassData:
             self._runs = RunIndex(self.img, self.truth, self.n_images)  # built once, reused by every candidate
         return self._runs
 
-    def histograms(self, blended: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 256) per-image histograms of ``blended`` (one value per kept pixel), all and true pixels."""
-        return self.run_index().histograms(blended)
+    def check_level(self, level) -> None:
+        """Refuse a threshold level below the pruning level: the pixels under it were dropped."""
+        if level < self.t_min:
+            raise ValueError(f"grid level {level} is below the pruning level {self.t_min} of the data")
 
     @classmethod
     def from_dense(cls, probs: np.ndarray, truth: np.ndarray, cls_prob: np.ndarray, t_min: int, area_scale: float = 1.0,
@@ -259,8 +260,7 @@ def fold_tables(blended: np.ndarray, cls_b: np.ndarray, d: ClassData, folds: np.
     ``blended`` is the blend's uint8 value at each kept pixel of ``d``; ``cls_b`` (N,) the
     blended presence probability.
     """
-    if grid.t_min < d.t_min:
-        raise ValueError(f"grid level {grid.t_min} is below the pruning level {d.t_min} of the data")
+    d.check_level(grid.t_min)
     area, inter = area_inter(blended, d, grid.levels)
     return tables_from_counts(area, inter, d.true_area, d.area_scale, cls_b, folds, n_folds, grid)
 
@@ -326,8 +326,7 @@ def area_inter_filled(blended: np.ndarray, d: ClassData, truth_mask, shape, leve
     if d.pix is None:
         raise ValueError("hole filling needs the kept pixels' positions (load the pool with fill_holes=True)")
     levels = np.asarray(levels)
-    if levels.min() < d.t_min:
-        raise ValueError(f"grid level {levels.min()} is below the pruning level {d.t_min} of the data")
+    d.check_level(levels.min())
     ascending = bool(np.all(np.diff(levels) > 0))
     h, w = shape
     n = d.n_images

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from steel_ray import blend
 from steel_ray import ppsearch as ps
 from steel_ray.metric import PostProcess, dice_per_pair
 
@@ -311,3 +312,19 @@ def test_counts_at_levels_in_any_order_equal_suffix_sums():
         a, t = ps.counts_from_histograms(h_all, h_true, levels)
         np.testing.assert_array_equal(a, np.stack([h_all[:, lv:].sum(1) for lv in levels], 1))
         np.testing.assert_array_equal(t, np.stack([h_true[:, lv:].sum(1) for lv in levels], 1))
+
+
+def test_levels_below_the_pruning_level_are_refused():
+    """Pixels under the pruning level were dropped, so a search or a fill below it would count
+    them as empty: every entry point refuses it, naming both levels."""
+    rng = np.random.default_rng(8)
+    probs = rng.integers(0, 256, (2, 3, 8, 8)).astype(np.uint8)
+    truth = rng.random((3, 8, 8)) < 0.3
+    d = ps.ClassData.from_dense(probs, truth, rng.random((2, 3)), t_min=40)
+    low = ps.Grid(np.array([20, 128]), np.array([0.0, 10]), np.array([0.0, 0.5]), rule="argmax")
+    with pytest.raises(ValueError, match="grid level 20 is below the pruning level 40"):
+        ps.fold_tables(ps.blend_u8(d.vals, [0.5, 0.5]), np.zeros(3), d, np.zeros(3, int), 1, low)
+    with pytest.raises(ValueError, match="grid level 20 is below the pruning level 40"):
+        ps.area_inter_filled(ps.blend_u8(d.vals, [0.5, 0.5]), d, lambda i: None, (8, 8), low.levels)
+    with pytest.raises(ValueError, match="grid level 20 is below the pruning level 40"):
+        blend._forward([d] * 4, np.zeros(3, int), 1, [low] * 4, [0, 1], 2, [], range(4))
