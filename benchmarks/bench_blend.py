@@ -28,7 +28,6 @@ import argparse
 import glob
 import os
 import resource
-import shutil
 import tempfile
 import threading
 import time
@@ -222,34 +221,32 @@ def copied_run(run, copies, out) -> tuple[Path, list[str]]:
     return out, ids
 
 
-def real_pool(run, c=2, copies=1):
-    """A real pool, loaded once (streamed, as the blend reads it): a line with its kept fraction of
-    full-resolution pixels (what the generated pool should resemble), the seconds per pixel per
-    model of reading its full resolution the way the blend does (Parquet decode, one batch
-    buffer, pruning: what the generator stands in for; ``copies`` > 1: of the pool's models listed
-    ``copies`` times, see :func:`copied_run`), and class ``c``'s dense plain-mean blend, truth and
-    presence for the search comparison (of the pool itself)."""
-    if copies > 1:
-        tmp = tempfile.mkdtemp(prefix="bench_blend_copies_")
-        try:
-            path, ids = copied_run(run, copies, Path(tmp) / "run")
-            cpool = blend.load_blend_pool(path, model_ids=ids)
-            t = time.perf_counter()
-            for k in range(4):
-                for _ in cpool.full.reader.batches([k], ("full",)):
-                    pass
-            (h, w), n, m = cpool.shape, len(cpool.image_ids), len(cpool.model_ids)
-            copy_cost = (time.perf_counter() - t) / (4 * n * m * h * w)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    pool = blend.load_blend_pool(run, model_ids=blend.search_models(run))
+def _timed_read(pool) -> tuple[float, int]:
+    """Seconds per pixel per model of reading ``pool``'s full resolution the way the blend does
+    (Parquet decode, one batch buffer, pruning), and its kept pixels (counted during the read)."""
     (h, w), n, m = pool.shape, len(pool.image_ids), len(pool.model_ids)
     kept = 0
     t = time.perf_counter()
     for k in range(4):
         for _, _, out in pool.full.reader.batches([k], ("full",)):
             kept += out["full"][k].vals.shape[1]
-    read_cost = (time.perf_counter() - t) / (4 * n * m * h * w)
+    return (time.perf_counter() - t) / (4 * n * m * h * w), kept
+
+
+def real_pool(run, c=2, copies=1):
+    """A real pool, loaded once (streamed, as the blend reads it): a line with its kept fraction of
+    full-resolution pixels (what the generated pool should resemble), the seconds per pixel per
+    model of reading its full resolution (:func:`_timed_read`: what the generator stands in for;
+    ``copies`` > 1: of the pool's models listed ``copies`` times, see :func:`copied_run`), and
+    class ``c``'s dense plain-mean blend, truth and presence for the search comparison (of the
+    pool itself)."""
+    if copies > 1:
+        with tempfile.TemporaryDirectory(prefix="bench_blend_copies_") as tmp:
+            path, ids = copied_run(run, copies, Path(tmp) / "run")
+            copy_cost, _ = _timed_read(blend.load_blend_pool(path, model_ids=ids))
+    pool = blend.load_blend_pool(run, model_ids=blend.search_models(run))
+    (h, w), n, m = pool.shape, len(pool.image_ids), len(pool.model_ids)
+    read_cost, kept = _timed_read(pool)
     line = (f"real pool {run}: {m} models x {n} images at {h}x{w}: kept full-res pixels {kept:,} "
             f"({100 * kept / (4 * n * h * w):.2f}%); reading its full resolution: {read_cost * 1e9:.1f} ns per pixel per model")
     if copies > 1:
