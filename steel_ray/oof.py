@@ -19,6 +19,7 @@ leaves a readable half file (dot-files are also skipped by pyarrow dataset disco
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,13 +220,28 @@ class Truth:
         return out
 
 
+@contextlib.contextmanager
+def unreadable_named(path, what: str = "OOF file"):
+    """Within the block, a Parquet file that Arrow cannot read (truncated, not Parquet, a corrupt
+    page) is a one-line :class:`DataError` naming it, instead of Arrow's error without a path."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: unreadable {what} ({first}); delete it and rerun that fold (the search's --resume "
+                        "retrains a fold whose OOF file is missing)") from None
+
+
 def read_truth(run) -> Truth:
     path = layout.truth_path(run)
     if not Path(run).is_dir():
         raise DataError(f"{run}: run folder not found")
     if not path.exists():
         raise DataError(f"{path}: ground-truth table not found (written when the first fold is trained)")
-    t = pq.read_table(path)
+    with unreadable_named(path, "ground-truth table"):
+        t = pq.read_table(path)
     md = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items()}
     d = t.to_pydict()
     return Truth(
@@ -277,7 +293,8 @@ def list_pool(run) -> dict[str, list[int]]:
 
 def read_meta(path, filesystem=None) -> dict:
     """The ``steel_ray.*`` schema metadata of an OOF file, JSON values decoded."""
-    md = pq.read_schema(path, filesystem=filesystem).metadata or {}
+    with unreadable_named(path):
+        md = pq.read_schema(path, filesystem=filesystem).metadata or {}
     out = {}
     for k, v in md.items():
         k = k.decode()
@@ -317,7 +334,8 @@ def check_fold_file(path, truth: Truth, fold: int) -> list[str]:
     shape = (int(meta.get("height", -1)), int(meta.get("width", -1)))
     if shape != tuple(truth.shape):
         raise DataError(f"{path}: maps are {shape[0]}x{shape[1]}, the run's images {truth.shape[0]}x{truth.shape[1]}")
-    ids = pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()
+    with unreadable_named(path):
+        ids = pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"{path}: image {dup} appears more than once")
@@ -339,8 +357,17 @@ def iter_fold_batches(run, model_ids, truth: Truth, fold: int, columns, batch_si
     for p in paths:
         check_fold_file(p, truth, fold)
     pos = {k: i for i, k in enumerate(truth.image_ids)}
-    readers = [pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=list(columns)) for p in paths]
-    for batches in zip(*readers):
+    readers = []
+    for p in paths:
+        with unreadable_named(p):
+            readers.append(pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=list(columns)))
+    while True:
+        batches = []
+        for r, p in zip(readers, paths):
+            with unreadable_named(p):  # a corrupt data page shows only when its batch is decoded
+                batches.append(next(r, None))
+        if any(b is None for b in batches):  # every file holds exactly the fold's images (checked above)
+            return
         ids = batches[0].column("image_id").to_pylist()
         for b, p in zip(batches[1:], paths[1:]):
             if b.column("image_id").to_pylist() != ids:

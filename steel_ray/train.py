@@ -81,8 +81,16 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
     or any OOF file. One that is also a training (or holdout) image, or of another size, is refused.
     """
     run = Path(run_dir)
+    if not 0 <= holdout < 1:
+        raise DataError(f"--holdout {holdout}: the fraction of the training images set aside must be 0 <= F < 1 (e.g. 0.2)")
+    if n_folds < 2:
+        raise DataError(f"--folds {n_folds}: at least 2 folds are needed")
     ts = load_train(data_dir)
     if holdout:
+        left = len(ts.image_ids) - math.ceil(holdout * len(ts.image_ids))  # the split's own rounding
+        if left < n_folds:
+            raise DataError(f"--holdout {holdout} leaves {left} of {len(ts.image_ids)} training images of {data_dir} "
+                            f"for --folds {n_folds}; each fold needs images (lower --holdout or --folds)")
         held = make_holdout(ts.presence, holdout, fold_seed)
         doc = {"fraction": holdout, "seed": fold_seed, "images_dir": str(Path(ts.images_dir).resolve()),
                "image_ids": [i for i, h in zip(ts.image_ids, held) if h], "rles": ts.rles[held].tolist()}
@@ -91,6 +99,8 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
             raise DataError(f"{hpath}: this run set aside other holdout images; use a new --out folder")
         ts = ts.subset(~held)
     all_ids = set(ts.image_ids) | (set(doc["image_ids"]) if holdout else set())
+    if len(ts.image_ids) < n_folds:
+        raise DataError(f"{data_dir}: {len(ts.image_ids)} training image(s) for --folds {n_folds}; each fold needs images")
     folds = make_folds(ts.presence, n_folds, fold_seed)
     fd = FoldData(ts, folds, n_folds, _load_pseudo(pseudo, all_ids, ts.shape) if pseudo else None)
     fpath = layout.folds_path(run)
