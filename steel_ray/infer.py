@@ -24,14 +24,24 @@ VIEWS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 
 
 def tta_views(spec: str) -> list[tuple]:
-    """Flip dims of each TTA view: a config name (``TTA_FLIPS``) or a comma list of ``VIEWS``."""
+    """Flip dims of each TTA view: a config name (``TTA_FLIPS``, a set of views) or a comma list of ``VIEWS``.
+
+    Each view has one name (``hvflip`` is the one view flipped both ways); ``hflip_vflip`` is the
+    trial config's name for the set of all four views, not a view.
+    """
     if spec in TTA_FLIPS:
         return list(TTA_FLIPS[spec])
     names = [p.strip() for p in str(spec).split(",") if p.strip()]
     bad = [p for p in names if p not in VIEWS]
     if bad or not names:
-        raise ValueError(f"TTA {spec!r}: unknown view(s) {bad}; use a comma list of {list(VIEWS)} or one of {list(TTA_FLIPS)}")
+        sets = "; ".join(f"{k} = {','.join(_view_name(v) for v in vs)}" for k, vs in TTA_FLIPS.items() if k != "none")
+        raise ValueError(f"TTA {spec!r}: unknown view(s) {bad}; give a comma list of the views {', '.join(VIEWS)} "
+                         f"(hvflip: flipped both ways at once), or a trial config's tta set ({sets})")
     return list(dict.fromkeys(VIEWS[p] for p in names))
+
+
+def _view_name(dims: tuple) -> str:
+    return next(k for k, v in VIEWS.items() if v == dims)
 
 
 def pick_device(device: str | None = "auto") -> torch.device:

@@ -199,7 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--blend", help="blend.json (default RUN/blend/blend.json)")
     ap.add_argument("--format", choices=["new", "old"], default="new",
                     help="new (default): ImageId,EncodedPixels,ClassId; old: ImageId_ClassId,EncodedPixels")
-    ap.add_argument("--tta", help="views, e.g. none or hflip,vflip (default: each member's OOF TTA)")
+    ap.add_argument("--tta", help="a comma list of the views none, hflip, vflip, hvflip (flipped both ways), e.g. none,hflip; "
+                                  "or a trial config's tta set: hflip, vflip, hflip_vflip (= none,hflip,vflip,hvflip) "
+                                  "(default: each member's own OOF TTA)")
     ap.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto (default): CUDA when a GPU is visible")
     ap.add_argument("--skip-bad", action="store_true", help="give unreadable/wrong-size images empty predictions and list them")

@@ -98,6 +98,12 @@ def test_tta_list_means_exactly_those_views():
     assert tta_views("hflip") == [(), (3,)] and tta_views("vflip,vflip") == [(2,)]
     with pytest.raises(ValueError, match=r"unknown view\(s\) \['diag'\]"):
         tta_views("none,diag")
+    # one spelling per view: the error names the combined view once (hvflip), and hflip_vflip only as a set
+    with pytest.raises(ValueError) as e:
+        tta_views("bogus")
+    msg = str(e.value)
+    assert "views none, hflip, vflip, hvflip " in msg and "hflip_vflip = none,hflip,vflip,hvflip" in msg
+    assert msg.count("hflip_vflip") == 1
 
 
 def test_predict_uses_each_members_precision_and_views(tiny_run, monkeypatch):
