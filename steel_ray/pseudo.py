@@ -172,12 +172,12 @@ def _start_round(a, run: Path, out: Path) -> dict:
     images = Path(a.images).resolve()
     names = list_images(images)
     train_ids = set(read_truth(run).image_ids)
-    if layout.holdout_path(run).exists():
-        train_ids |= set(json.loads(layout.holdout_path(run).read_text())["image_ids"])
-    clash = sorted(set(names) & train_ids)
-    if clash:
-        raise DataError(f"{images / clash[0]}: also a training image of {run} ({len(clash)} such); pseudo labels are for "
-                        "images without labels")
+    held_ids = set(json.loads(layout.holdout_path(run).read_text())["image_ids"]) if layout.holdout_path(run).exists() else set()
+    for ids, what in ((train_ids, "training"), (held_ids, "holdout")):
+        clash = sorted(set(names) & ids)
+        if clash:
+            raise DataError(f"{images / clash[0]}: also a {what} image of {run} ({len(clash)} {what} image(s) in {images}); "
+                            "pseudo labels are for images without labels")
     shape = tuple(doc["image_shape"])
     got = check_shapes(images, names)
     if tuple(got) != shape:

@@ -82,6 +82,15 @@ def test_pseudo_images_reach_every_training_split_with_their_masks(tiny_set, tmp
 def test_training_images_and_other_sizes_are_refused(parent, tiny_set, tmp_path):
     r = _run("pseudo", "--run", parent, "--images", tiny_set / "train_images", "--out", tmp_path / "x")
     assert r.returncode == 2 and "also a training image" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # a folder of the run's holdout images alone: refused as holdout images (not as training ones)
+    held = json.loads((parent / "holdout.json").read_text())["image_ids"]
+    only_held = tmp_path / "held"
+    only_held.mkdir()
+    for i in held:
+        shutil.copy(tiny_set / "train_images" / i, only_held / i)
+    r = _run("pseudo", "--run", parent, "--images", only_held, "--out", tmp_path / "z")
+    assert r.returncode == 2 and f"also a holdout image of {parent} ({len(held)} holdout image(s)" in r.stderr, r.stderr
+    assert "training" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     from steel_ray import synth
 
     other = tmp_path / "other"
