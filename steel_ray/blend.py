@@ -459,6 +459,7 @@ def _gate_stats(gate, truth_present, threshold, q) -> dict:
         "auc_classifiers": float(roc_auc_score(t, q)) if both and q is not None else None,
         "f1": float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) else 1.0,
         "fp_rate": float(fp / max(1, (~t).sum())), "fn_rate": float(fn / max(1, t.sum())),
+        "n_pos": int(t.sum()),
     }
 
 
@@ -751,12 +752,18 @@ def main(argv=None) -> int:
                     help="read full-resolution maps one class at a time from the Parquet files (auto: when the selection "
                          "runs on the 4x maps); off keeps every class in memory")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", metavar="DIR",
+                    help="folder for blend.json and the report (default: RUN/blend when the run has no blend yet, else the "
+                         "next free RUN/blend-N beside it: the run's own blend, which predict and pseudo rounds use, is kept)")
+    ap.add_argument("--replace", action="store_true",
+                    help="overwrite the blend in the output folder (with no --out: replace the run's own RUN/blend)")
     a = ap.parse_args(argv)
     from . import console
 
     console.setup(a.run if Path(a.run).is_dir() else None, False, "blend")
     try:
-        blend_run(a.run, a.models, max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
+        out = _out_dir(a.run, a.out, a.replace)
+        blend_run(a.run, a.models, out=out, max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
                   init_sorted=a.init_sorted, allow_partial=a.allow_partial, fill_holes=a.fill_holes, nested=not a.no_nested,
                   workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice,
                   stream={"auto": "auto", "on": True, "off": False}[a.stream])
@@ -764,6 +771,26 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _out_dir(run, out, replace: bool) -> Path:
+    """Where a CLI re-blend writes: --out, else RUN/blend when it holds no blend (or --replace), else
+    the next free RUN/blend-N. An existing blend is overwritten only with --replace."""
+    own = layout.blend_dir(run)
+    if out is None:
+        if replace or not (own / "blend.json").exists():
+            return own
+        n = 2
+        while (Path(run) / f"blend-{n}").exists():
+            n += 1
+        out = Path(run) / f"blend-{n}"
+        log.info("the run's own blend %s is kept (predict and pseudo rounds use it); this blend goes to %s "
+                 "(--replace overwrites the run's own)", own, out)
+        return out
+    out = Path(out)
+    if (out / "blend.json").exists() and not replace:
+        raise DataError(f"--out {out}: holds a blend already; pass --replace to overwrite it, or choose another folder")
+    return out
 
 
 def search_models(run) -> list[str] | None:
@@ -779,9 +806,10 @@ def search_models(run) -> list[str] | None:
     return models or None
 
 
-def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, stream="auto", **opts) -> dict:
+def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, stream="auto", out=None, **opts) -> dict:
     """Blend a run's pool (default: the search's completed models, else the whole pool), write
-    blend.json and the report, print the score summary; returns the blend.json document."""
+    blend.json and the report into ``out`` (default: the run's own RUN/blend), print the score
+    summary; returns the blend.json document."""
     if models is None:
         models = search_models(run)
         if models:
@@ -790,14 +818,14 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
     if pool.left_out:
         log.warning("left out (missing folds): %s", pool.left_out)
     res = optimize(pool, fill_holes=fill_holes, **opts)
-    out = layout.blend_dir(run)
+    out = Path(out) if out is not None else layout.blend_dir(run)
     doc = blend_json(res, pool, run)
     if layout.holdout_path(run).exists():
-        doc = score_holdout(run, doc, layout.blend_json(run))
+        doc = score_holdout(run, doc, out / "blend.json")
     state = layout.read_state(run) or {}
     if "pseudo" in state:  # a pseudo-labelling round (steel_ray.pseudo)
         doc["pseudo"] = state["pseudo"]
-    write_blend_json(doc, layout.blend_json(run))
+    write_blend_json(doc, out / "blend.json")
     from .report import write_report
 
     html = write_report(doc, pool, run, out)

@@ -69,12 +69,22 @@ def _plots(doc: dict, corr: np.ndarray | None, labels: list[str]) -> dict[str, s
     fig.tight_layout()
     out["curves"] = _png(fig)
     if corr is not None and len(labels) > 1:
-        fig, ax = plt.subplots(figsize=(1 + 0.5 * len(labels), 0.8 + 0.5 * len(labels)))
+        # models numbered on the axes (ids are long), the numbers listed under the map in the report
+        n = len(labels)
+        side = max(4.5, 0.55 * n + 2.5)
+        fig, ax = plt.subplots(figsize=(side + 1.2, side))
         im = ax.imshow(corr, vmin=min(0.0, float(np.nanmin(corr))), vmax=1.0, cmap="viridis")
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        fig.colorbar(im, ax=ax)
-        ax.set_title("model correlation (OOF probabilities, kept pixels)")
+        ticks = [f"#{i + 1}" for i in range(n)]
+        ax.set_xticks(range(n), ticks, fontsize=10)
+        ax.set_yticks(range(n), ticks, fontsize=10)
+        if n <= 12:
+            for i in range(n):
+                for j in range(n):
+                    if np.isfinite(corr[i, j]):
+                        ax.text(j, i, f"{corr[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                                color="black" if corr[i, j] > 0.6 else "white")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Pearson correlation")
+        ax.set_title("model correlation\n(OOF probabilities, kept 4x pixels)", fontsize=11, pad=10)
         out["corr"] = _png(fig)
     return out
 
@@ -98,34 +108,62 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
                                  f"{s[k] - (doc['holdout']['all_empty'] if k == 'holdout' else s['all_empty']):+.6f}",
                                  "meaning": SCORE_HELP[k],
                                  "choices made on these images' labels": _includes(doc, k)} for k in SCORE_HELP if k in s])
-    t["weights"] = pd.DataFrame([{"model_id": m["model_id"], "weight": m["weight"] if m["weight"] is not None else
+    t["weights"] = pd.DataFrame([{"model_id": m["model_id"], "weight": _r(m["weight"], 4) if m["weight"] is not None else
                                   ", ".join(f"{k}:{v:.3f}" for k, v in m["class_weights"].items()),
                                   "folds": len(m["checkpoints"]),
-                                  "single cross_fitted": round(doc["single_models_cross_fitted"].get(m["model_id"], float("nan")), 6)}
+                                  "single cross_fitted": _r(doc["single_models_cross_fitted"].get(m["model_id"]), 6)}
                                  for m in doc["members"]])
-    t["postprocess"] = pd.DataFrame([{"class": c, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in doc["postprocess"][c].items()},
-                                      **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in doc["per_class"][c].items()
-                                         if k not in ("on_grid_edge", "gate")},
+    t["postprocess"] = pd.DataFrame([{"class": c, **{k: _r(v, 4) for k, v in doc["postprocess"][c].items()},
+                                      **{k: _r(v, 4) for k, v in doc["per_class"][c].items() if k not in ("on_grid_edge", "gate")},
                                       "on grid edge": "; ".join(doc["per_class"][c].get("on_grid_edge", [])) or "-"}
                                      for c in doc["postprocess"]])
     if doc.get("classifier_pool"):
         t["gate"] = _gate_table(doc)
-        t["classifiers"] = pd.DataFrame([{"model_id": m["model_id"], "weight": round(m["weight"], 4), "folds": len(m["checkpoints"])}
+        t["classifiers"] = pd.DataFrame([{"model_id": m["model_id"], "weight": _r(m["weight"], 4), "folds": len(m["checkpoints"])}
                                          for m in doc.get("classifiers", [])] or
                                         [{"model_id": "(none: no classifier beat the segmentation gate, cross-fitted)",
                                           "weight": "", "folds": ""}])
-    t["trajectory"] = pd.DataFrame(doc["selection"]["trajectory"])
+    t["trajectory"] = pd.DataFrame([{k: _r(v, 6) for k, v in row.items()} for row in doc["selection"]["trajectory"]])
     res = results_path(run)
     if res.exists():
-        r = pd.read_parquet(res)
-        keep = [c for c in ["stage", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "wall_s", "error"]
-                if c in r]
-        key = "best_val_dice_pp" if "best_val_dice_pp" in r else "best_val_dice"
-        t["leaderboard"] = r.sort_values(key, ascending=False)[keep].head(40)
+        t.update(_leaderboards(pd.read_parquet(res)))
     singles = doc["single_models_cross_fitted"]
-    t["singles"] = pd.DataFrame(sorted(singles.items(), key=lambda x: -x[1]), columns=["model_id", "cross_fitted"])
+    t["singles"] = pd.DataFrame([(m, _r(v, 6)) for m, v in sorted(singles.items(), key=lambda x: -x[1])],
+                                columns=["model_id", "cross_fitted"])
     return t
 
+
+def _r(v, digits: int):
+    """A number for a table: floats rounded, integral floats (member counts, epochs) as integers."""
+    if isinstance(v, (bool, np.bool_)) or v is None:
+        return v
+    if isinstance(v, (float, np.floating)):
+        if not np.isfinite(v):
+            return "-"
+        return int(v) if float(v).is_integer() else round(float(v), digits)
+    return v
+
+
+def _leaderboards(r: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The search's trials, segmenters and classifiers apart: their ``best_val_dice_pp`` mean different
+    things (a segmenter's post-processed Dice vs the gate's pair accuracy with a perfect segmenter)."""
+    keep = [c for c in ["stage", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "wall_s", "error"]
+            if c in r]
+    key = "best_val_dice_pp" if "best_val_dice_pp" in r else "best_val_dice"
+    is_cls = r["model_id"].fillna("").astype(str).str.startswith("cls-")
+    out = {}
+    for name, part in (("leaderboard", r[~is_cls]), ("leaderboard_cls", r[is_cls])):
+        if len(part):
+            part = part.sort_values(key, ascending=False)[keep].head(40).copy()
+            for c in ("best_val_dice_pp", "best_val_dice"):
+                if c in part:
+                    part[c] = part[c].map(lambda v: _r(v, 4))
+            if "wall_s" in part:
+                part["wall_s"] = part["wall_s"].map(lambda v: "-" if pd.isna(v) else int(round(v)))
+            if "error" in part:
+                part["error"] = part["error"].fillna("").astype(str).str.slice(0, 120)
+            out[name] = part
+    return out
 
 def _includes(doc: dict, score: str) -> str:
     """The selections a score's own images took part in (blend.json ``scores_include``)."""
@@ -135,19 +173,36 @@ def _includes(doc: dict, score: str) -> str:
     return "; ".join(inc) if inc else "none"
 
 
+FEW_POSITIVES = 5  # an AUC from fewer defect images than this is flagged as unreliable
+
+
 def _gate_table(doc: dict) -> pd.DataFrame:
     """Per class: the gate's source and threshold, its image-level quality, the classifiers' AUC and
-    the class's Dice with and without the classifiers (in-sample, same post-processing search)."""
+    the class's Dice with and without the classifiers (in-sample, same post-processing search).
+    A gate at threshold 0 passes every image: it is "gate off", and its F1 / error rates (those of
+    calling every image a defect) are not shown as if they were a gate's failures."""
     def r(v):
-        return "-" if v is None else round(v, 4)
+        return "-" if v is None else _r(v, 4)
+
+    def auc(v, n_pos):
+        if v is None:
+            return "-"
+        if n_pos is not None and n_pos < FEW_POSITIVES:
+            return f"{v:.4f} (from {n_pos} defect image(s): unreliable)"
+        return _r(v, 4)
 
     rows = []
     for c, pc in doc["per_class"].items():
         g = pc.get("gate", {})
-        rows.append({"class": c, "gate source": g.get("source", "segmentation"), "threshold": g.get("threshold"),
-                     "classifier AUC" + ("" if doc.get("classifiers") else " (pool mean)"): r(g.get("auc_classifiers")),
-                     "gate AUC": r(g.get("auc_gate")), "F1": r(g.get("f1")),
-                     "FP rate (empty images)": r(g.get("fp_rate")), "FN rate (defect images)": r(g.get("fn_rate")),
+        off = not g.get("threshold")
+        n_pos = g.get("n_pos")
+        rows.append({"class": c, "gate": "gate off" if off else f"{g.get('source', 'segmentation')} >= {g.get('threshold'):.2f}",
+                     "defect images": "-" if n_pos is None else n_pos,
+                     "classifier AUC" + ("" if doc.get("classifiers") else " (pool mean)"): auc(g.get("auc_classifiers"), n_pos),
+                     "gate signal AUC": auc(g.get("auc_gate"), n_pos),
+                     "F1": "gate off" if off else r(g.get("f1")),
+                     "FP rate (empty images)": "gate off" if off else r(g.get("fp_rate")),
+                     "FN rate (defect images)": "gate off" if off else r(g.get("fn_rate")),
                      "Dice": r(pc.get("dice")), "Dice, segmentation gate": r(pc.get("dice_segmentation_only"))})
     return pd.DataFrame(rows)
 
@@ -156,41 +211,54 @@ def fmt_score(v) -> str:
     return "n/a" if v is None else f"{v:.6f}"
 
 
-def headline_text(doc: dict) -> str:
-    """The report's first paragraph: every estimate beside the all-empty score, warnings in plain words."""
+def headline_line(doc: dict) -> str:
+    """One line: the blend's score to trust, how far above predicting no defects, and its interval."""
+    s = doc["scores"]
+    if "holdout" in doc and s.get("holdout") is not None:
+        h = doc["holdout"]
+        return (f"Blend {s['holdout']:.4f} on the holdout, {s['holdout'] - h['all_empty']:+.4f} over predicting no defects "
+                f"({h['all_empty']:.4f}), 95% CI {h['ci95'][0]:.4f}-{h['ci95'][1]:.4f} ({h['n_images']} images nobody tuned on).")
+    if s.get("nested") is not None:
+        return (f"Blend {s['nested']:.4f} nested (cross-validated), {s['nested'] - s['all_empty']:+.4f} over predicting "
+                f"no defects ({s['all_empty']:.4f}); no holdout.")
+    return (f"Blend {s['cross_fitted']:.4f} cross-fitted, {s['cross_fitted'] - s['all_empty']:+.4f} over predicting no defects "
+            f"({s['all_empty']:.4f}); no nested estimate, no holdout.")
+
+
+def headline_details(doc: dict) -> list[str]:
+    """The points under the headline: every estimate beside all-empty, the gate, the round, warnings."""
     s = doc["scores"]
     nested = s.get("nested")
-    parts = []
-    if "holdout" in doc:
-        h = doc["holdout"]
-        parts.append(f"Holdout ({h['n_images']} images nobody tuned on; the estimate to trust) {s['holdout']:.6f} "
-                     f"(95% CI {h['ci95'][0]:.6f}-{h['ci95'][1]:.6f}) vs its all-empty {h['all_empty']:.6f}.")
-    parts += [f"All-empty (predict no defect) {s['all_empty']:.6f}; nested estimate {fmt_score(nested)} "
-             f"(in-sample {s['in_sample']:.6f}, cross-fitted {s['cross_fitted']:.6f}); best single model "
-             f"{s['best_single']:.6f} ({s['best_single_model']}); baseline recipe {s['baseline']:.6f}."]
-    if nested is not None:
-        parts.append(f"Optimism of in-sample over nested: {s['in_sample'] - nested:+.6f}.")
+    out = [f"Nested estimate {fmt_score(nested)}, cross-fitted {s['cross_fitted']:.6f}, in-sample {s['in_sample']:.6f} "
+           f"(all-empty {s['all_empty']:.6f} on the same pairs)"
+           + (f"; optimism of in-sample over nested {s['in_sample'] - nested:+.6f}." if nested is not None else "."),
+           f"Best single model {s['best_single']:.6f} ({s['best_single_model']}); baseline recipe {s['baseline']:.6f}; "
+           f"{len(doc['members'])} member(s)."]
     if doc.get("classifier_pool"):
         n_used = len(doc.get("classifiers", []))
         seg = s.get("nested_segmentation_only")
         if n_used:
-            parts.append(f"Classifier gate: {n_used} classifier(s); nested {fmt_score(nested)} with them vs "
-                         f"{fmt_score(seg)} with the segmentation gate alone"
-                         + (f" ({nested - seg:+.6f})." if nested is not None and seg is not None else "."))
+            out.append(f"Classifier gate: {n_used} classifier(s); nested {fmt_score(nested)} with them vs "
+                       f"{fmt_score(seg)} with the segmentation gate alone"
+                       + (f" ({nested - seg:+.6f})." if nested is not None and seg is not None else "."))
         else:
-            parts.append(f"No classifier is used: none of the pool's {len(doc['classifier_pool'])} beat the segmentation "
-                         "gate on the cross-fitted score.")
+            out.append(f"No classifier is used: none of the pool's {len(doc['classifier_pool'])} beat the segmentation "
+                       "gate on the cross-fitted score.")
     if "pseudo" in doc:
         p = doc["pseudo"]
         ps_ = p["parent_scores"]
-        parts.append(f"Pseudo-labelling round {p['round']} of {p['parent']}: {p['n_images']} of {p['n_candidates']} images "
-                     f"pseudo-labelled at confidence >= {p['min_confidence']} (images with a defect per class {p['per_class']}) "
-                     f"added to every fold's training split; nested {fmt_score(ps_.get('nested'))} in the parent round vs "
-                     f"{fmt_score(nested)} here" + (f", holdout {fmt_score(ps_.get('holdout'))} vs {fmt_score(s.get('holdout'))}"
-                                                   if "holdout" in s else "") + ".")
-    for c, w in warnings(doc):
-        parts.append(w)
-    return " ".join(parts)
+        out.append(f"Pseudo-labelling round {p['round']} of {p['parent']}: {p['n_images']} of {p['n_candidates']} images "
+                   f"pseudo-labelled at confidence >= {p['min_confidence']} (images with a defect per class {p['per_class']}) "
+                   f"added to every fold's training split; nested {fmt_score(ps_.get('nested'))} in the parent round vs "
+                   f"{fmt_score(nested)} here" + (f", holdout {fmt_score(ps_.get('holdout'))} vs {fmt_score(s.get('holdout'))}"
+                                                 if "holdout" in s else "") + ".")
+    out += [w for _, w in warnings(doc)]
+    return out
+
+
+def headline_text(doc: dict) -> str:
+    """The headline line and its points as one text (the report's top)."""
+    return "\n".join([headline_line(doc), *("- " + d for d in headline_details(doc))])
 
 
 def warnings(doc: dict) -> list[tuple[str, str]]:
@@ -208,9 +276,21 @@ def warnings(doc: dict) -> list[tuple[str, str]]:
     return out
 
 
-def _submit_cmd(run: Path) -> str:
-    return (f"python -m steel_ray.predict --run {run} --images DATA/test_images --out submission.csv "
-            f"--blend {run / 'blend' / 'blend.json'}")
+def _submit_cmd(run: Path, out_dir: Path) -> str:
+    """The predict command for this blend, with the run's own test images (beside its training data)
+    and the Python this report was made with."""
+    import os
+    import sys
+
+    from .run import read_state
+
+    data = (read_state(run) or {}).get("data")
+    images = Path(data) / "test_images" if data and (Path(data) / "test_images").is_dir() else "DATA/test_images"
+    py = Path(sys.executable)
+    rel = os.path.relpath(py)
+    if not rel.startswith(".."):
+        py = Path(rel)
+    return f"{py} -m steel_ray.predict --run {run} --images {images} --out {run / 'submission.csv'} --blend {out_dir / 'blend.json'}"
 
 
 def write_report(doc: dict, pool, run, out_dir) -> Path:
@@ -219,35 +299,46 @@ def write_report(doc: dict, pool, run, out_dir) -> Path:
     labels = list(pool.model_ids)
     plots = _plots(doc, _correlation(pool), labels)
     tables = _tables(doc, run)
-    headline = headline_text(doc)
+    if "corr" in plots:
+        tables["corr_legend"] = pd.DataFrame({"#": range(1, len(labels) + 1), "model_id": labels})
+    res = doc["selection"].get("selection_resolution", "full")
+    on_maps = "full-resolution maps" if res == "full" else f"{res} maps (4x downsampled), not the full-resolution scores above"
     sections = [
         ("Scores", "scores", None),
         ("Chosen members and weights", "weights", None),
-        ("Ensemble score versus number of members", "trajectory", "members"),
+        (f"Ensemble score versus number of members (cross-fitted during the selection, on the {on_maps})", "trajectory", "members"),
         ("Per-class post-processing, Dice and false-positive rate on empty pairs", "postprocess", "curves"),
         ("Classifier ensemble (the gate)", "classifiers", None),
         ("Per-class gate: source, image-level quality, Dice with and without the classifiers", "gate", None),
         ("Single models (cross-fitted, full resolution)", "singles", None),
-        ("Model correlation", None, "corr"),
-        ("Search leaderboard (results.parquet)", "leaderboard", None),
+        ("Model correlation", "corr_legend", "corr"),
+        ("Search leaderboard, segmentation trials (best_val_dice_pp: post-processed Dice on the fold)", "leaderboard", None),
+        ("Search leaderboard, classifier trials (best_val_dice_pp: the gate's pair accuracy with a perfect segmenter; "
+         "not comparable with the segmenters')", "leaderboard_cls", None),
     ]
-    md = [f"# Blend selection report: {run.name}", "", headline, ""]
-    h = [f"<html><head><meta charset='utf-8'><title>Blend report {html.escape(run.name)}</title>",
-         "<style>body{font-family:sans-serif;max-width:1200px;margin:auto} table{border-collapse:collapse;font-size:13px}"
-         "td,th{border:1px solid #ccc;padding:3px 6px} code{background:#eee;padding:2px}</style></head><body>",
-         f"<h1>Blend selection report: {html.escape(run.name)}</h1><p>{html.escape(headline)}</p>"]
+    line, details = headline_line(doc), headline_details(doc)
+    md = [f"# Blend selection report: {run.name}", "", f"**{line}**", "", *(f"- {d}" for d in details), ""]
+    h = [f"<html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+         f"<title>Blend report {html.escape(run.name)}</title>",
+         "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 8px} table{border-collapse:collapse;font-size:13px}"
+         "td,th{border:1px solid #ccc;padding:3px 6px} code{background:#eee;padding:2px;word-break:break-all}"
+         "img{max-width:100%;height:auto} .headline{font-size:1.25em;font-weight:bold}</style></head><body>",
+         f"<h1>Blend selection report: {html.escape(run.name)}</h1><p class='headline'>{html.escape(line)}</p>",
+         "<ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in details) + "</ul>"]
     for title, tkey, pkey in sections:
         if tkey and tkey not in tables and (not pkey or pkey not in plots):
             continue
         md += [f"## {title}", ""]
         h.append(f"<h2>{html.escape(title)}</h2>")
         if tkey and tkey in tables:
-            md += [tables[tkey].to_markdown(index=False, disable_numparse=True) if _has_tabulate() else tables[tkey].to_string(index=False), ""]
+            # object dtype: tabulate reads a mixed int/float frame as one float array (members 1 -> "1.0")
+            tab = tables[tkey].astype(object)
+            md += [tab.to_markdown(index=False, disable_numparse=True) if _has_tabulate() else tab.to_string(index=False), ""]
             h.append(tables[tkey].to_html(index=False, escape=True))
         if pkey and pkey in plots:
             h.append(f"<img alt='{pkey}' src='data:image/png;base64,{plots[pkey]}'/>")
             md += [f"(plot `{pkey}` in report.html)", ""]
-    cmd = _submit_cmd(run)
+    cmd = _submit_cmd(run, out_dir)
     md += ["## Make a submission from this blend", "", f"    {cmd}", ""]
     h.append(f"<h2>Make a submission from this blend</h2><p><code>{html.escape(cmd)}</code></p>")
     if doc["left_out_models"]:

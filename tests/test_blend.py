@@ -1,5 +1,6 @@
 """Blend optimizer on planted pools written as real OOF Parquet runs."""
 import json
+import os
 import shutil
 from html.parser import HTMLParser
 
@@ -150,7 +151,11 @@ def test_all_empty_equals_hand_count_and_json_is_strict(planted, tmp_path):
         assert doc["per_class"][str(c + 1)]["all_empty"] == pytest.approx((~masks[:, c].any(axis=(1, 2))).mean())
     assert doc["scores"]["nested"] is None  # --no-nested: null, not NaN
     md = (work / "blend" / "report.md").read_text()
-    assert f"All-empty (predict no defect) {doc['scores']['all_empty']:.6f}" in md
+    s = doc["scores"]
+    # no nested score, no holdout: the headline leads with the cross-fitted score over all-empty
+    assert md.splitlines()[2] == (f"**Blend {s['cross_fitted']:.4f} cross-fitted, {s['cross_fitted'] - s['all_empty']:+.4f} over "
+                                  f"predicting no defects ({s['all_empty']:.4f}); no nested estimate, no holdout.**")
+    assert f"(all-empty {s['all_empty']:.6f} on the same pairs)" in md
     assert "all_empty" in md  # a row of the score table
 
 
@@ -271,6 +276,8 @@ def _crafted(tmp_path, planted, how):
         col[4] = col[4][:-64]
         t = t.set_column(t.schema.get_field_index("p2"), "p2", pa.array(col, t.schema.field("p2").type))
     pq.write_table(t.replace_schema_metadata(md), path)
+    if how == "truncated":  # an interrupted copy: the footer (schema, metadata) is gone
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return work, path
 
 
@@ -278,7 +285,8 @@ def _crafted(tmp_path, planted, how):
                                      ("missing", "3 image(s) of fold 1 missing"),
                                      ("extra", "1 image(s) not in fold 1"),
                                      ("duplicate", "appears more than once"),
-                                     ("wrong_shape", "p2 of image")])
+                                     ("wrong_shape", "p2 of image"),
+                                     ("truncated", "unreadable OOF file (")])
 def test_crafted_bad_oof_files_are_refused_naming_the_file(planted, tmp_path, capsys, how, msg):
     work, path = _crafted(tmp_path, planted, how)
     assert blend.main(["--run", str(work), "--no-nested"]) == 2
@@ -495,3 +503,90 @@ def test_report_lists_the_choices_each_score_saw(tmp_path):
         assert any("config choice" in x for x in inc["nested"]) == explored
         md = (run / "blend" / "report.md").read_text()
         assert ("| none" in md.split("| nested ")[1].split("\n")[0]) == (policy == "last" and not explored)
+
+
+def test_report_reads_plainly(tmp_path):
+    """The report a person reads: a one-line headline over all-empty, numbers rounded (no 16-digit
+    floats, members as integers), the selection curve named as on the 4x maps, "gate off" where
+    the gate is off, an AUC from fewer than 5 defect images flagged, classifiers and segmenters in
+    separate leaderboards, and a submission command with the run's test images and this Python."""
+    import re
+    import sys
+
+    import pandas as pd
+    from blend_pools import false_positive_model, write_classifiers
+
+    from steel_ray import report
+
+    rng = np.random.default_rng(5)
+    masks = make_truth(rng, n=60, shape=(32, 64), p_defect=0.6)
+    rare = np.flatnonzero(masks[:, 1].any((1, 2)))
+    masks[rare[2:], 1] = False  # class 2: two defect images, an AUC to flag
+    write_run(tmp_path, masks, {"seg_fp": false_positive_model(rng, masks)})
+    present = masks.any((2, 3))
+    write_classifiers(tmp_path, masks, {"perfect": np.where(present, 0.95, 0.05).astype(np.float32),
+                                        "random": rng.random(present.shape).astype(np.float32)})
+    data = tmp_path / "data"
+    (data / "test_images").mkdir(parents=True)
+    (tmp_path / "search.json").write_text(json.dumps({"stage": "done", "data": str(data), "selected_models": ["seg_fp", "perfect", "random"]}))
+    pd.DataFrame([{"stage": "explore", "model_id": "seg_fp", "fold": 0, "status": "TERMINATED", "epochs_run": 3,
+                   "best_val_dice_pp": 0.8123456789, "best_val_dice": 0.7, "wall_s": 12.3456, "error": None},
+                  {"stage": "explore", "model_id": "cls-perfect", "fold": 0, "status": "TERMINATED", "epochs_run": 2,
+                   "best_val_dice_pp": 0.95, "best_val_dice": 0.9, "wall_s": 7.0, "error": None}]).to_parquet(tmp_path / "results.parquet")
+    doc = blend.blend_run(tmp_path, max_members=4, nested=False, selection_resolution="ds4")
+    md = (tmp_path / "blend" / "report.md").read_text()
+    assert md.splitlines()[2].startswith("**Blend ") and "over predicting no defects" in md.splitlines()[2]
+    assert not re.search(r"\d\.\d{7,}", md), re.findall(r"\S*\d\.\d{7,}\S*", md)[:5]
+    assert "on the ds4 maps (4x downsampled), not the full-resolution scores" in md
+    # members as integers in the trajectory table: "| 1 |", never "| 1.0 |"
+    traj = md.split("Ensemble score versus number of members")[1].split("##")[0]
+    assert "| 1.0 " not in traj and re.search(r"\|\s+1\s+\|", traj), traj
+    n_pos = masks.any(axis=(2, 3)).sum(0)
+    assert n_pos[1] == 2 and min(n_pos[[0, 2, 3]]) >= report.FEW_POSITIVES, n_pos
+    gate = md.split("## Per-class gate")[1].split("##")[0]
+    for c in range(4):
+        row = next(r for r in gate.splitlines() if r.startswith(f"| {c + 1} "))
+        pp = doc["postprocess"][str(c + 1)]
+        assert ("gate off" in row) == (pp["cls_threshold"] == 0), (row, pp)
+        assert ("unreliable" in row) == (n_pos[c] < report.FEW_POSITIVES), (row, n_pos)
+    seg_lb = md.split("Search leaderboard, segmentation trials")[1].split("##")[0]
+    cls_lb = md.split("Search leaderboard, classifier trials")[1].split("##")[0]
+    assert "seg_fp" in seg_lb and "cls-perfect" not in seg_lb and "cls-perfect" in cls_lb
+    assert "0.8123" in seg_lb and "| 12 " in seg_lb  # rounded; wall_s in whole seconds
+    cmd = md.split("## Make a submission from this blend")[1].strip().splitlines()[0].strip()
+    assert f"--images {data / 'test_images'}" in cmd and "DATA/" not in cmd
+    assert cmd.split()[0] in (sys.executable, os.path.relpath(sys.executable))
+    assert f"--blend {tmp_path / 'blend' / 'blend.json'}" in cmd
+    # a class whose gate is off (threshold 0) shows "gate off", not a failing gate's F1 and rates
+    off = json.loads(json.dumps(doc))
+    off["per_class"]["3"]["gate"] = {**off["per_class"]["3"]["gate"], "threshold": 0.0, "f1": 0.2, "fp_rate": 1.0}
+    row = report._gate_table(off).set_index("class").loc["3"]
+    assert row["gate"] == row["F1"] == row["FP rate (empty images)"] == "gate off"
+
+
+def test_a_re_blend_goes_beside_the_runs_own_blend_unless_asked_to_replace_it(planted, tmp_path, capsys):
+    """The run's own RUN/blend (predict and pseudo rounds use it) survives a re-blend with other
+    options: that goes to RUN/blend-2, or --out DIR; --replace overwrites; an --out that holds a
+    blend is refused in one line."""
+    run, _, _ = planted
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    assert blend.main(["--run", str(work), "--max-members", "3", "--no-nested"]) == 0
+    own = (work / "blend" / "blend.json").read_text()
+    assert len(json.loads(own)["members"]) > 1  # so that the one-member blends below are told apart
+    assert blend.main(["--run", str(work), "--max-members", "1", "--no-nested", "--choice", "argmax"]) == 0
+    assert (work / "blend" / "blend.json").read_text() == own
+    side = json.loads((work / "blend-2" / "blend.json").read_text())
+    assert len(side["members"]) == 1 and (work / "blend-2" / "report.html").exists()
+    assert "--blend " + str(work / "blend-2" / "blend.json") in (work / "blend-2" / "report.md").read_text()
+    assert blend.main(["--run", str(work), "--max-members", "1", "--no-nested"]) == 0
+    assert (work / "blend-3" / "blend.json").exists()
+    out = tmp_path / "mine"
+    assert blend.main(["--run", str(work), "--max-members", "1", "--no-nested", "--out", str(out)]) == 0
+    assert (out / "blend.json").exists()
+    capsys.readouterr()
+    assert blend.main(["--run", str(work), "--no-nested", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {out}: holds a blend already; pass --replace to overwrite it, or choose another folder"
+    assert blend.main(["--run", str(work), "--max-members", "1", "--no-nested", "--replace"]) == 0
+    assert len(json.loads((work / "blend" / "blend.json").read_text())["members"]) == 1
