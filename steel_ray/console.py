@@ -2,7 +2,8 @@
 
 ``setup(run_dir, verbose)`` sends the ``steel_ray`` loggers (INFO) to the console and every
 logger (ours, Ray's, warnings, third-party) to ``RUN/logs/<name>.log``; ``verbose=True`` shows
-everything on the console too. Progress bars are :mod:`tqdm` bars on stderr.
+everything on the console too. Progress is :func:`progress`: a :mod:`tqdm` bar on a terminal,
+a plain line every few percent when stderr is a pipe or a file (CI logs, ``| tee``).
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
-__all__ = ["setup", "log_dir", "route_ray_logs", "sigterm_as_exit"]
+__all__ = ["setup", "log_dir", "route_ray_logs", "sigterm_as_exit", "progress", "LineProgress"]
 
 _FMT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _CONSOLE_FMT = "%(asctime)s %(message)s"
@@ -85,3 +87,63 @@ def sigterm_as_exit():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+class LineProgress:
+    """The bar's stand-in off a terminal: one plain line on stderr each time another ``step``
+    fraction of the total is done (and at the end), never a carriage return.
+
+    Only the calls the project makes on a tqdm bar: ``update``, ``set_postfix_str``, ``close``,
+    iteration, and ``n`` / ``total``.
+    """
+
+    def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it", step: float = 0.1, file=None, **_):
+        self.iterable, self.desc, self.unit, self.step = iterable, desc, unit, step
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.n_start, self.postfix, self.file = 0, 0, "", file or sys.stderr
+        self._t0, self._last, self._closed = time.monotonic(), -1, False
+
+    def __iter__(self):
+        for x in self.iterable:
+            yield x
+            self.update(1)
+        self.close()
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.total:
+            mark = int(self.n / self.total / self.step)
+            if mark > self._last and self.n < self.total:
+                self._last = mark
+                self._line()
+
+    def _line(self) -> None:
+        el = time.monotonic() - self._t0
+        if self.total:
+            done = self.n - self.n_start  # items counted before this run (a resume) carry no rate
+            eta = f", ETA {el / done * (self.total - self.n):.0f} s" if done > 0 and self.n < self.total else ""
+            head = f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)"
+        else:
+            eta, head = "", f"{self.desc}: {self.n} {self.unit}"
+        print(f"{head}, {el:.0f} s{eta}" + (f"; {self.postfix}" if self.postfix else ""), file=self.file, flush=True)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self.n:
+                self._line()
+
+
+def progress(iterable=None, total=None, desc: str = "", unit: str = "it", leave: bool = True, enabled: bool = True, **kw):
+    """A progress display on stderr: a tqdm bar on a terminal, :class:`LineProgress` lines otherwise
+    (``enabled=False``: nothing at all, e.g. inside a trial whose log is a file)."""
+    from tqdm import tqdm
+
+    if not enabled:
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True, **kw)
+    return LineProgress(iterable, total=total, desc=desc, unit=unit)

@@ -117,14 +117,14 @@ def iter_predictions(doc: dict, members: list[Member], paths: list[Path], shape,
     With ``skip_bad`` an unreadable or wrongly sized image is yielded as ``(name, None)`` and its
     error appended to ``bad``; otherwise it raises, naming the file.
     """
-    from tqdm import tqdm
+    from .console import progress as progress_bar
 
     post = [PostProcess(**doc["postprocess"][str(c + 1)]) for c in range(N_CLASSES)]
     clfs = [m for m in members if m.task == "classify"]
     members = [m for m in members if m.task == "segment"]
     weights = np.stack([m.weights for m in members], axis=1)  # (4, M)
     bad = [] if bad is None else bad
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress or None)
+    bar = progress_bar(total=len(paths), desc="predict", unit="img", enabled=progress)
     for start in range(0, len(paths), batch_size):
         batch, ids = [], []
         for p in paths[start:start + batch_size]:

@@ -55,6 +55,10 @@ class SearchError(RuntimeError):
     """A search that cannot start or continue (existing run, mismatched resume, no finished trial)."""
 
 
+class SearchInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT) ended a stage early; Tune saved it and ``--resume`` continues it."""
+
+
 def _args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m steel_ray.search", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
@@ -221,12 +225,17 @@ def _fit_stage(stage, total, trainable, storage_path, tune_config, a, logfile, p
                    callbacks=[progress], verbose=a.verbose)
     try:
         if a.verbose:
-            return tuner.fit()
-        # Tune prints its experiment boxes and hints to stdout even at verbose=0: into the log file
-        with open(logfile, "a") as sink, contextlib.redirect_stdout(sink):
-            return tuner.fit()
+            grid = tuner.fit()
+        else:
+            # Tune prints its experiment boxes and hints to stdout even at verbose=0: into the log file
+            with open(logfile, "a") as sink, contextlib.redirect_stdout(sink):
+                grid = tuner.fit()
     finally:
-        log.info(progress.close())
+        line = progress.close()
+        log.info(line)
+    if progress.interrupted:  # Tune ended the stage early and saved it: nothing of it counts as done
+        raise SearchInterrupted(line)
+    return grid
 
 
 def unshared_nodes(run: Path, timeout_s: float = 60.0) -> list[str]:
@@ -481,6 +490,12 @@ def _run(a) -> int:
     try:
         with console.sigterm_as_exit():
             return run_search(a)
+    except SearchInterrupted as e:
+        print(f"{e}; continue it with: python -m steel_ray.search --out {a.out} --resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a Tune stage (the blend)
+        print(f"interrupted; continue it with: python -m steel_ray.search --out {a.out} --resume", file=sys.stderr)
+        return 130
     except (SearchError, SpaceError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

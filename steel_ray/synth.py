@@ -191,12 +191,12 @@ def _image_ids(rng, n, taken):
 
 
 def write_split(out: Path, subdir: str, ids, seeds, h, w, desc):
-    from tqdm import tqdm
+    from .console import progress
 
     folder = out / subdir
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, ss in tqdm(list(zip(ids, seeds)), desc=desc, unit="img", disable=None):
+    for name, ss in progress(list(zip(ids, seeds)), desc=desc, unit="img"):
         img, masks = render(ss, h, w)
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_GRAY2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok:

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -66,26 +65,75 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return super().on_trial_complete(trial_id, result, error)
 
 
-class ProgressCallback(tune.Callback):
-    """Our console line for a Tune stage: trials done/total, best so far, elapsed and ETA (a tqdm bar).
+_LIVE: dict = {}  # stage -> this process's ProgressCallback
 
-    Ray's own trial tables go to the log file (``verbose=0``); this is what a user watches.
+
+def _live_progress(stage: str, total: int, metric: str) -> "ProgressCallback":
+    return _LIVE.get(stage) or ProgressCallback(stage, total, metric)
+
+
+class ProgressCallback(tune.Callback):
+    """Our console line for a Tune stage: trials done/total, best so far, elapsed and ETA (a tqdm bar
+    on a terminal, plain lines off one).
+
+    Ray's own trial tables go to the log file (``verbose=0``); this is what a user watches. Trials
+    a resumed stage finds already ended count as done. Ctrl-C (SIGINT) makes Tune end the stage
+    early and return as if it had finished; :attr:`interrupted` tells the two apart.
     """
 
     def __init__(self, stage: str, total: int, metric: str = "best_val_dice_pp"):
         self.stage, self.total, self.metric = stage, total, metric
         self.best, self.best_model, self.done, self.errors, self.bar = float("-inf"), "", 0, 0, None
+        self.before, self.interrupted, self._counted = 0, False, False
+        _LIVE[stage] = self
+
+    def __reduce__(self):
+        # Tune pickles its callbacks with the experiment and a restored run (--resume) unpickles
+        # them: the copy must be this process's live callback, which the stage reads when it ends
+        return (_live_progress, (self.stage, self.total, self.metric))
 
     def _ensure_bar(self):
         if self.bar is None:
-            from tqdm import tqdm
+            from .console import progress
 
-            self.bar = tqdm(total=self.total, desc=self.stage, unit="trial", dynamic_ncols=True, file=sys.stderr,
-                            bar_format="{desc}: {n_fmt}/{total_fmt} trials |{bar:20}| {elapsed}<{remaining} {postfix}")
+            self.bar = progress(total=self.total, desc=self.stage, unit="trials",
+                                bar_format="{desc}: {n_fmt}/{total_fmt} trials |{bar:20}| {elapsed}<{remaining} {postfix}")
         return self.bar
 
     def setup(self, **info):
         self._ensure_bar()
+        self._watch_sigint()
+
+    def _watch_sigint(self):
+        """Chain a handler in front of the one Tune installed for this run (it ends the run and
+        restores the handler from before): ours only notes that the stage was interrupted."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        tune_handler = signal.getsignal(signal.SIGINT)
+
+        def note(signum, frame):
+            self.interrupted = True
+            if callable(tune_handler):
+                tune_handler(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, note)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._counted:  # a resumed stage: the trials that ended before it count as done
+            self._counted = True
+            ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+            self.before = len(ended)
+            self.errors += sum(t.status == "ERROR" for t in ended)
+            if self.before:
+                bar = self._ensure_bar()
+                if hasattr(bar, "n_start"):
+                    bar.n_start = self.before  # the ETA counts only this run's trials
+                bar.update(self.before)
 
     def _postfix(self):
         best = f"best {self.best:.4f} ({self.best_model})" if self.best > float("-inf") else "best -"
@@ -98,12 +146,16 @@ class ProgressCallback(tune.Callback):
             self._ensure_bar().set_postfix_str(self._postfix())
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.interrupted:  # Tune stops the running trials as it ends: they did not finish
+            return
         self.done += 1
         bar = self._ensure_bar()
-        bar.update(1)
         bar.set_postfix_str(self._postfix())
+        bar.update(1)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if self.interrupted:
+            return
         self.errors += 1
         self.on_trial_complete(iteration, trials, trial, **info)
 
@@ -111,8 +163,12 @@ class ProgressCallback(tune.Callback):
         """Close the bar; returns a one-line summary of the stage."""
         if self.bar is not None:
             self.bar.close()
-        best = f"best {self.metric} {self.best:.4f} ({self.best_model})" if self.best > float("-inf") else "no result"
-        return f"{self.stage}: {self.done} trial(s) ended ({self.errors} failed); {best}"
+        ended = self.before + self.done
+        failed = f"{self.errors} failed" + (f", {self.before} ended before this resume" if self.before else "")
+        if self.interrupted:
+            return f"{self.stage}: interrupted after {ended} of {self.total} trial(s) ended ({failed})"
+        best = f"best {self.metric} {self.best:.4f} ({self.best_model})" if self.best > float("-inf") else "no new result"
+        return f"{self.stage}: {ended} of {self.total} trial(s) ended ({failed}); {best}"
 
 
 def is_remote(uri: str) -> bool:

@@ -117,6 +117,35 @@ def test_kill_and_resume(tiny_set, tmp_path):
     assert state["stage"] == "blend"
 
 
+def test_ctrl_c_says_interrupted_and_resume_counts_the_trials_that_ended(tiny_set, tmp_path):
+    """SIGINT (kill -INT, Ctrl-C) while explore runs: one line saying "interrupted" with the trials
+    that ended, exit 130, no "failed" and the stage not marked explored; --resume then counts the
+    trials that ended before it."""
+    import re
+
+    run = tmp_path / "run"
+    args = ["--space", "tests/spaces/tiny.yaml", "--data", tiny_set, "--out", run, "--folds", 2,
+            "--num-samples", 3, "--top", 1, "--max-concurrent", 1, "--no-blend"]
+    p = subprocess.Popen([sys.executable, "-m", "steel_ray.search", *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run.glob("oof/*/*/part-0.parquet")):
+        time.sleep(0.2)
+    assert p.poll() is None, "search finished before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, out[-2000:] + err[-3000:]
+    m = re.search(r"explore: interrupted after (\d) of 3 trial\(s\) ended \(0 failed\); continue it with: .* --resume", err)
+    assert m and 1 <= int(m.group(1)) < 3, err[-3000:]
+    assert "error" not in err.lower() and "failed;" not in err.replace("0 failed", ""), err[-3000:]
+    state = json.loads((run / "search.json").read_text())
+    assert state["stage"] == "explore" and state["explored"] == []
+    r = _search(*args, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m2 = re.search(r"explore: 3 of 3 trial\(s\) ended \(0 failed, (\d) ended before this resume\)", r.stderr)
+    assert m2 and int(m2.group(1)) >= 1, r.stderr[-3000:]
+
+
 def test_multi_node_gpu_cluster(tiny_set, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
@@ -164,6 +193,25 @@ def test_resume_checks_saved_settings(tmp_path):
     assert state["data"] == "/d" and state["folds"] == 3  # the saved split wins
     with pytest.raises(search.SearchError, match="already exists"):
         search._load_state(run, search._args(["--out", str(run), "--space", "x", "--data", "y"]))
+
+
+@pytest.mark.parametrize("holdout,folds,msg", [
+    (1.5, 3, "error: --holdout 1.5: the fraction of the training images set aside must be 0 <= F < 1"),
+    (-0.1, 3, "error: --holdout -0.1: the fraction"),
+    (0.99, 3, "error: --holdout 0.99 leaves 0 of 48 training images of"),
+    (0.9, 6, "error: --holdout 0.9 leaves 4 of 48 training images of"),
+    (0.0, 1, "error: --folds 1: at least 2 folds are needed")])
+def test_bad_holdout_or_folds_is_one_line_before_anything_is_written(tiny_set, tmp_path, holdout, folds, msg, capsys):
+    from steel_ray import search
+
+    run = tmp_path / "run"
+    rc = search.main(["--space", "tests/spaces/tiny.yaml", "--data", str(tiny_set), "--out", str(run), "--holdout", str(holdout),
+                      "--folds", str(folds)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and lines[-1].startswith(msg), err[-2000:]
+    assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in err
+    assert not run.exists()
 
 
 def test_two_spaces_one_run_segmentation_and_classifier(tiny_set, tmp_path):
