@@ -678,6 +678,10 @@ def blend_json(result: BlendResult, pool: BlendPool, run) -> dict:
         members.append(entry)
     classifiers = [{"model_id": mid, "weight": float(w), "checkpoints": pool.checkpoints[mid]}
                    for mid, w in zip(result.classifiers, result.clf_weights if result.clf_weights is not None else []) if w > 0]
+    unused = []
+    if all(pp.get("gate_source", "segmentation") == "segmentation" for pp in result.postprocess.values()):
+        # weighted, but no class gates with them: predict and pseudo rounds would run their folds for nothing
+        classifiers, unused = [], [c["model_id"] for c in classifiers]
     return {
         "version": 1,
         "run": str(Path(run).resolve()),
@@ -693,6 +697,7 @@ def blend_json(result: BlendResult, pool: BlendPool, run) -> dict:
         "members": members,
         "classifiers": classifiers,
         "classifier_pool": list(result.classifiers),
+        "classifiers_unused": unused,
         "postprocess": result.postprocess,
         "scores": result.scores,
         "per_class": result.per_class,
@@ -871,6 +876,14 @@ def score_holdout(run, doc: dict, blend_path, n_boot: int = 2000) -> dict:
     return doc
 
 
+def _why_no_classifier(doc: dict) -> str:
+    unused = doc.get("classifiers_unused") or []
+    if unused:
+        return (f"{len(unused)} weighted by the classifier selection, but every class chose the segmentation gate "
+                "(weighted but unused; predict does not run them)")
+    return f"none of {len(doc['classifier_pool'])} beat the segmentation gate (cross-fitted)"
+
+
 def summary_lines(doc: dict) -> list[str]:
     """The blend's scores for the console, each beside the all-empty score of the same pairs."""
     from .report import fmt_score, warnings
@@ -879,7 +892,7 @@ def summary_lines(doc: dict) -> list[str]:
     clf = doc.get("classifiers", [])
     lines = [f"blend: {len(doc['members'])} member(s)" + (f", {len(clf)} classifier(s) in the gate" if clf else "")]
     if doc.get("classifier_pool") and not clf:
-        lines.append(f"  no classifier used: none of {len(doc['classifier_pool'])} beat the segmentation gate (cross-fitted)")
+        lines.append(f"  no classifier used: {_why_no_classifier(doc)}")
     if clf or doc.get("classifier_pool"):
         lines.append("  gate source per class: " + ", ".join(f"{c}: {pp.get('gate_source', 'segmentation')}"
                                                         for c, pp in doc["postprocess"].items()))

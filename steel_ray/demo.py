@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         used = len(doc.get("classifiers", []))
         print(f"  ... segmentation gate only {fmt_score(s['nested_segmentation_only'])}  "
               f"{_vs(s['nested_segmentation_only'], s['all_empty'])}  ({used} classifier(s) in the blend's gate"
-              + ("" if used else ": none beat the segmentation gate") + ")")
+              + ("" if used else ": " + ("every class chose the segmentation gate" if doc.get("classifiers_unused")
+                                         else "none beat the segmentation gate")) + ")")
     print(f"test set ({dice.shape[0]} images, scored with the synthetic labels):")
     print(f"  all-empty (no defects)     {test_empty:.6f}")
     print(f"  submission                 {test:.6f}  {_vs(test, test_empty)}")

@@ -121,6 +121,8 @@ def _tables(doc: dict, run: Path) -> dict[str, pd.DataFrame]:
         t["gate"] = _gate_table(doc)
         t["classifiers"] = pd.DataFrame([{"model_id": m["model_id"], "weight": _r(m["weight"], 4), "folds": len(m["checkpoints"])}
                                          for m in doc.get("classifiers", [])] or
+                                        [{"model_id": f"{m} (weighted but unused: every class chose the segmentation gate)",
+                                          "weight": "", "folds": ""} for m in doc.get("classifiers_unused", [])] or
                                         [{"model_id": "(none: no classifier beat the segmentation gate, cross-fitted)",
                                           "weight": "", "folds": ""}])
     t["trajectory"] = pd.DataFrame([{k: _r(v, 6) for k, v in row.items()} for row in doc["selection"]["trajectory"]])
@@ -241,6 +243,9 @@ def headline_details(doc: dict) -> list[str]:
             out.append(f"Classifier gate: {n_used} classifier(s); nested {fmt_score(nested)} with them vs "
                        f"{fmt_score(seg)} with the segmentation gate alone"
                        + (f" ({nested - seg:+.6f})." if nested is not None and seg is not None else "."))
+        elif doc.get("classifiers_unused"):
+            out.append(f"No classifier is used: {len(doc['classifiers_unused'])} got weight in the classifier selection, but "
+                       "every class chose the segmentation gate (listed as weighted but unused; predict does not run them).")
         else:
             out.append(f"No classifier is used: none of the pool's {len(doc['classifier_pool'])} beat the segmentation "
                        "gate on the cross-fitted score.")

@@ -388,6 +388,13 @@ def test_perfect_classifier_gates_a_noisy_segmenter(tmp_path):
     assert [c["model_id"] for c in doc["classifiers"]] == ["perfect"] and len(doc["classifiers"][0]["checkpoints"]) == 3
     g = r.per_class["1"]["gate"]
     assert g["auc_classifiers"] == pytest.approx(1.0) and g["fp_rate"] == 0 and g["fn_rate"] == 0
+    assert doc["classifiers_unused"] == []
+    # weighted but gating no class: left out of the blend (predict would run its folds for nothing)
+    for pp in r.postprocess.values():
+        pp["gate_source"] = "segmentation"
+    doc = blend.blend_json(r, pool, tmp_path)
+    assert doc["classifiers"] == [] and doc["classifiers_unused"] == ["perfect"]
+    assert "every class chose the segmentation gate" in "\n".join(blend.summary_lines(doc))
 
 
 def test_random_classifier_is_not_used(tmp_path):
