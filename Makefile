@@ -6,13 +6,19 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/demo
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow lint bench clean lock
 
-$(STAMP): setup.cfg pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+# pip's output (its warnings about this machine's extra package indexes included) goes to
+# .venv/install.log; the console gets one line, or the log's last lines when the install fails
+# constraints.txt pins every package to the versions tested together (make lock regenerates it);
+# the cluster files install with the same file, so every node runs the same versions
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing steel_ray and its dependencies into $(VENV) (log: $(VENV)/install.log; a first install takes about 2 minutes)"
+	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install -c constraints.txt -e '.[test]'; } >$(VENV)/install.log 2>&1 \
+		|| { tail -n 30 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1; }
+	@touch $(STAMP)
+	@echo "installed: $$($(PY) -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("torch", "ray", "segmentation-models-pytorch", "optuna")))')"
 
 install: $(STAMP)
 
@@ -33,3 +39,15 @@ bench: install
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_RUN)
+
+# constraints.txt: pip freeze of a fresh venv that installed setup.cfg's ranges (and the test
+# extras); rerun after changing setup.cfg, then make install
+LOCKVENV := .lockvenv
+lock:
+	rm -rf $(LOCKVENV) && $(PYTHON) -m venv $(LOCKVENV)
+	$(LOCKVENV)/bin/python -m pip install --upgrade pip >$(LOCKVENV).log 2>&1
+	$(LOCKVENV)/bin/python -m pip install '.[test]' >>$(LOCKVENV).log 2>&1 || { tail -n 30 $(LOCKVENV).log; exit 1; }
+	{ echo "# Versions tested together: pip freeze of a fresh install of setup.cfg (make lock, $$(date +%F))."; \
+	  echo "# Used as pip -c by make install and by the setup commands of cluster.yaml and cluster-local.yaml."; \
+	  $(LOCKVENV)/bin/python -m pip freeze --exclude-editable | grep -iv '^steel.ray==' | sed 's/+[A-Za-z0-9.]*$$//'; } >constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt && rm -rf $(LOCKVENV) $(LOCKVENV).log

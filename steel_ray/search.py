@@ -392,7 +392,7 @@ def run_search(a) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
 
-    from .tune_adapter import run_trial
+    from .tune_adapter import environment, run_trial
 
     run = Path(a.out).resolve()
     state = _load_state(run, a)
@@ -409,7 +409,8 @@ def run_search(a) -> int:
     pool, storage_path = layout.pool_uri(state, run), layout.ray_storage(state, run)
     _start_ray(a, run, state)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, pool=pool, default_fold=SCREEN_FOLD, cpus=a.cpus_per_trial),
+        tune.with_parameters(run_trial, data=data, pool=pool, default_fold=SCREEN_FOLD, cpus=a.cpus_per_trial,
+                             driver_env=environment()),
         {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial},
     )
     rows: list[dict] = []

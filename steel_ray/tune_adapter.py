@@ -255,7 +255,42 @@ def _trial_log(run: Path, model_id: str, fold: int):
         handler.close()
 
 
-def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold: int = 0, cpus: float = 1.0):
+ENV_PACKAGES = ("torch", "segmentation-models-pytorch", "timm")
+
+
+def environment() -> dict:
+    """What a trial's results depend on besides its config: a hash of the steel_ray package's own
+    files (model ids, training and OOF code) and the versions of torch, smp and timm (the weights
+    a worker saves are loaded by the driver's)."""
+    import hashlib
+    import importlib.metadata as md
+
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes())
+    return {"steel_ray": h.hexdigest()[:12], **{p: md.version(p) for p in ENV_PACKAGES}}
+
+
+class EnvironmentMismatch(RuntimeError):
+    """A worker runs other steel_ray code or other torch/smp/timm versions than the driver."""
+
+
+def check_environment(expected: dict | None, node: str = "") -> None:
+    """Fail the trial, in one line naming both sides, when this worker differs from the driver."""
+    if not expected:
+        return
+    here = environment()
+    diff = [k for k in expected if here.get(k) != expected[k]]
+    if diff:
+        def side(env):
+            return ", ".join(f"{k} {env.get(k)}" for k in diff)
+        raise EnvironmentMismatch(f"worker {node or 'node'} runs {side(here)} but the driver runs {side(expected)}: install the "
+                                  "same code and versions on every node (pip install -c constraints.txt -e .)")
+
+
+def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold: int = 0, cpus: float = 1.0,
+              driver_env: dict | None = None):
     """One trial = one (config, fold): train with checkpoints through Tune, then write the OOF.
 
     The fold's OOF goes straight into ``pool`` (a local/NFS path shared by every node, or a
@@ -270,6 +305,7 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
     cfg = TrialConfig.from_dict(config)
     model_id = cfg.model_id()
     info = {"model_id": model_id, "fold": fold, **_node_info()}
+    check_environment(driver_env, f"{info['node_ip']} ({info['node_id'][:12]})")
 
     done = pool_meta(pool, model_id, fold)
     if done is not None and done.get("folds_hash") != data.folds_hash:
@@ -301,15 +337,22 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
         metrics = {**metrics, **info, "finished": metrics["epoch"] >= cfg.train.total_epochs}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
 
-    with _trial_log(local_run, model_id, fold):
-        res = fit_fold(cfg, fold, data, local_run, report=report, progress=False, cpus=cpus)
-    if remote:
-        upload_fold(local_run, res.weights_path, res.oof_path, pool)
-        shutil.rmtree(local_run, ignore_errors=True)
+    try:
+        with _trial_log(local_run, model_id, fold):
+            res = fit_fold(cfg, fold, data, local_run, report=report, progress=False, cpus=cpus)
+        if remote:
+            upload_fold(local_run, res.weights_path, res.oof_path, pool)
+    finally:
+        # a remote pool's trial works in a temporary folder: gone whatever the ending (finished,
+        # stopped by ASHA, failed); Tune's checkpoints hold what a retry needs
+        if remote:
+            shutil.rmtree(local_run, ignore_errors=True)
 
 
 def upload_fold(local_run: Path, weights_path, oof_path, pool: str) -> None:
-    """Copy a finished fold into a remote pool, weights first: the OOF file marks the fold done, so a
-    crash between the two leaves a fold without OOF, which the next --resume retrains."""
-    for path in (Path(weights_path), Path(oof_path)):
+    """Copy a finished fold into a remote pool, weights and the config beside them first (a pseudo
+    round reads it), the OOF file last: it marks the fold done, so a crash in between leaves a fold
+    without OOF, which the next --resume retrains."""
+    config = Path(weights_path).parent / "config.json"
+    for path in (Path(weights_path), *([config] if config.exists() else []), Path(oof_path)):
         put_file(path, pool, path.relative_to(local_run).as_posix())

@@ -11,7 +11,7 @@ def test_cluster_files_validate(name):
     cfg = yaml.safe_load(open(name))
     validate_config(prepare_config(copy.deepcopy(cfg)))
     setup = " ".join(cfg["setup_commands"])
-    assert "pip install -e ." in setup and "ray[default]==2.60.0" in setup
+    assert "pip install -c constraints.txt -e ." in setup and "ray[default]==2.60.0" in setup  # one set of versions everywhere
 
 
 def test_aws_file_has_cpu_head_and_spot_gpu_workers():
@@ -95,3 +95,32 @@ def test_the_open_port_check_catches_what_it_is_for():
     bad = copy.deepcopy(cfg)
     bad["head_start_ray_commands"] = [c.replace(" --dashboard-host=127.0.0.1", "") for c in bad["head_start_ray_commands"]]
     assert _open_ports(bad) == ["head_start_ray_commands: no --dashboard-host (Ray's default may change)"]
+
+
+def test_constraints_pin_every_declared_package_and_the_code_imports_nothing_undeclared():
+    """constraints.txt pins each install_requires package; every third-party module that steel_ray
+    imports is declared in setup.cfg (Pillow and scikit-learn were missing)."""
+    import ast
+    import configparser
+    import pathlib
+    import re
+    import sys
+
+    cp = configparser.ConfigParser()
+    cp.read("setup.cfg")
+    declared = {re.split(r"[<>=\[ ]", r.strip())[0].lower().replace("_", "-")
+                for r in cp["options"]["install_requires"].strip().splitlines()}
+    pins = {line.split("==")[0].lower().replace("_", "-") for line in open("constraints.txt") if "==" in line}
+    assert declared <= pins, declared - pins
+    module_of = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn",
+                 "iterstrat": "iterative-stratification", "segmentation_models_pytorch": "segmentation-models-pytorch"}
+    imported = set()
+    for f in pathlib.Path("steel_ray").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported - set(sys.stdlib_module_names) if m not in ("steel_ray", "__future__")}
+    undeclared = {m for m in third_party if module_of.get(m, m).lower().replace("_", "-") not in declared}
+    assert not undeclared, undeclared

@@ -75,3 +75,18 @@ def test_crash_between_uploads_leaves_a_fold_the_next_resume_retrains(tiny_set, 
     monkeypatch.setattr(tune_adapter, "put_file", real_put)
     tune_adapter.upload_fold(local, res.weights_path, res.oof_path, pool)
     assert search.pending_folds([cfg], 2, pool) == [{**cfg, "fold": 1}]
+
+
+def test_a_worker_with_other_code_or_versions_fails_its_trial_naming_both_sides():
+    from steel_ray.tune_adapter import EnvironmentMismatch, check_environment, environment
+
+    env = environment()
+    assert set(env) == {"steel_ray", "torch", "segmentation-models-pytorch", "timm"} and len(env["steel_ray"]) == 12
+    assert environment() == env  # the same files hash the same
+    check_environment(env, "10.0.0.2")  # the driver's own environment passes
+    check_environment(None)  # a caller that sends none (library use) is not checked
+    with pytest.raises(EnvironmentMismatch) as e:
+        check_environment({**env, "torch": "0.0.1", "steel_ray": "0123456789ab"}, "10.0.0.2 (abc)")
+    msg = str(e.value)
+    assert msg.startswith(f"worker 10.0.0.2 (abc) runs steel_ray {env['steel_ray']}, torch {env['torch']} but the driver runs "
+                          "steel_ray 0123456789ab, torch 0.0.1: ") and "\n" not in msg
