@@ -123,12 +123,22 @@ def oof_bytes(data_dir, run_dir):
     return full, ds4, n
 
 
+def _space_finetune_batch():
+    import yaml
+
+    return yaml.safe_load(open(Path(__file__).resolve().parents[1] / "search_spaces" / "severstal.yaml"))["fixed"].get(
+        "finetune_batch_size")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3, help="timed train steps per row")
     ap.add_argument("--batch-sizes", default="8", help="comma list of batch sizes (default 8; the GPU check uses 16,32)")
     ap.add_argument("--workers", default="0,2", help="comma list of DataLoader worker counts for the loader rate")
     ap.add_argument("--skip-oof", action="store_true")
+    ap.add_argument("--finetune-batch-sizes", default="",
+                    help="comma list: also the full-size fine-tuning step (256x1600, bf16 + channels_last) at these batch "
+                         "sizes, its peak memory beside severstal.yaml's finetune_batch_size (CUDA only)")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hw = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -144,6 +154,18 @@ def main():
                 print(f"{arch + ' ' + enc:30}{bs:6d}{base:12.2f}{fast:15.2f}{fast / base:7.2f}x{mem:10.2f} / {mem_f:.2f}")
             else:
                 print(f"{arch + ' ' + enc:30}{bs:6d}{base:12.2f}{'n/a':>15}{'':>8}{'n/a':>21}")
+    if a.finetune_batch_sizes and device.type == "cuda":
+        print(f"\nfull-size fine-tuning step (256x1600, bf16 + channels_last); severstal.yaml: finetune_batch_size "
+              f"{_space_finetune_batch()} of batch_size 8 at 256x512-800 crops")
+        print(f"{'model':30}{'batch':>6}{'img/s':>10}{'peak GiB':>10}")
+        for arch, enc in (("FPN", "se_resnext50_32x4d"), ("Unet", "efficientnet-b5")):
+            for bs in [int(b) for b in a.finetune_batch_sizes.split(",")]:
+                try:
+                    rate, mem = train_step_rate(arch, enc, device, True, a.steps, batch=bs, crop=(256, 1600))
+                    print(f"{arch + ' ' + enc:30}{bs:6d}{rate:10.2f}{mem:10.2f}")
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    print(f"{arch + ' ' + enc:30}{bs:6d}{'out of memory':>20}")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         synth.generate(data, n_train=48, n_test=1, height=256, width=1600, seed=0)

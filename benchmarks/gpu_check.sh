@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU path in one prepared run (about 5-8 minutes on one GPU):
 #   (a) training images/s and peak memory, fp32 vs bf16 autocast + channels_last, FPN-se_resnext50_32x4d
-#       and Unet-resnet34 at 256x512 crops, batch 16 and 32 (benchmarks/bench_train.py);
+#       and Unet-resnet34 at 256x512 crops, batch 16 and 32 (benchmarks/bench_train.py), and the
+#       full-size 256x1600 fine-tuning step's peak memory at batch 2-8 (severstal.yaml's finetune_batch_size);
 #   (b) DataLoader images/s with 0/4/8 workers beside the GPU step rate (same script);
 #   (c) a two-trial search on a synthetic 256x1600 set with --gpus-per-trial 0.5 (two trials share the GPU)
 #       that completes, writes its pool and blends;
@@ -46,12 +47,15 @@ if [ "$DRY" = 0 ]; then
   rm -rf "$DIR"
 fi
 
-step "(a)+(b) training and loader rates" \
-  "$PY" benchmarks/bench_train.py --steps 10 --batch-sizes 16,32 --workers 0,4,8 --skip-oof
+step "(a)+(b) training and loader rates, full-size fine-tune memory" \
+  "$PY" benchmarks/bench_train.py --steps 10 --batch-sizes 16,32 --workers 0,4,8 --skip-oof --finetune-batch-sizes 2,3,4,8
 step "synthetic 256x1600 set" \
   "$PY" -m steel_ray.synth "$DIR/data" --n-train 64 --n-test 32 --height 256 --width 1600 --seed 0
+# the GPU machine has no internet: the space's ImageNet weights cannot be fetched there
+mkdir -p "$DIR"
+sed 's/^  encoder_weights: imagenet/  encoder_weights: null/' search_spaces/severstal.yaml >"$DIR/severstal_offline.yaml"
 step "(c) two trials sharing the GPU" \
-  "$PY" -m steel_ray.search --space search_spaces/severstal.yaml --data "$DIR/data" --out "$DIR/run" --folds 2 \
+  "$PY" -m steel_ray.search --space "$DIR/severstal_offline.yaml" --data "$DIR/data" --out "$DIR/run" --folds 2 \
   --num-samples 2 --top 1 --smoke --gpus-per-trial 0.5 --cpus-per-trial 4 --max-concurrent 2
 if [ "$DRY" = 0 ]; then
   "$PY" - "$DIR/run" <<'EOF'

@@ -143,6 +143,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for the training steps
     finetune_epochs: int = 0  # more epochs on whole images (no crop, same resize) after the crop epochs
     finetune_lr_mult: float = 0.1  # learning rate of the fine-tuning epochs, times lr (constant)
+    finetune_batch_size: int | None = None  # batch of the fine-tuning epochs (whole images need more memory); None = batch_size
 
     @property
     def total_epochs(self) -> int:
@@ -209,7 +210,9 @@ class TrialConfig:
         # keys of the other task do not describe this model (segmentation ids predate the classify task)
         other = set(CLASSIFY_ONLY) | {"task"} if self.model.task == "segment" else set(SEGMENT_ONLY)
         if not self.train.finetune_epochs:  # no fine-tuning: ids stay those of configs from before the keys existed
-            other |= {"finetune_epochs", "finetune_lr_mult"}
+            other |= {"finetune_epochs", "finetune_lr_mult", "finetune_batch_size"}
+        if self.train.finetune_batch_size is None:  # the default: ids stay those from before the key existed
+            other |= {"finetune_batch_size"}
         d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_KEYS and k not in other}
         h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
         enc = self.model.encoder.replace("/", "_")
@@ -245,6 +248,8 @@ class TrialConfig:
         _number("warmup_steps", tr.warmup_steps, int, 0)
         _number("finetune_epochs", tr.finetune_epochs, int, 0)
         _number("finetune_lr_mult", tr.finetune_lr_mult, float, 0, low_open=True)
+        if tr.finetune_batch_size is not None:
+            _number("finetune_batch_size", tr.finetune_batch_size, int, 1)
         from .optim import WARMUP_SCHEDULERS
 
         if tr.warmup_steps and op.scheduler not in WARMUP_SCHEDULERS:

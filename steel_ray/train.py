@@ -382,8 +382,12 @@ def _epoch_loader(fl: _FoldLoaders, cfg: TrialConfig, fold: int, epoch: int, fin
     s = _seed_everything(cfg.train.seed, fold, epoch, fl.full_tf if finetune else fl.train_tf)
     if fl.sampler is not None:
         fl.sampler.set_epoch(epoch)
-    return DataLoader(fl.full_ds if finetune else fl.train_ds, batch_size=fl.batch_size, shuffle=fl.sampler is None,
-                      sampler=fl.sampler, num_workers=fl.workers, drop_last=fl.drop_last, generator=torch.Generator().manual_seed(s),
+    bs, drop_last = fl.batch_size, fl.drop_last
+    if finetune and cfg.train.finetune_batch_size:  # whole images: a smaller batch fits the card (same images per epoch)
+        bs = cfg.train.finetune_batch_size
+        drop_last = (len(fl.sampler) if fl.sampler is not None else len(fl.full_ds)) >= bs
+    return DataLoader(fl.full_ds if finetune else fl.train_ds, batch_size=bs, shuffle=fl.sampler is None,
+                      sampler=fl.sampler, num_workers=fl.workers, drop_last=drop_last, generator=torch.Generator().manual_seed(s),
                       worker_init_fn=_worker_init if fl.workers else None, pin_memory=dev.type == "cuda")
 
 
@@ -516,6 +520,7 @@ def fit_fold(
             "best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "lr": opt.param_groups[-1]["lr"],
             "phase": "finetune" if finetune else "train",
             "train_size": "x".join(str(v) for v in size),  # the last batch's input size
+            "train_batch_size": loader.batch_size,
             "epoch_seconds": time.time() - t0,
         }
         history.append(metrics)
