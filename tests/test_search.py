@@ -91,47 +91,26 @@ def test_smoke_search_failing_trial_and_pruning(tiny_set, tmp_path):
     assert (run / "results.parquet").stat().st_mtime_ns == before
 
 
-def test_kill_and_resume(tiny_set, tmp_path):
-    run = tmp_path / "run"
-    args = ["--space", "tests/spaces/tiny.yaml", "--data", tiny_set, "--out", run, "--folds", 2,
-            "--num-samples", 3, "--top", 2, "--max-concurrent", 1, "--no-blend"]
-    p = subprocess.Popen([sys.executable, "-m", "steel_ray.search", *map(str, args)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(run.glob("oof/*/*/part-0.parquet")):
-        time.sleep(0.5)
-    assert p.poll() is None, "search finished before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray it embedded
-    p.wait()
-    time.sleep(2)
-    before = {f: f.stat().st_mtime_ns for f in run.glob("oof/*/*/part-0.parquet")}
-    assert before
-    r = _search(*args, "--resume")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    state = json.loads((run / "search.json").read_text())
-    table, complete = _check_pool(run, len(state["selected"]), 2)
-    explore = table[table.stage == "explore"]
-    assert len(explore) == 3 and explore.trial_id.is_unique
-    for f, t in before.items():  # finished folds were not redone
-        assert f.stat().st_mtime_ns == t
-    assert state["stage"] == "blend"
+def _wait_for_oofs(run, n, p, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(run.glob("oof/*/*/part-0.parquet"))) < n:
+        time.sleep(0.2)
+    assert p.poll() is None, "search finished before it could be stopped"
 
 
-def test_ctrl_c_says_interrupted_and_resume_counts_the_trials_that_ended(tiny_set, tmp_path):
-    """SIGINT (kill -INT, Ctrl-C) while explore runs: one line saying "interrupted" with the trials
-    that ended, exit 130, no "failed" and the stage not marked explored; --resume then counts the
-    trials that ended before it."""
+def test_ctrl_c_then_kill_then_resume(tiny_set, tmp_path):
+    """Ctrl-C (SIGINT) while explore runs: one line saying "interrupted" with the trials that
+    ended, exit 130, no "failed", the stage not marked explored. The resumed search counts the
+    trials that ended before it; killed hard (SIGKILL of the driver and its Ray) it resumes again
+    without redoing a finished fold, and the pool holds each (model, fold) once."""
     import re
 
     run = tmp_path / "run"
     args = ["--space", "tests/spaces/tiny.yaml", "--data", tiny_set, "--out", run, "--folds", 2,
-            "--num-samples", 3, "--top", 1, "--max-concurrent", 1, "--no-blend"]
+            "--num-samples", 3, "--top", 2, "--max-concurrent", 1, "--no-blend"]
     p = subprocess.Popen([sys.executable, "-m", "steel_ray.search", *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(run.glob("oof/*/*/part-0.parquet")):
-        time.sleep(0.2)
-    assert p.poll() is None, "search finished before it could be interrupted"
+    _wait_for_oofs(run, 1, p)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130, out[-2000:] + err[-3000:]
@@ -140,10 +119,30 @@ def test_ctrl_c_says_interrupted_and_resume_counts_the_trials_that_ended(tiny_se
     assert "error" not in err.lower() and "failed;" not in err.replace("0 failed", ""), err[-3000:]
     state = json.loads((run / "search.json").read_text())
     assert state["stage"] == "explore" and state["explored"] == []
+    # resumed, then killed hard once one more fold is in the pool
+    n_before = len(list(run.glob("oof/*/*/part-0.parquet")))
+    p = subprocess.Popen([sys.executable, "-m", "steel_ray.search", *map(str, args), "--resume"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_oofs(run, n_before + 1, p)
+    os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray it embedded
+    err_killed = p.communicate()[1]
+    time.sleep(2)
+    m2 = re.search(r"explore: (\d) of 3 trial\(s\) ended \(0 failed, (\d) ended before this resume\)", err_killed)
+    before = {f: f.stat().st_mtime_ns for f in run.glob("oof/*/*/part-0.parquet")}
     r = _search(*args, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m2 = re.search(r"explore: 3 of 3 trial\(s\) ended \(0 failed, (\d) ended before this resume\)", r.stderr)
-    assert m2 and int(m2.group(1)) >= 1, r.stderr[-3000:]
+    if m2 is None:  # killed during explore: the last resume reports the trials that ended before it
+        m2 = re.search(r"explore: 3 of 3 trial\(s\) ended \(0 failed, (\d) ended before this resume\)", r.stderr)
+        assert m2 and int(m2.group(1)) >= 1, r.stderr[-3000:]
+    else:  # explore had ended in the killed run: it counted the interrupted run's trials
+        assert int(m2.group(2)) >= 1, err_killed[-3000:]
+    state = json.loads((run / "search.json").read_text())
+    table, complete = _check_pool(run, len(state["selected"]), 2)
+    explore = table[table.stage == "explore"]
+    assert len(explore) == 3 and explore.trial_id.is_unique
+    for f, t in before.items():  # finished folds were not redone
+        assert f.stat().st_mtime_ns == t
+    assert state["stage"] == "blend"
 
 
 def test_multi_node_gpu_cluster(tiny_set, tmp_path):
