@@ -246,11 +246,12 @@ def test_asha_stops_a_planted_weak_trial(tiny_set, tmp_path):
     """Sequential trials: a config that learns, then one that cannot (lr 1e-7 and no aux head: its
     maps and presence stay high everywhere, so no post-processing can empty them and its Dice falls
     far below all-empty). ASHA must stop the second at its first rung; Optuna must see it PRUNED."""
-    space = tmp_path / "space.yaml"
-    space.write_text("fixed: {batch_size: 8, epochs: 2, tta: none, arch: FPN, encoder: tu-test_resnet, decoder_width: 64, "
-                     "sampler: upsample, loss: bce, steps_per_epoch: 20, warmup_steps: 10}\n"
-                     "params:\n  lr: {type: categorical, choices: [3.0e-3, 1.0e-7]}\n"
-                     "points_to_evaluate:\n  - {lr: 3.0e-3}\n  - {lr: 1.0e-7}\n")
+    import learning_cases as lc
+    import yaml
+
+    space = tmp_path / "space.yaml"  # the trials benchmarks/bench_test_margins.py measures (--cases asha)
+    space.write_text(yaml.safe_dump({"fixed": lc.ASHA_FIXED, "params": {"lr": {"type": "categorical", "choices": [3.0e-3, 1.0e-7]}},
+                                     "points_to_evaluate": [{"lr": 3.0e-3}, {"lr": 1.0e-7}]}))
     run = tmp_path / "run"
     r = _search("--space", space, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 2, "--top", 1,
                 "--max-concurrent", 1, "--no-blend")
@@ -259,7 +260,8 @@ def test_asha_stops_a_planted_weak_trial(tiny_set, tmp_path):
     lrs = explore.config.map(lambda c: json.loads(c)["lr"])
     weak, good = explore[lrs == 1e-7].iloc[0], explore[lrs == 3e-3].iloc[0]
     assert weak.status == "STOPPED" and weak.epochs_run == 1 and good.status == "TERMINATED" and good.epochs_run == 2
-    assert weak.best_val_dice_pp < good.best_val_dice_pp - 0.2
+    # 15 runs over float paths and seeds: good - weak at epoch 1 is 0.423-0.457
+    assert weak.best_val_dice_pp < good.best_val_dice_pp - lc.THRESHOLDS["asha"]["good_minus_weak_epoch1"]
     study = optuna.load_study(study_name="explore", storage=f"sqlite:///{run / 'optuna.db'}")
     states = {t.params["lr"]: t.state.name for t in study.trials}
     assert states == {3e-3: "COMPLETE", 1e-7: "PRUNED"}
