@@ -91,17 +91,19 @@ def sigterm_as_exit():
 
 class LineProgress:
     """The bar's stand-in off a terminal: one plain line on stderr each time another ``step``
-    fraction of the total is done (and at the end), never a carriage return.
+    fraction of the total is done, at most one per ``min_interval`` seconds, and one at the end;
+    never a carriage return.
 
     Only the calls the project makes on a tqdm bar: ``update``, ``set_postfix_str``, ``close``,
     iteration, and ``n`` / ``total``.
     """
 
-    def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it", step: float = 0.1, file=None, **_):
-        self.iterable, self.desc, self.unit, self.step = iterable, desc, unit, step
+    def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it", step: float = 0.1, file=None,
+                 min_interval: float = 5.0, **_):
+        self.iterable, self.desc, self.unit, self.step, self.min_interval = iterable, desc, unit, step, min_interval
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.n, self.n_start, self.postfix, self.file = 0, 0, "", file or sys.stderr
-        self._t0, self._last, self._closed = time.monotonic(), -1, False
+        self._t0, self._last, self._closed, self._printed = time.monotonic(), -1, False, None
 
     def __iter__(self):
         for x in self.iterable:
@@ -116,7 +118,10 @@ class LineProgress:
         self.n += n
         if self.total:
             mark = int(self.n / self.total / self.step)
-            if mark > self._last and self.n < self.total:
+            now = time.monotonic()
+            # a new step of the total, and not within min_interval of the last line (a 1-second
+            # loop prints its final line only)
+            if mark > self._last and self.n < self.total and now - (self._printed or self._t0) >= self.min_interval:
                 self._last = mark
                 self._line()
 
@@ -129,6 +134,7 @@ class LineProgress:
         else:
             eta, head = "", f"{self.desc}: {self.n} {self.unit}"
         print(f"{head}, {el:.0f} s{eta}" + (f"; {self.postfix}" if self.postfix else ""), file=self.file, flush=True)
+        self._printed = time.monotonic()
 
     def close(self) -> None:
         if not self._closed:

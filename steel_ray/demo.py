@@ -7,15 +7,16 @@ Usage::
 1. generate a CPU-sized synthetic Severstal set (once; 160 train + 40 test images, 128x800),
 2. search it on embedded Ray with two spaces, search_spaces/demo.yaml (segmentation) and
    search_spaces/demo_classifier.yaml (classifiers, the gate): set 20% of the training images
-   aside (holdout), explore 8 configs of each on fold 0 (Optuna TPE + ASHA), complete the best 3
-   segmentation models and the best 2 classifiers on 3 folds, blend them (classifier gate
-   included) and score the blend on the holdout,
+   aside (holdout), explore 6 segmentation and 3 classifier configs on fold 0 (Optuna TPE +
+   ASHA), complete the best 3 segmentation models and the best classifier on 3 folds, blend them
+   (classifier gate included) and score the blend on the holdout,
 3. write a submission for the synthetic test images with the chosen blend,
 4. score it against the synthetic test labels and print, each beside the all-empty score of the
    same pairs: the holdout score, the best single model and the blend's nested estimate with and
    without the classifiers (OOF pool), and the submission's test score.
 
-About 8 minutes on 2 CPU cores. An interrupted demo continues where it stopped when rerun;
+About 4-5 minutes on 2 idle CPU cores of the development machine (sized to stay under 10 minutes
+on a machine with half its speed per core). An interrupted demo continues where it stopped when rerun;
 ``--verbose`` shows Ray's own output (otherwise in RUN/logs/).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from . import run as layout
 from .report import fmt_score
 
 log = logging.getLogger("steel_ray.demo")
-# the demo's scale: what 2 CPU cores search, blend and predict in about 8 minutes
+# the demo's scale: what 2 CPU cores search, blend and predict in 4-5 minutes (under 10 on slower cores)
 DEMO = {"n_train": 160, "n_test": 40, "height": 128, "width": 800, "folds": 3, "holdout": 0.2,
         "spaces": ["search_spaces/demo.yaml", "search_spaces/demo_classifier.yaml"]}
 

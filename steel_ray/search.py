@@ -308,7 +308,8 @@ def _explore(space, n_spaces: int, state: dict, run: Path, trainable, storage_pa
     limiter = ConcurrencyLimiter(searcher, max_concurrent=a.max_concurrent or 2)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(), grace_period=1, reduction_factor=2)
     n = _per_space(state, space, "num_samples")
-    tc = tune.TuneConfig(metric=METRIC, mode="max", search_alg=limiter, scheduler=scheduler, num_samples=n)
+    # reuse_actors: a trial's worker process (torch, smp and the data imported) serves the next trial
+    tc = tune.TuneConfig(metric=METRIC, mode="max", search_alg=limiter, scheduler=scheduler, num_samples=n, reuse_actors=True)
     log.info("%s: %s (task %s)", name, space.path, space.task)
     return _fit_stage(name, n, trainable, storage_path, tc, a, logfile)
 
@@ -368,7 +369,7 @@ def _complete_stage(state: dict, run: Path, rows: list, pool: str, trainable, st
     specs = pending_folds(state["selected"], state["folds"], pool)
     rows = [r for r in rows if r["stage"] != "complete"]
     if specs:
-        tc = tune.TuneConfig(max_concurrent_trials=a.max_concurrent, num_samples=1)
+        tc = tune.TuneConfig(max_concurrent_trials=a.max_concurrent, num_samples=1, reuse_actors=True)
         grid = _fit_stage("complete", len(specs), trainable, storage_path, tc, a, logfile, {"spec": tune.grid_search(specs)})
         rows += _results_rows(grid, "complete")
     _write_results(run, rows)

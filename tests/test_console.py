@@ -6,7 +6,7 @@ from steel_ray import console
 
 def test_progress_off_a_terminal_prints_a_plain_line_at_the_start_and_every_tenth():
     buf = io.StringIO()
-    bar = console.LineProgress(total=50, desc="explore", unit="trials", file=buf)
+    bar = console.LineProgress(total=50, desc="explore", unit="trials", file=buf, min_interval=0)
     for i in range(50):
         bar.set_postfix_str(f"best {i}")
         bar.update(1)
@@ -22,7 +22,7 @@ def test_progress_off_a_terminal_prints_a_plain_line_at_the_start_and_every_tent
 
 def test_progress_counts_a_resumes_earlier_items_without_a_rate():
     buf = io.StringIO()
-    bar = console.LineProgress(total=4, desc="complete", file=buf)
+    bar = console.LineProgress(total=4, desc="complete", file=buf, min_interval=0)
     bar.n_start = 2  # ended before this run (a resume)
     bar.update(2)
     bar.update(1)
@@ -31,6 +31,8 @@ def test_progress_counts_a_resumes_earlier_items_without_a_rate():
 
 
 def test_progress_is_lines_when_stderr_is_not_a_terminal(capsys):
-    bar = console.progress(range(3), desc="synth", unit="img")
-    assert isinstance(bar, console.LineProgress) and list(bar) == [0, 1, 2]
-    assert capsys.readouterr().err.splitlines()[-1].startswith("synth: 3/3 img (100%)")
+    bar = console.progress(range(30), desc="synth", unit="img")
+    assert isinstance(bar, console.LineProgress) and list(bar) == list(range(30))
+    # a loop quicker than min_interval (5 s) prints its final line only
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("synth")]
+    assert len(lines) == 1 and lines[0].startswith("synth: 30/30 img (100%)"), lines

@@ -13,7 +13,7 @@ def _write(tmp_path, text):
 
 def test_shipped_spaces_parse():
     demo = load_space("search_spaces/demo.yaml")
-    assert demo.max_epochs() == 4 and demo.points_to_evaluate
+    assert demo.max_epochs() == 3 and demo.points_to_evaluate
     sev = load_space("search_spaces/severstal.yaml")
     names = {p.name for p in sev.params}
     assert {"arch", "encoder", "loss", "crop_width", "lr", "attention", "aux_weight"} <= names
