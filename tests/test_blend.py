@@ -132,7 +132,10 @@ def test_search_run_blends_its_completed_models_only(planted, tmp_path):
     assert {m["model_id"] for m in doc["members"]} <= {"a_good", "b_good2"}
     assert set(doc["single_models_cross_fitted"]) == {"a_good", "b_good2"} and doc["left_out_models"] == []
     assert blend.main(["--run", str(work), "--no-nested", "--models", "a_good", "--max-members", "2"]) == 0
-    assert [m["model_id"] for m in json.loads((work / "blend" / "blend.json").read_text())["members"]] == ["a_good"]
+    # a re-blend goes beside the run's own blend (RUN/blend-2), which stays
+    assert [m["model_id"] for m in json.loads((work / "blend-2" / "blend.json").read_text())["members"]] == ["a_good"]
+    assert {m["model_id"] for m in json.loads((work / "blend" / "blend.json").read_text())["members"]} == {
+        m["model_id"] for m in doc["members"]}
 
 
 def test_all_empty_equals_hand_count_and_json_is_strict(planted, tmp_path):
@@ -337,7 +340,9 @@ def test_holdout_is_never_trained_on_and_scored_like_a_submission(tiny_set, tmp_
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[1] == f"{s['holdout']:.6f}" and f"all-empty {hd['all_empty']:.6f}" in r.stdout
     md = (run / "blend" / "report.md").read_text()
-    assert md.split("\n")[2].startswith(f"Holdout ({len(held)} images nobody tuned on; the estimate to trust) {s['holdout']:.6f}")
+    assert md.split("\n")[2] == (f"**Blend {s['holdout']:.4f} on the holdout, {s['holdout'] - doc['holdout']['all_empty']:+.4f} over "
+                                  f"predicting no defects ({doc['holdout']['all_empty']:.4f}), 95% CI {doc['holdout']['ci95'][0]:.4f}-"
+                                  f"{doc['holdout']['ci95'][1]:.4f} ({len(held)} images nobody tuned on).**")
 
 
 def test_per_class_weights_follow_planted_per_class_skill(tmp_path):

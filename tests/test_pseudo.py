@@ -90,7 +90,7 @@ def test_training_images_and_other_sizes_are_refused(parent, tiny_set, tmp_path)
         shutil.copy(tiny_set / "train_images" / i, only_held / i)
     r = _run("pseudo", "--run", parent, "--images", only_held, "--out", tmp_path / "z")
     assert r.returncode == 2 and f"also a holdout image of {parent} ({len(held)} holdout image(s)" in r.stderr, r.stderr
-    assert "training" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "training image" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     from steel_ray import synth
 
     other = tmp_path / "other"

@@ -54,7 +54,7 @@ def test_smoke_search_failing_trial_and_pruning(tiny_set, tmp_path):
     out = r.stdout + r.stderr
     for chatter in ("Configuration for experiment", "Trial status", "View detailed results", "Traceback", "ray::"):
         assert chatter not in out, chatter
-    assert "explore: 4 trial(s) ended" in out and "complete:" in out
+    assert "explore: 4 of 4 trial(s) ended" in out and "complete:" in out
     assert len(r.stdout.splitlines()) <= 20, r.stdout
     log_text = (run / "logs" / "search.log").read_text()
     assert "Configuration for experiment" in log_text and "Traceback" in log_text  # the failing trial's error is kept
@@ -225,7 +225,7 @@ def test_two_spaces_one_run_segmentation_and_classifier(tiny_set, tmp_path):
                 "--top", 1, "--max-concurrent", 2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
-    assert "explore-seg: 2 trial(s) ended" in out and "explore-gate: 2 trial(s) ended" in out
+    assert "explore-seg: 2 of 2 trial(s) ended" in out and "explore-gate: 2 of 2 trial(s) ended" in out
     table = pd.read_parquet(run / "results.parquet")
     explore = table[table.stage == "explore"]
     assert sorted(explore.space.unique()) == ["gate", "seg"] and (explore.groupby("space").size() == 2).all()
