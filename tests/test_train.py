@@ -176,7 +176,7 @@ def test_steps_per_epoch_and_warmup(tiny_set, tmp_path):
 
 def test_demo_settings_learn_better_than_all_empty(tmp_path):
     """The demo space's reference trial, trained for its steps on a small synthetic set, beats all-empty
-    (benchmarks/bench_test_margins.py: 15 runs over float paths and seeds, +0.046 to +0.075 vs > +0.01)."""
+    (benchmarks/bench_test_margins.py over float paths and seeds: +0.038 to +0.062 in 8 runs vs > +0.01)."""
     import learning_cases as lc
 
     got = lc.demo(tmp_path)
