@@ -49,5 +49,5 @@ lock:
 	$(LOCKVENV)/bin/python -m pip install '.[test]' >>$(LOCKVENV).log 2>&1 || { tail -n 30 $(LOCKVENV).log; exit 1; }
 	{ echo "# Versions tested together: pip freeze of a fresh install of setup.cfg (make lock, $$(date +%F))."; \
 	  echo "# Used as pip -c by make install and by the setup commands of cluster.yaml and cluster-local.yaml."; \
-	  $(LOCKVENV)/bin/python -m pip freeze --exclude-editable | grep -iv '^steel.ray==' | sed 's/+[A-Za-z0-9.]*$$//'; } >constraints.txt.tmp
+	  $(LOCKVENV)/bin/python -m pip freeze --exclude-editable | grep -iv '^steel.ray *[=@]' | sed 's/+[A-Za-z0-9.]*$$//'; } >constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt && rm -rf $(LOCKVENV) $(LOCKVENV).log
