@@ -762,13 +762,17 @@ def main(argv=None) -> int:
                          "next free RUN/blend-N beside it: the run's own blend, which predict and pseudo rounds use, is kept)")
     ap.add_argument("--replace", action="store_true",
                     help="overwrite the blend in the output folder (with no --out: replace the run's own RUN/blend)")
+    ap.add_argument("--score-holdout", action="store_true",
+                    help="score this blend on the run's holdout: a look that RUN/holdout.json records (the search "
+                         "looked once); without it a re-blend does not score the holdout, so trying options cannot tune on it")
     a = ap.parse_args(argv)
     from . import console
 
     console.setup(a.run if Path(a.run).is_dir() else None, False, "blend")
     try:
         out = _out_dir(a.run, a.out, a.replace)
-        blend_run(a.run, a.models, out=out, max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
+        blend_run(a.run, a.models, out=out, holdout_look=a.score_holdout, command=_command(argv),
+                  max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
                   init_sorted=a.init_sorted, allow_partial=a.allow_partial, fill_holes=a.fill_holes, nested=not a.no_nested,
                   workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice,
                   stream={"auto": "auto", "on": True, "off": False}[a.stream])
@@ -776,6 +780,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _command(argv) -> str:
+    return "python -m steel_ray.blend " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
 
 
 def _out_dir(run, out, replace: bool) -> Path:
@@ -811,10 +819,14 @@ def search_models(run) -> list[str] | None:
     return models or None
 
 
-def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, stream="auto", out=None, **opts) -> dict:
+def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, stream="auto", out=None,
+              holdout_look: bool = True, command: str = "search (the run's own blend)", **opts) -> dict:
     """Blend a run's pool (default: the search's completed models, else the whole pool), write
     blend.json and the report into ``out`` (default: the run's own RUN/blend), print the score
-    summary; returns the blend.json document."""
+    summary; returns the blend.json document.
+
+    With a holdout and ``holdout_look``, the blend is scored on it and the look is appended to
+    RUN/holdout.json ``looks`` (``command`` says who looked); the CLI looks only when asked."""
     if models is None:
         models = search_models(run)
         if models:
@@ -825,8 +837,12 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
     res = optimize(pool, fill_holes=fill_holes, **opts)
     out = Path(out) if out is not None else layout.blend_dir(run)
     doc = blend_json(res, pool, run)
-    if layout.holdout_path(run).exists():
+    if layout.holdout_path(run).exists() and holdout_look:
         doc = score_holdout(run, doc, out / "blend.json")
+        doc["holdout"]["looks"] = record_look(run, doc, out / "blend.json", command)
+    elif layout.holdout_path(run).exists():
+        n = len(json.loads(layout.holdout_path(run).read_text()).get("looks", []))
+        log.info("the holdout is not scored (looked at %d time(s) so far): pass --score-holdout to look at it", n)
     state = layout.read_state(run) or {}
     if "pseudo" in state:  # a pseudo-labelling round (steel_ray.pseudo)
         doc["pseudo"] = state["pseudo"]
@@ -884,6 +900,17 @@ def _why_no_classifier(doc: dict) -> str:
     return f"none of {len(doc['classifier_pool'])} beat the segmentation gate (cross-fitted)"
 
 
+def record_look(run, doc: dict, blend_path, command: str) -> int:
+    """Append a look at the holdout to RUN/holdout.json ``looks`` (time, command, blend, score);
+    returns how many there have been. Every choice made after seeing the score tunes on it."""
+    path = layout.holdout_path(run)
+    h = json.loads(path.read_text())
+    h.setdefault("looks", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command, "blend": str(blend_path),
+                                      "score": doc["scores"]["holdout"], "ci95": doc["holdout"]["ci95"]})
+    write_json(path, h)
+    return len(h["looks"])
+
+
 def summary_lines(doc: dict) -> list[str]:
     """The blend's scores for the console, each beside the all-empty score of the same pairs."""
     from .report import fmt_score, warnings
@@ -908,7 +935,7 @@ def summary_lines(doc: dict) -> list[str]:
         lines.append(f"  {label:32} {fmt_score(v)}{rel}")
     if "holdout" in doc:
         h = doc["holdout"]
-        lines.append(f"holdout ({h['n_images']} images nobody tuned on):")
+        lines.append(f"holdout ({h['n_images']} images nobody tuned on; look {h.get('looks', 1)} at it):")
         lines.append(f"  {'all-empty (no defects)':32} {h['all_empty']:.6f}")
         lines.append(f"  {'blend':32} {s['holdout']:.6f}  ({s['holdout'] - h['all_empty']:+.6f} vs all-empty; "
                      f"95% CI {h['ci95'][0]:.6f}-{h['ci95'][1]:.6f})")

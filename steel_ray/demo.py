@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     print(f"\n== steel_ray demo: {time.time() - t0:.0f} s ==")
     if "holdout" in doc:
         h = doc["holdout"]
-        print(f"holdout ({h['n_images']} training images set aside before the folds; nobody tuned on them):")
+        print(f"holdout ({h['n_images']} training images set aside before the folds; nobody tuned on them; "
+              f"looked at {h.get('looks', 1)} time(s)):")
         print(f"  all-empty (no defects)     {h['all_empty']:.6f}")
         print(f"  blend                      {s['holdout']:.6f}  {_vs(s['holdout'], h['all_empty'])}  "
               f"95% CI {h['ci95'][0]:.4f}-{h['ci95'][1]:.4f}")

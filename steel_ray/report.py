@@ -275,6 +275,10 @@ def warnings(doc: dict) -> list[tuple[str, str]]:
     if s["best_single"] <= s["all_empty"]:
         out.append(("best_single", f"WARNING: the best single model is no better than predicting no defects "
                                    f"({s['best_single']:.6f} <= all-empty {s['all_empty']:.6f})."))
+    looks = doc.get("holdout", {}).get("looks", 1)
+    if looks > 1:
+        out.append(("holdout", f"WARNING: the holdout has been looked at {looks} times (RUN/holdout.json looks): choices "
+                               "made after seeing its score tune on it, so it is no longer an untouched estimate."))
     for c, pc in doc["per_class"].items():
         for e in pc.get("on_grid_edge", []):
             out.append(("edge", f"Class {c}: {e} (the optimum may lie outside the grid)."))

@@ -343,6 +343,23 @@ def test_holdout_is_never_trained_on_and_scored_like_a_submission(tiny_set, tmp_
     assert md.split("\n")[2] == (f"**Blend {s['holdout']:.4f} on the holdout, {s['holdout'] - doc['holdout']['all_empty']:+.4f} over "
                                   f"predicting no defects ({doc['holdout']['all_empty']:.4f}), 95% CI {doc['holdout']['ci95'][0]:.4f}-"
                                   f"{doc['holdout']['ci95'][1]:.4f} ({len(held)} images nobody tuned on).**")
+    # the search's blend looked once; a plain CLI re-blend does not look; --score-holdout does, and
+    # a second look is a warning in the console and the report
+    looks = json.loads((run / "holdout.json").read_text())["looks"]
+    assert len(looks) == 1 and looks[0]["score"] == s["holdout"] and doc["holdout"]["looks"] == 1
+    assert "WARNING: the holdout" not in md
+    r = subprocess.run([sys.executable, "-m", "steel_ray.blend", "--run", str(run), "--no-nested", "--max-members", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not any(line.startswith("holdout") for line in r.stdout.splitlines()), r.stdout[-2000:]
+    assert "holdout" not in json.loads((run / "blend-2" / "blend.json").read_text())
+    assert "not scored (looked at 1 time(s) so far): pass --score-holdout" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "steel_ray.blend", "--run", str(run), "--no-nested", "--max-members", "2",
+                        "--score-holdout"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    looks = json.loads((run / "holdout.json").read_text())["looks"]
+    assert len(looks) == 2 and "--score-holdout" in looks[1]["command"] and looks[1]["blend"].endswith("blend-3/blend.json")
+    assert "look 2 at it" in r.stdout and "WARNING: the holdout has been looked at 2 times" in r.stdout
+    assert "WARNING: the holdout has been looked at 2 times" in (run / "blend-3" / "report.md").read_text()
 
 
 def test_per_class_weights_follow_planted_per_class_skill(tmp_path):
