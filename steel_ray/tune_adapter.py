@@ -135,6 +135,11 @@ class ProgressCallback(tune.Callback):
                     bar.n_start = self.before  # the ETA counts only this run's trials
                 bar.update(self.before)
 
+    def on_experiment_end(self, trials, **info):
+        # a resume that finds every trial ended runs no step: count them here
+        if not self._counted and not self.interrupted:
+            self.on_step_begin(0, trials)
+
     def _postfix(self):
         best = f"best {self.best:.4f} ({self.best_model})" if self.best > float("-inf") else "best -"
         return best + (f", {self.errors} failed" if self.errors else "")

@@ -98,6 +98,23 @@ def _wait_for_oofs(run, n, p, timeout=300):
     assert p.poll() is None, "search finished before it could be stopped"
 
 
+def _wait_for_ended_trials(run, n, p, timeout=300):
+    """Until the driver's Tune has registered n ended explore trials: the searcher tells the Optuna
+    study in the same controller step as the stage's callback (an OOF file on disk comes earlier)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "optuna.db").exists():  # never open it first: sqlite would create it
+            try:
+                study = optuna.load_study(study_name="explore", storage=f"sqlite:///{run / 'optuna.db'}")
+                if len([t for t in study.trials if t.state.is_finished()]) >= n:
+                    break
+            except Exception:  # noqa: BLE001 - the study is being created, or the file locked for a moment
+                pass
+        time.sleep(0.3)
+    time.sleep(1.0)  # the rest of that controller step
+    assert p.poll() is None, "search finished before it could be stopped"
+
+
 def test_ctrl_c_then_kill_then_resume(tiny_set, tmp_path):
     """Ctrl-C (SIGINT) while explore runs: one line saying "interrupted" with the trials that
     ended, exit 130, no "failed", the stage not marked explored. The resumed search counts the
@@ -110,7 +127,7 @@ def test_ctrl_c_then_kill_then_resume(tiny_set, tmp_path):
             "--num-samples", 3, "--top", 2, "--max-concurrent", 1, "--no-blend"]
     p = subprocess.Popen([sys.executable, "-m", "steel_ray.search", *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    _wait_for_oofs(run, 1, p)
+    _wait_for_ended_trials(run, 1, p)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130, out[-2000:] + err[-3000:]

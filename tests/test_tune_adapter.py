@@ -90,3 +90,20 @@ def test_a_worker_with_other_code_or_versions_fails_its_trial_naming_both_sides(
     msg = str(e.value)
     assert msg.startswith(f"worker 10.0.0.2 (abc) runs steel_ray {env['steel_ray']}, torch {env['torch']} but the driver runs "
                           "steel_ray 0123456789ab, torch 0.0.1: ") and "\n" not in msg
+
+
+def test_a_resumed_stage_counts_the_trials_that_ended_before_it():
+    """Tune restores ended trials without events; a stage whose trials all ended runs no step."""
+    from types import SimpleNamespace
+
+    from steel_ray.tune_adapter import ProgressCallback
+
+    ended = [SimpleNamespace(status=s) for s in ("TERMINATED", "TERMINATED", "ERROR")]
+    cb = ProgressCallback("explore", 3)
+    cb.on_experiment_end(ended)  # no step ran
+    assert cb.close() == "explore: 3 of 3 trial(s) ended (1 failed, 3 ended before this resume); no new result"
+    cb = ProgressCallback("explore", 3)
+    cb.on_step_begin(0, ended[:1] + [SimpleNamespace(status="PENDING")] * 2)
+    cb.on_trial_complete(1, [], None)
+    cb.on_experiment_end(ended)  # counted at the first step already
+    assert cb.close().startswith("explore: 2 of 3 trial(s) ended (0 failed, 1 ended before this resume)")
