@@ -837,12 +837,13 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
     res = optimize(pool, fill_holes=fill_holes, **opts)
     out = Path(out) if out is not None else layout.blend_dir(run)
     doc = blend_json(res, pool, run)
-    if layout.holdout_path(run).exists() and holdout_look:
-        doc = score_holdout(run, doc, out / "blend.json")
-        doc["holdout"]["looks"] = record_look(run, doc, out / "blend.json", command)
-    elif layout.holdout_path(run).exists():
-        n = len(json.loads(layout.holdout_path(run).read_text()).get("looks", []))
-        log.info("the holdout is not scored (looked at %d time(s) so far): pass --score-holdout to look at it", n)
+    if layout.holdout_path(run).exists():
+        if holdout_look:
+            doc = score_holdout(run, doc, out / "blend.json")
+            doc["holdout"]["looks"] = record_look(run, doc, out / "blend.json", command)
+        else:
+            n = len(json.loads(layout.holdout_path(run).read_text()).get("looks", []))
+            log.info("the holdout is not scored (looked at %d time(s) so far): pass --score-holdout to look at it", n)
     state = layout.read_state(run) or {}
     if "pseudo" in state:  # a pseudo-labelling round (steel_ray.pseudo)
         doc["pseudo"] = state["pseudo"]
@@ -892,14 +893,6 @@ def score_holdout(run, doc: dict, blend_path, n_boot: int = 2000) -> dict:
     return doc
 
 
-def _why_no_classifier(doc: dict) -> str:
-    unused = doc.get("classifiers_unused") or []
-    if unused:
-        return (f"{len(unused)} weighted by the classifier selection, but every class chose the segmentation gate "
-                "(weighted but unused; predict does not run them)")
-    return f"none of {len(doc['classifier_pool'])} beat the segmentation gate (cross-fitted)"
-
-
 def record_look(run, doc: dict, blend_path, command: str) -> int:
     """Append a look at the holdout to RUN/holdout.json ``looks`` (time, command, blend, score);
     returns how many there have been. Every choice made after seeing the score tunes on it."""
@@ -913,13 +906,13 @@ def record_look(run, doc: dict, blend_path, command: str) -> int:
 
 def summary_lines(doc: dict) -> list[str]:
     """The blend's scores for the console, each beside the all-empty score of the same pairs."""
-    from .report import fmt_score, warnings
+    from .report import fmt_score, no_classifier_reason, warnings
 
     s = doc["scores"]
     clf = doc.get("classifiers", [])
     lines = [f"blend: {len(doc['members'])} member(s)" + (f", {len(clf)} classifier(s) in the gate" if clf else "")]
     if doc.get("classifier_pool") and not clf:
-        lines.append(f"  no classifier used: {_why_no_classifier(doc)}")
+        lines.append(f"  no classifier used: {no_classifier_reason(doc)}")
     if clf or doc.get("classifier_pool"):
         lines.append("  gate source per class: " + ", ".join(f"{c}: {pp.get('gate_source', 'segmentation')}"
                                                         for c, pp in doc["postprocess"].items()))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import console, predict, score, search, synth
 from . import run as layout
-from .report import fmt_score
+from .report import fmt_score, no_classifier_reason
 
 log = logging.getLogger("steel_ray.demo")
 # the demo's scale: what 2 CPU cores search, blend and predict in 4-5 minutes (under 10 on slower cores)
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
         used = len(doc.get("classifiers", []))
         print(f"  ... segmentation gate only {fmt_score(s['nested_segmentation_only'])}  "
               f"{_vs(s['nested_segmentation_only'], s['all_empty'])}  ({used} classifier(s) in the blend's gate"
-              + ("" if used else ": " + ("every class chose the segmentation gate" if doc.get("classifiers_unused")
-                                         else "none beat the segmentation gate")) + ")")
+              + ("" if used else f": {no_classifier_reason(doc)}") + ")")
     print(f"test set ({dice.shape[0]} images, scored with the synthetic labels):")
     print(f"  all-empty (no defects)     {test_empty:.6f}")
     print(f"  submission                 {test:.6f}  {_vs(test, test_empty)}")

@@ -226,9 +226,9 @@ def unreadable_named(path, what: str = "OOF file"):
     page) is a one-line :class:`DataError` naming it, instead of Arrow's error without a path."""
     try:
         yield
+    except FileNotFoundError:
+        raise
     except (pa.ArrowException, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: unreadable {what} ({first}); delete it and rerun that fold (the search's --resume "
                         "retrains a fold whose OOF file is missing)") from None

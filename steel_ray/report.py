@@ -213,6 +213,15 @@ def fmt_score(v) -> str:
     return "n/a" if v is None else f"{v:.6f}"
 
 
+def no_classifier_reason(doc: dict) -> str:
+    """Why a pool with classifiers has none in the gate (the console, the report and the demo say it alike)."""
+    unused = doc.get("classifiers_unused") or []
+    if unused:
+        return (f"{len(unused)} weighted by the classifier selection, but every class chose the segmentation gate "
+                "(weighted but unused; predict does not run them)")
+    return f"none of {len(doc['classifier_pool'])} beat the segmentation gate (cross-fitted)"
+
+
 def headline_line(doc: dict) -> str:
     """One line: the blend's score to trust, how far above predicting no defects, and its interval."""
     s = doc["scores"]
@@ -243,12 +252,8 @@ def headline_details(doc: dict) -> list[str]:
             out.append(f"Classifier gate: {n_used} classifier(s); nested {fmt_score(nested)} with them vs "
                        f"{fmt_score(seg)} with the segmentation gate alone"
                        + (f" ({nested - seg:+.6f})." if nested is not None and seg is not None else "."))
-        elif doc.get("classifiers_unused"):
-            out.append(f"No classifier is used: {len(doc['classifiers_unused'])} got weight in the classifier selection, but "
-                       "every class chose the segmentation gate (listed as weighted but unused; predict does not run them).")
         else:
-            out.append(f"No classifier is used: none of the pool's {len(doc['classifier_pool'])} beat the segmentation "
-                       "gate on the cross-fitted score.")
+            out.append(f"No classifier is used: {no_classifier_reason(doc)}.")
     if "pseudo" in doc:
         p = doc["pseudo"]
         ps_ = p["parent_scores"]

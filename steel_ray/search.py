@@ -492,11 +492,9 @@ def _run(a) -> int:
     try:
         with console.sigterm_as_exit():
             return run_search(a)
-    except SearchInterrupted as e:
-        print(f"{e}; continue it with: python -m steel_ray.search --out {a.out} --resume", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a Tune stage (the blend)
-        print(f"interrupted; continue it with: python -m steel_ray.search --out {a.out} --resume", file=sys.stderr)
+    except (SearchInterrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a second Ctrl-C, or one in the blend
+        what = str(e) if isinstance(e, SearchInterrupted) else "interrupted"
+        print(f"{what}; continue it with: python -m steel_ray.search --out {a.out} --resume", file=sys.stderr)
         return 130
     except (SearchError, SpaceError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

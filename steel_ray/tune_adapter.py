@@ -124,7 +124,16 @@ class ProgressCallback(tune.Callback):
         signal.signal(signal.SIGINT, note)
 
     def on_step_begin(self, iteration, trials, **info):
-        if not self._counted:  # a resumed stage: the trials that ended before it count as done
+        self._count_ended_before(trials)
+
+    def on_experiment_end(self, trials, **info):
+        # a resume that finds every trial ended runs no step: count them here
+        if not self.interrupted:
+            self._count_ended_before(trials)
+
+    def _count_ended_before(self, trials):
+        """Once, at the stage's start: the trials a resumed stage finds ended count as done."""
+        if not self._counted:
             self._counted = True
             ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
             self.before = len(ended)
@@ -134,11 +143,6 @@ class ProgressCallback(tune.Callback):
                 if hasattr(bar, "n_start"):
                     bar.n_start = self.before  # the ETA counts only this run's trials
                 bar.update(self.before)
-
-    def on_experiment_end(self, trials, **info):
-        # a resume that finds every trial ended runs no step: count them here
-        if not self._counted and not self.interrupted:
-            self.on_step_begin(0, trials)
 
     def _postfix(self):
         best = f"best {self.best:.4f} ({self.best_model})" if self.best > float("-inf") else "best -"
