@@ -23,7 +23,7 @@ from pathlib import Path
 __all__ = [
     "STATE", "RESULTS", "FOLDS", "TRUTH", "HOLDOUT", "state_path", "results_path", "folds_path", "truth_path", "holdout_path",
     "oof_root", "oof_path", "checkpoint_dir", "best_weights", "blend_dir", "blend_json", "pseudo_dir", "logs_dir",
-    "trial_log", "optuna_db", "read_state", "run_id", "storage_root", "pool_uri", "ray_storage",
+    "trial_log", "optuna_db", "read_state", "run_id", "join_uri", "storage_root", "pool_uri", "ray_storage",
 ]
 
 STATE = "search.json"
@@ -105,18 +105,26 @@ def run_id(state: dict, run) -> str:
     return state.get("run_id") or Path(run).name
 
 
+def join_uri(base: str, *parts: str) -> str:
+    """``base/part/...`` for a path or a URI; a URI's query stays at its end, where pyarrow reads it
+    (``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http`` + ``pool`` is
+    ``s3://bucket/runs/pool?endpoint_override=127.0.0.1:9000&scheme=http``)."""
+    head, sep, query = str(base).partition("?")
+    return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
+
+
 def storage_root(state: dict, run) -> str | None:
     """``STORAGE/<run id>`` when the run writes to ``--storage``, else None (everything in RUN)."""
-    return f"{state['storage'].rstrip('/')}/{run_id(state, run)}" if state.get("storage") else None
+    return join_uri(state["storage"], run_id(state, run)) if state.get("storage") else None
 
 
 def pool_uri(state: dict, run) -> str:
     """Where trials write their OOF and weights: ``STORAGE/<run id>/pool``, else the run folder itself."""
     root = storage_root(state, run)
-    return f"{root}/pool" if root else str(run)
+    return join_uri(root, "pool") if root else str(run)
 
 
 def ray_storage(state: dict, run) -> str:
     """Where Ray keeps the experiments and trial checkpoints: ``STORAGE/<run id>/ray``, else ``RUN/ray``."""
     root = storage_root(state, run)
-    return f"{root}/ray" if root else str(Path(run) / "ray")
+    return join_uri(root, "ray") if root else str(Path(run) / "ray")

@@ -200,7 +200,7 @@ def _tuner(name, trainable, storage_path, tune_config, max_failures, param_space
            verbose=False):
     from ray import tune
 
-    path = os.path.join(storage_path, name)
+    path = layout.join_uri(storage_path, name)
     if restore and tune.Tuner.can_restore(path):
         log.info("restoring %s from %s", name, path)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space)
@@ -208,7 +208,9 @@ def _tuner(name, trainable, storage_path, tune_config, max_failures, param_space
         name=name,
         storage_path=storage_path,
         failure_config=tune.FailureConfig(max_failures=max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # 2, not 1: Tune's saved experiment state can lag one report behind, and with one kept it can
+        # name a checkpoint already deleted, which fails that trial's resume after a kill
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=callbacks,
         verbose=1 if verbose else 0,
     )

@@ -22,8 +22,8 @@ from . import run as layout
 from .config import TrialConfig
 from .train import FoldData, checkpoint_dir, fit_fold
 
-__all__ = ["PruneAwareOptunaSearch", "ProgressCallback", "run_trial", "is_remote", "pool_meta", "put_file", "upload_fold",
-           "sync_pool"]
+__all__ = ["PruneAwareOptunaSearch", "ProgressCallback", "run_trial", "is_remote", "pool_meta", "put_file", "get_file",
+           "upload_fold", "sync_pool", "scratch_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -213,21 +213,44 @@ def put_file(local: Path, pool: str, rel: str) -> None:
     pafs.copy_files(str(local), f"{root}/{rel}", destination_filesystem=fs)
 
 
+def scratch_dir() -> Path:
+    """A new temporary folder for a remote pool's trial, under ``$STEEL_RAY_SCRATCH`` when set (a
+    worker's local NVMe, say), else the system's temporary folder."""
+    root = os.environ.get("STEEL_RAY_SCRATCH") or None
+    if root:
+        os.makedirs(root, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="steel_ray_trial_", dir=root))
+
+
+def get_file(pool: str, rel: str, local: Path) -> bool:
+    """Copy ``rel`` from a remote pool to ``local`` when it is there; False when it is not."""
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(pool)
+    if fs.get_file_info(f"{root}/{rel}").type != pafs.FileType.File:
+        return False
+    local.parent.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(f"{root}/{rel}", str(local), source_filesystem=fs)
+    return True
+
+
 def sync_pool(pool: str, run: Path) -> None:
-    """Bring a remote pool's OOF files and best weights into the local run folder."""
+    """Bring a remote pool's OOF files, best weights and trial logs into the local run folder (a log
+    is copied again when it changed: a retried trial appends to it)."""
     if not is_remote(pool) and Path(pool).resolve() == Path(run).resolve():
         return
     import pyarrow.fs as pafs
 
     fs, root = _fs(pool) if is_remote(pool) else (pafs.LocalFileSystem(), str(Path(pool).resolve()))
-    for sub in ("oof", "checkpoints"):
+    logs = layout.trial_log("", "m", 0).parent.as_posix()
+    for sub in ("oof", "checkpoints", logs):
         sel = pafs.FileSelector(f"{root}/{sub}", recursive=True, allow_not_found=True)
         for info in fs.get_file_info(sel):
             if info.type != pafs.FileType.File or Path(info.path).name.startswith("."):
                 continue
             rel = os.path.relpath(info.path, root)
             dst = Path(run) / rel
-            if not dst.exists():
+            if not dst.exists() or (sub == logs and dst.stat().st_size != info.size):
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dst.with_name(f".{dst.name}.sync")
                 pafs.copy_files(info.path, str(tmp), source_filesystem=fs)
@@ -330,7 +353,10 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
         return
 
     remote = is_remote(pool)
-    local_run = Path(tempfile.mkdtemp(prefix="steel_ray_trial_")) if remote else Path(pool)
+    local_run = scratch_dir() if remote else Path(pool)
+    log_rel = layout.trial_log("", model_id, fold).as_posix()
+    if remote:  # a retried trial's log continues the one its earlier attempts left in the pool
+        get_file(pool, log_rel, local_run / log_rel)
     ckdir = checkpoint_dir(local_run, model_id, fold)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -342,19 +368,25 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
                     shutil.copy2(src, ckdir / f".{name}.restore")
                     os.replace(ckdir / f".{name}.restore", ckdir / name)
 
+    oof_file = oof.oof_path(local_run, model_id, fold)
+
     def report(metrics: dict) -> None:
         metrics = {**metrics, **info, "finished": metrics["epoch"] >= cfg.train.total_epochs}
+        if remote and oof_file.exists():
+            # fit_fold reports its last epoch once the OOF is written; a scheduler may stop the trial
+            # at that report (ASHA at max_t), so the fold goes into the pool before it, not after
+            upload_fold(local_run, layout.best_weights(local_run, model_id, fold), oof_file, pool)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
 
     try:
         with _trial_log(local_run, model_id, fold):
-            res = fit_fold(cfg, fold, data, local_run, report=report, progress=False, cpus=cpus)
-        if remote:
-            upload_fold(local_run, res.weights_path, res.oof_path, pool)
+            fit_fold(cfg, fold, data, local_run, report=report, progress=False, cpus=cpus)
     finally:
         # a remote pool's trial works in a temporary folder: gone whatever the ending (finished,
         # stopped by ASHA, failed); Tune's checkpoints hold what a retry needs
         if remote:
+            with contextlib.suppress(OSError):  # the log is for people: a failed upload must not hide the trial's error
+                put_file(local_run / log_rel, pool, log_rel)
             shutil.rmtree(local_run, ignore_errors=True)
 
 

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -43,13 +44,39 @@ def _check_pool(run, n_models, n_folds):
     return table, complete
 
 
+def _s3_search(tmp_path, *args):
+    """A search whose --storage is a real S3 API (moto's server on 127.0.0.1, the endpoint in the URI
+    as a user gives MinIO's); trials keep their temporary folders under tmp_path/scratch. Returns
+    the completed process, the storage URI, the scratch folder's leftovers and every key under
+    STORAGE/<run id>/pool/oof."""
+    from s3_server import list_keys, s3_storage
+
+    scratch = tmp_path / "scratch"
+    with s3_storage() as storage:
+        r = _search(*args, "--storage", storage, env={**os.environ, "STEEL_RAY_SCRATCH": str(scratch)})
+        state = json.loads((Path(args[args.index("--out") + 1]) / "search.json").read_text())
+        keys = list_keys(storage, f"{state['run_id']}/pool/oof")
+    left = sorted(p.name for p in scratch.iterdir()) if scratch.exists() else []
+    return r, storage, left, keys
+
+
+def _oof_keys_once(keys, table):
+    """The pool in S3 holds one OOF file per (model, fold) the table says ended, and nothing else."""
+    done = table[table.status == "TERMINATED"]
+    expected = sorted({f"model_id={m}/fold={f}/part-0.parquet" for m, f in zip(done.model_id, done.fold)})
+    assert keys == expected, (keys, expected)
+
+
 def test_smoke_search_failing_trial_and_pruning(tiny_set, tmp_path):
+    """Explore (one point cannot fit the images and fails), complete, on an S3 pool: every trial's
+    temporary folder is gone, finished or failed."""
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     run = tmp_path / "run"
-    r = _search("--space", space, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 4, "--top", 2,
-                "--max-concurrent", 2, "--max-failures", 0, "--no-blend")
+    r, storage, left, keys = _s3_search(tmp_path, "--space", space, "--data", tiny_set, "--out", run, "--folds", 2,
+                                        "--num-samples", 4, "--top", 2, "--max-concurrent", 2, "--max-failures", 0, "--no-blend")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert left == []  # no steel_ray_trial_* folder left behind
     # the console shows our progress and summary; Ray's tables, hints and tracebacks go to the log files
     out = r.stdout + r.stderr
     for chatter in ("Configuration for experiment", "Trial status", "View detailed results", "Traceback", "ray::"):
@@ -58,9 +85,11 @@ def test_smoke_search_failing_trial_and_pruning(tiny_set, tmp_path):
     assert len(r.stdout.splitlines()) <= 20, r.stdout
     log_text = (run / "logs" / "search.log").read_text()
     assert "Configuration for experiment" in log_text and "Traceback" in log_text  # the failing trial's error is kept
-    assert list((run / "logs" / "trials").glob("*-fold0.log"))
+    # the trials' own logs came back from the pool, the failed one's too
+    assert len(list((run / "logs" / "trials").glob("*-fold0.log"))) >= 4
     state = json.loads((run / "search.json").read_text())
     table, complete = _check_pool(run, len(state["selected"]), 2)
+    _oof_keys_once(keys, table.drop_duplicates(["model_id", "fold", "status"]))
     explore = table[table.stage == "explore"]
     assert len(explore) == 4 and len(state["selected"]) == min(2, int((explore.status != "ERROR").sum()))
     # the point with a 512-wide crop cannot fit 256-wide images: it fails alone, with its error
@@ -272,10 +301,12 @@ def test_asha_stops_a_planted_weak_trial(tiny_set, tmp_path):
     space.write_text(yaml.safe_dump({"fixed": lc.ASHA_FIXED, "params": {"lr": {"type": "categorical", "choices": [3.0e-3, 1.0e-7]}},
                                      "points_to_evaluate": [{"lr": 3.0e-3}, {"lr": 1.0e-7}]}))
     run = tmp_path / "run"
-    r = _search("--space", space, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 2, "--top", 1,
-                "--max-concurrent", 1, "--no-blend")
+    r, _, left, keys = _s3_search(tmp_path, "--space", space, "--data", tiny_set, "--out", run, "--folds", 2,
+                                  "--num-samples", 2, "--top", 1, "--max-concurrent", 1, "--no-blend")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    explore = pd.read_parquet(run / "results.parquet").query("stage == 'explore'")
+    assert left == []  # the stopped trial's temporary folder is gone too
+    table = pd.read_parquet(run / "results.parquet")
+    explore = table.query("stage == 'explore'")
     lrs = explore.config.map(lambda c: json.loads(c)["lr"])
     weak, good = explore[lrs == 1e-7].iloc[0], explore[lrs == 3e-3].iloc[0]
     assert weak.status == "STOPPED" and weak.epochs_run == 1 and good.status == "TERMINATED" and good.epochs_run == 2
@@ -285,6 +316,7 @@ def test_asha_stops_a_planted_weak_trial(tiny_set, tmp_path):
     states = {t.params["lr"]: t.state.name for t in study.trials}
     assert states == {3e-3: "COMPLETE", 1e-7: "PRUNED"}
     assert json.loads((run / "search.json").read_text())["selected_models"] == [good.model_id]
+    _oof_keys_once(keys, table)  # the stopped trial wrote no OOF; the good one's fold 0 once, fold 1 once
 
 
 def test_address_without_storage_probes_that_every_node_sees_the_run_folder(tmp_path):
