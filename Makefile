@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/demo
 
-.PHONY: install demo test test-slow lint bench clean lock
+.PHONY: install demo test test-slow lint bench clean lock rehearsal
 
 # pip's output (its warnings about this machine's extra package indexes included) goes to
 # .venv/install.log; the console gets one line, or the log's last lines when the install fails
@@ -51,3 +51,8 @@ lock:
 	  echo "# Used as pip -c by make install and by the setup commands of cluster.yaml and cluster-local.yaml."; \
 	  $(LOCKVENV)/bin/python -m pip freeze --exclude-editable | grep -iv '^steel.ray *[=@]' | sed 's/+[A-Za-z0-9.]*$$//'; } >constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt && rm -rf $(LOCKVENV) $(LOCKVENV).log
+
+# the cluster path on one machine: a second Ray node with its own disk (root: unshare --mount),
+# moto's S3 server, a node killed mid-trial; ends with "rehearsal: ok" (about 5-7 minutes)
+rehearsal: install
+	$(PY) benchmarks/rehearsal.py --run runs/rehearsal --data data/rehearsal

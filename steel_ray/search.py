@@ -48,7 +48,7 @@ log = logging.getLogger("steel_ray.search")
 METRIC = "best_val_dice_pp"  # post-processed Dice of the fold: what the blend will make of the model
 SCREEN_FOLD = 0
 RESULT_COLS = ["stage", "space", "trial_id", "model_id", "fold", "status", "epochs_run", "best_val_dice_pp", "best_val_dice", "error",
-               "node_id", "node_ip", "gpu_ids", "wall_s", "config"]
+               "node_id", "node_ip", "gpu_ids", "wall_s", "resumed_after", "config"]
 
 
 class SearchError(RuntimeError):
@@ -153,7 +153,10 @@ def _results_rows(grid, stage: str, space: str = "") -> list[dict]:
             "best_val_dice_pp": float(m.get(METRIC, float("nan"))),
             "best_val_dice": float(m.get("best_val_dice", float("nan"))), "error": err,
             "node_id": m.get("node_id", ""), "node_ip": m.get("node_ip", ""), "gpu_ids": m.get("gpu_ids", ""),
-            "wall_s": float(m.get("time_total_s", float("nan"))), "config": json.dumps(cfg, sort_keys=True),
+            "wall_s": float(m.get("time_total_s", float("nan"))),
+            # the epoch whose checkpoint the trial's last attempt resumed from (a retry after a lost
+            # node, a --resume); 0 when it trained from the start
+            "resumed_after": int(m.get("resumed_after", 0) or 0), "config": json.dumps(cfg, sort_keys=True),
         })
     return rows
 

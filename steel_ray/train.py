@@ -536,7 +536,7 @@ def fit_fold(
             dm["val_all_empty"], best_pp, best_epoch, metrics["epoch_seconds"],
         )
         if report is not None and epoch < n_epochs:
-            report(dict(metrics))
+            report({**metrics, "resumed_after": start - 1})
 
     oof_file = None
     if write_oof:
@@ -547,7 +547,7 @@ def fit_fold(
     # The final epoch is reported only once its OOF is on disk: a scheduler may stop the
     # trial as soon as it sees the last epoch's result.
     if report is not None and history:
-        report(dict(history[-1]))
+        report({**history[-1], "resumed_after": start - 1})
     return FoldResult(model_id, fold, len(history), best_epoch, best, best_pp, oof_file, str(ckdir / "best.pt"), history)
 
 

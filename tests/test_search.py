@@ -1,6 +1,8 @@
 """End-to-end searches on real Ray (embedded, and a multi-node ray.cluster_utils.Cluster)."""
+import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,23 +322,41 @@ def test_asha_stops_a_planted_weak_trial(tiny_set, tmp_path):
 
 
 def test_address_without_storage_probes_that_every_node_sees_the_run_folder(tmp_path):
+    """One machine's Cluster: every node writes the same folder, so the probe finds all of them."""
     import ray
     from ray.cluster_utils import Cluster
 
     from steel_ray import search
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
         ray.init(address=cluster.address)
-        # one machine: every node writes the same folder, so the probe finds all of them
         assert search.unshared_nodes(tmp_path / "run") == []
         assert not (tmp_path / "run" / ".shared-probe").exists()
     finally:
         ray.shutdown()
         cluster.shutdown()
-    # a node whose probe did not arrive (another host's local disk) refuses the run, naming it
-    with pytest.raises(search.SearchError, match=r"--address without --storage: node\(s\) abc.* cannot write the run folder"):
-        search.require_shared(tmp_path / "run", ["abc" + workers[0].node_id[:9]])
-    search.require_shared(tmp_path / "run", [])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a node with its own disk needs root (unshare --mount)")
+def test_a_node_with_its_own_disk_makes_address_without_storage_refuse_naming_it(tiny_set, tmp_path):
+    """make rehearsal's first steps: ray start --head, a second ray start in its own mount namespace
+    with a private tmpfs over the run folder (another host's disk), then search --address without
+    --storage: the real probe finds that node and the search refuses before any trial starts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import rehearsal
+
+    r = rehearsal.Rehearsal(argparse.Namespace(run=tmp_path / "rehearsal", data=tiny_set))
+    r.run.mkdir()
+    (r.run / "space.yaml").write_text(rehearsal.SPACE)
+    assert not rehearsal._pgrep("raylet/raylet"), "a Ray cluster is already running on this machine"
+    try:
+        r.head_step()
+        r.node_step()
+        assert r.own_disk, r.skip_reason
+        r.refusal_step()  # raises unless the search exits non-zero naming the node, with no trial started
+    finally:
+        r.stop()
