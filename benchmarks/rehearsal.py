@@ -127,7 +127,7 @@ class Rehearsal:
         else:
             # the shell mounts a private tmpfs over RUN in its new mount namespace, then becomes
             # ray start, whose raylet and workers stay in that namespace after it returns
-            script = f'mount -t tmpfs -o size=2g steel_ray_node2 "$1" && shift && exec "$@"'
+            script = 'mount -t tmpfs -o size=2g steel_ray_node2 "$1" && shift && exec "$@"'
             r = self.sh("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", self.run, *start,
                         out="ray-node2", env=env, check=False)
             if r.returncode != 0:
