@@ -858,22 +858,17 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
 
 
 def score_holdout(run, doc: dict, blend_path, n_boot: int = 2000) -> dict:
-    """Predict the run's holdout images with the chosen blend (the predict path, every fold model)
-    and score them: ``scores.holdout`` with a 95% bootstrap interval over images, beside the
+    """Predict the run's holdout images with the chosen blend (the predict path, every fold model, on
+    Ray's workers when Ray runs) and score them: ``scores.holdout`` with a 95% bootstrap interval over images, beside the
     holdout's all-empty score. The predictions are kept as RUN/blend/holdout_submission.csv."""
-    import torch
-
     from . import predict
-    from .infer import pick_device
     from .score import pair_dice
 
     h = json.loads(layout.holdout_path(run).read_text())
-    device = pick_device("auto")
-    members = predict.load_members(doc, blend_path, device)
     paths = [Path(h["images_dir"]) / i for i in h["image_ids"]]
     sub = Path(blend_path).parent / "holdout_submission.csv"
-    with torch.inference_mode():
-        rows = list(predict.predict_images(doc, members, paths, tuple(doc["image_shape"])))
+    # on Ray's workers when Ray runs (the search's own blend), else in this process
+    rows = predict.predict_rows(doc, paths, tuple(doc["image_shape"]), blend_path)
     predict.write_submission(rows, sub)
     pred = np.array([r for _, r in rows], dtype=object)
     truth = np.array(h["rles"], dtype=object)

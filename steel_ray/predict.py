@@ -4,7 +4,13 @@ Usage::
 
     python -m steel_ray.predict --run runs/demo --images data/demo/test_images --out submission.csv \
         [--blend runs/demo/blend/blend.json] [--format new|old] [--tta none,hflip,vflip] \
-        [--batch-size 8] [--device auto|cpu|cuda] [--skip-bad]
+        [--batch-size 8] [--device auto|cpu|cuda] [--skip-bad] \
+        [--address auto] [--workers N] [--gpus-per-task 0.5] [--cpus-per-task 1]
+
+The images are predicted on Ray's workers (an embedded Ray by default, or the cluster of
+``--address``): shards of images go to a pool of workers that each load the blend's models once
+and use a GPU where the cluster has one; the driver loads no model. ``--workers 0`` predicts in
+this process without Ray (the same code; the submission is identical).
 
 Each member's fold models are averaged (mean probability), quantised to uint8 exactly as the
 OOF maps were, blended with the blend's weights and post-processed as blend.json defines it
@@ -16,6 +22,7 @@ batches; the CSV is written atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -35,8 +42,9 @@ from .infer import pick_device, predict_batch, tta_views
 from .io import atomic_write_text
 from .metric import PostProcess
 from .ppsearch import blend_cls, blend_u8, gate_signal
+from .workers import ray_session
 
-__all__ = ["Member", "Prediction", "load_members", "member_maps", "iter_predictions", "predict_images", "predict_folder",
+__all__ = ["Member", "Prediction", "load_members", "member_maps", "iter_predictions", "rles", "predict_images", "predict_rows", "predict_folder",
            "write_submission", "main"]
 
 log = logging.getLogger("steel_ray.predict")
@@ -152,26 +160,43 @@ def iter_predictions(doc: dict, members: list[Member], paths: list[Path], shape,
     bar.close()
 
 
+def rles(pred: Prediction) -> list[str]:
+    """A prediction's four RLE strings (what a worker sends back for a submission)."""
+    return [rle.encode(m) for m in pred.masks]
+
+
 def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, skip_bad=False, progress=True,
                    batch_size=8, bad: list | None = None):
-    """Yield (image_id, [rle per class]) for every image (empty masks for a skipped bad one)."""
+    """Yield (image_id, [rle per class]) for every image with members loaded in this process
+    (empty masks for a skipped bad one)."""
     for img, pred in iter_predictions(doc, members, paths, shape, skip_bad, progress, batch_size, bad):
-        yield img, [""] * N_CLASSES if pred is None else [rle.encode(m) for m in pred.masks]
+        yield img, [""] * N_CLASSES if pred is None else rles(pred)
+
+
+def predict_rows(doc: dict, paths: list[Path], shape, blend_path="blend.json", **options) -> list[tuple[str, list[str]]]:
+    """(image_id, [rle per class]) for every image (empty masks for a skipped bad one), on Ray's
+    workers when Ray runs (``options`` as in :func:`steel_ray.workers.map_predictions`)."""
+    from .workers import map_predictions
+
+    out = map_predictions(doc, paths, shape, rles, blend_path=blend_path, **options)
+    return [(Path(p).name, [""] * N_CLASSES if r is None else r) for p, r in zip(paths, out)]
 
 
 def predict_folder(blend_path, images, out, fmt: str = "new", tta: str | None = None, device: str = "auto",
-                   batch_size: int = 8, skip_bad: bool = False, bad: list | None = None) -> int:
+                   batch_size: int = 8, skip_bad: bool = False, bad: list | None = None, **workers) -> int:
     """Library entry (and the CLI's body): a submission CSV for every image of ``images`` from a
-    blend.json; returns the image count. ``skip_bad``/``bad`` as in :func:`iter_predictions`."""
+    blend.json; returns the image count. ``skip_bad``/``bad`` as in :func:`iter_predictions`; on
+    Ray's workers when Ray runs (``workers``: ``workers``, ``gpus_per_task``, ``cpus_per_task``,
+    ``shard_size`` of :func:`steel_ray.workers.map_predictions`); ``device`` applies in this process."""
     blend_path = Path(blend_path)
     if not blend_path.exists():
         raise DataError(f"{blend_path}: blend file not found (blend the run first)")
     doc = json.loads(blend_path.read_text())
-    members = load_members(doc, blend_path, pick_device(device), tta)
     paths = [Path(images) / n for n in list_images(images)]
-    with torch.inference_mode():
-        rows = predict_images(doc, members, paths, tuple(doc["image_shape"]), skip_bad, batch_size=batch_size, bad=bad)
-        return write_submission(rows, out, fmt)
+    pick_device(device)  # an unavailable --device fails here, before any work
+    rows = predict_rows(doc, paths, tuple(doc["image_shape"]), blend_path, tta=tta, batch_size=batch_size, skip_bad=skip_bad,
+                        bad=bad, device=device, **workers)
+    return write_submission(rows, out, fmt)
 
 
 def write_submission(rows, out, fmt="new") -> int:
@@ -205,8 +230,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto (default): CUDA when a GPU is visible")
     ap.add_argument("--skip-bad", action="store_true", help="give unreadable/wrong-size images empty predictions and list them")
+    ap.add_argument("--address", help="predict on this Ray cluster's workers (e.g. auto on a cluster's head; default: an embedded Ray)")
+    ap.add_argument("--workers", type=int, help="inference workers (default: one per free GPU, or per free CPU on a cluster "
+                                                "without GPUs); 0: in this process, without Ray")
+    ap.add_argument("--gpus-per-task", type=float, help="GPUs per worker, fractions allowed (default: 1 where the cluster has "
+                                                        "GPUs, else 0)")
+    ap.add_argument("--cpus-per-task", type=float, default=1, help="CPUs per worker (default 1; its torch threads)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    if a.workers is not None and a.workers < 0:
+        ap.error(f"--workers must be >= 0, got {a.workers}")
     blend_path = Path(a.blend or layout.blend_json(a.run))
     try:
         if not blend_path.exists():
@@ -214,7 +247,10 @@ def main(argv=None) -> int:
         doc = json.loads(blend_path.read_text())  # for the messages below
         device = pick_device(a.device)
         bad: list[str] = []
-        n = predict_folder(blend_path, a.images, a.out, a.format, a.tta, a.device, a.batch_size, a.skip_bad, bad)
+        with contextlib.nullcontext() if a.workers == 0 else ray_session(a.address):
+            n = predict_folder(blend_path, a.images, a.out, a.format, a.tta, a.device, a.batch_size, a.skip_bad, bad,
+                               workers=a.workers, gpus_per_task=a.gpus_per_task, cpus_per_task=a.cpus_per_task)
+        where = device if a.workers == 0 else "Ray's workers"
     except torch.OutOfMemoryError:
         print(f"error: {a.device} out of memory predicting batches of {a.batch_size} image(s) with {len(doc['members'])} "
               f"member(s); rerun with a smaller --batch-size (e.g. {max(1, a.batch_size // 2)})", file=sys.stderr)
@@ -223,7 +259,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}: {n} images x {N_CLASSES} classes ({a.format} format), {len(doc['members'])} member(s)"
-          + (f" and {len(doc['classifiers'])} classifier(s)" if doc.get("classifiers") else "") + f" on {device}")
+          + (f" and {len(doc['classifiers'])} classifier(s)" if doc.get("classifiers") else "") + f" on {where}")
     if bad:
         print(f"{len(bad)} bad image(s) given empty predictions:")
         for b in bad:

@@ -23,6 +23,7 @@ RUN, or of another size, is refused with a one-line error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -65,23 +66,25 @@ def image_confidence(pred) -> tuple[float, np.ndarray]:
     return float(conf.min()), conf
 
 
+def _label(pred) -> dict:
+    """What a worker sends back for one image: its confidences, classes and RLE strings."""
+    from . import rle
+
+    conf, per_class = image_confidence(pred)
+    return {"confidence": round(conf, 6), **{f"class_{c + 1}": bool(pred.masks[c].any()) for c in range(N_CLASSES)},
+            **{f"confidence_{c + 1}": round(float(per_class[c]), 6) for c in range(N_CLASSES)},
+            "_rles": [rle.encode(m) for m in pred.masks]}
+
+
 def label_images(doc: dict, blend_path, paths: list[Path], shape, min_confidence: float, max_images: int | None = None,
                  device="auto"):
-    """Predict ``paths`` with the blend; returns (rows for images.csv, {image_id: [rle x 4]} of the kept images)."""
-    import torch
+    """Predict ``paths`` with the blend (on Ray's workers when Ray runs); returns (rows for
+    images.csv, {image_id: [rle x 4]} of the kept images)."""
+    from .workers import map_predictions
 
-    from . import predict, rle
-    from .infer import pick_device
-
-    members = predict.load_members(doc, blend_path, pick_device(device))
-    rows = []
-    with torch.inference_mode():
-        for img, pred in predict.iter_predictions(doc, members, paths, shape):
-            conf, per_class = image_confidence(pred)
-            rows.append({"image_id": img, "confidence": round(conf, 6), "kept": conf >= min_confidence,
-                         **{f"class_{c + 1}": bool(pred.masks[c].any()) for c in range(N_CLASSES)},
-                         **{f"confidence_{c + 1}": round(float(per_class[c]), 6) for c in range(N_CLASSES)},
-                         "_rles": [rle.encode(m) for m in pred.masks]})
+    labels = map_predictions(doc, paths, shape, _label, blend_path=blend_path, device=device)
+    rows = [{"image_id": Path(p).name, "confidence": r["confidence"], "kept": r["confidence"] >= min_confidence,
+             **{k: v for k, v in r.items() if k != "confidence"}} for p, r in zip(paths, labels)]
     kept = sorted((r for r in rows if r["kept"]), key=lambda r: -r["confidence"])
     if max_images is not None:
         for r in kept[max_images:]:
@@ -155,8 +158,9 @@ def _args(argv=None):
     return a
 
 
-def _start_round(a, run: Path, out: Path) -> dict:
-    """Label the images and write OUT's search state (stage complete: retrain the members)."""
+def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
+    """Check the input, then (``start_ray()``) label the images and write OUT's search state (stage
+    complete: retrain the members)."""
     from .oof import read_truth
 
     parent_state_path = layout.state_path(run)
@@ -183,6 +187,7 @@ def _start_round(a, run: Path, out: Path) -> dict:
     if tuple(got) != shape:
         raise DataError(f"{images}: images are {got[0]}x{got[1]}, the run's {shape[0]}x{shape[1]}")
     configs = _member_configs(run, doc, a.members)
+    start_ray()
     log.info("labelling %d images of %s with %s's blend (min confidence %.2f)", len(names), images, run, a.min_confidence)
     rows, labels = label_images(doc, blend_path, [images / n for n in names], shape, a.min_confidence, a.max_images)
     if not labels:
@@ -215,20 +220,27 @@ def main(argv=None) -> int:
     out, run = Path(a.out).resolve(), Path(a.run).resolve()
     console.setup(None, a.verbose)
     from . import search
+    from .workers import ray_session
 
-    try:
-        if a.resume and layout.state_path(out).exists():
-            state = layout.read_state(out)
-            if "pseudo" not in state:
-                raise DataError(f"{out}: not a pseudo-labelling round")
-        else:
-            state = _start_round(a, run, out)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    # the retraining is the search's complete stage (then its blend), resumed from the state written above
-    rc = search.search(out, resume=True, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
-                       max_failures=a.max_failures, max_concurrent=a.max_concurrent, address=a.address, verbose=a.verbose)
+    # one Ray for the round, started once the input is checked: the labelling runs on its workers,
+    # then the retraining's trials
+    with contextlib.ExitStack() as stack:
+        def start_ray():
+            stack.enter_context(ray_session(a.address, a.verbose))
+
+        try:
+            if a.resume and layout.state_path(out).exists():
+                state = layout.read_state(out)
+                if "pseudo" not in state:
+                    raise DataError(f"{out}: not a pseudo-labelling round")
+            else:
+                state = _start_round(a, run, out, start_ray)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        # the retraining is the search's complete stage (then its blend), resumed from the state written above
+        rc = search.search(out, resume=True, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
+                           max_failures=a.max_failures, max_concurrent=a.max_concurrent, address=a.address, verbose=a.verbose)
     if rc:
         return rc
     doc = json.loads(layout.blend_json(out).read_text())

@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -206,3 +207,49 @@ def test_predict_applies_the_gate_exactly_as_the_blend_scored_it(gated_run):
         np.testing.assert_allclose(got, expected[pos], atol=1e-9)
         gated += int(sum((q[p, c] < 0.3) for p in pos for c in (0, 3)))
     assert gated > 0  # the classifier gate really emptied some pairs
+
+
+def test_workers_write_the_single_process_submission_fetching_weights_from_s3(tiny_run, tiny_set, tmp_path, monkeypatch):
+    """Ray's workers (2 of them, shards of 2 images: several shards each, finishing in any order)
+    write byte for byte the single-process submission. The run's weights exist only in its S3 pool
+    (moto's server): the workers fetch them; the driver loads no model; a bad image is named by
+    the caller's path, not a worker's copy."""
+    import ray
+    from s3_server import s3_storage
+
+    from steel_ray import run as layout
+    from steel_ray.data import DataError
+    from steel_ray.tune_adapter import put_file
+
+    src, _ = tiny_run
+    images = tmp_path / "imgs"
+    shutil.copytree(tiny_set / "test_images", images)
+    (images / "0000bad00.jpg").write_bytes(b"\xff\xd8 broken")
+    single, bad1 = tmp_path / "single.csv", []
+    assert predict.predict_folder(src / "blend" / "blend.json", images, single, skip_bad=True, bad=bad1, workers=0) == 7
+    with s3_storage() as storage:
+        # a copy of the run whose weights are only in its pool: STORAGE/<run id>/pool/checkpoints/...
+        run = tmp_path / "run"
+        shutil.copytree(src, run)
+        (run / "search.json").write_text(json.dumps({"storage": storage, "run_id": "r1"}))
+        pool = layout.pool_uri({"storage": storage, "run_id": "r1"}, run)
+        doc = json.loads((run / "blend" / "blend.json").read_text())
+        for m in doc["members"]:
+            m["checkpoints"] = [p.replace(str(src), str(run)) for p in m["checkpoints"]]
+            for p in map(Path, m["checkpoints"]):
+                put_file(p, pool, p.relative_to(run).as_posix())
+        shutil.rmtree(run / "checkpoints")
+        bj = run / "blend" / "blend.json"
+        bj.write_text(json.dumps(doc))
+        monkeypatch.setattr(predict, "load_members", lambda *a, **k: pytest.fail("the driver loaded the models"))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            sharded, bad2 = tmp_path / "sharded.csv", []
+            assert predict.predict_folder(bj, images, sharded, skip_bad=True, bad=bad2, workers=2, shard_size=2) == 7
+            with pytest.raises(DataError, match=f"{images / '0000bad00.jpg'}: unreadable or corrupt image"):
+                predict.predict_folder(bj, images, tmp_path / "no.csv", workers=2, shard_size=2)
+        finally:
+            ray.shutdown()
+    assert sharded.read_bytes() == single.read_bytes()
+    assert bad2 == bad1 and len(bad1) == 1 and str(images / "0000bad00.jpg") in bad1[0]
+    assert not (tmp_path / "no.csv").exists()
