@@ -19,9 +19,12 @@ What it does, each step printing its outcome:
    raylet is killed by PID; the trial is retried on the head from its last checkpoint in S3;
 8. pool: ``results.parquet`` shows trials on both nodes and the retry (``resumed_after``); S3
    holds each (model, fold) exactly once (OOF and weights), nothing was trained twice;
-9. predict: a submission from the synced run;
-10. pseudo: a pseudo-label round on the S3 run (each member's config read from S3);
-11. scratch: no trial left a temporary folder on either node.
+9. rejoin: a fresh second node joins (as an autoscaler replaces a lost one), on its own disk again;
+10. predict: a submission on the workers of both nodes (the new node has none of the run's files and
+    fetches the weights from S3), byte for byte the in-process one (``--workers 0``);
+11. pseudo: a pseudo-label round on the S3 run (labelling on the workers; each member's config
+    read from S3);
+12. scratch: no trial or inference worker left a temporary folder on the head.
 
 It ends with ``rehearsal: ok`` or ``rehearsal: FAILED at <step>``; everything it made stays in
 ``--run`` (the processes' output in ``--run/*.out``, Ray's in its session folder) and Ray is
@@ -266,17 +269,35 @@ class Rehearsal:
         self.say("pool", f"trials per node {on}; {len(oofs)} OOF + {len(weights)} weights in S3, each once; "
                  f"{self.killed['trial']} retried on the head after epoch {row.iloc[0].resumed_after}")
 
+    def rejoin_step(self, out: Path):
+        """A fresh second node (as an autoscaler replaces a lost one), again on a disk of its own."""
+        dead = self.node2
+        self.node_step()
+        if self.node2 == dead:
+            raise Failed("the new node has the dead node's id")
+
     def predict_step(self, out: Path):
+        """predict on the cluster's workers: one per node; the new node has none of the run's files
+        (its tmpfs hides them) and fetches the weights from S3."""
         sub = self.run / "submission.csv"
         self.sh(self.py, "-m", "steel_ray.predict", "--run", out, "--images", self.data / "test_images", "--out", sub,
-                out="predict")
+                "--address", self.address, "--workers", 2, out="predict")
         import pandas as pd
 
         s = pd.read_csv(sub)
         n = len(list((self.data / "test_images").glob("*.jpg")))
         if len(s) != 4 * n:
             raise Failed(f"{sub}: {len(s)} rows for {n} images x 4 classes")
-        self.say("predict", f"{sub}: {len(s)} rows ({n} images x 4 classes) from the synced run")
+        text = (self.run / "predict.out").read_text()
+        m = re.search(r"predicted \d+ image\(s\) on (\d+) node\(s\): (.*)", text)
+        if not m or self.node2[:12] not in m.group(2) or self.head_id[:12] not in m.group(2):
+            raise Failed(f"predict did not run on both nodes:\n{_tail(self.run / 'predict.out')}")
+        local = self.sh(self.py, "-m", "steel_ray.predict", "--run", out, "--images", self.data / "test_images", "--out",
+                        self.run / "submission-in-process.csv", "--workers", 0, out="predict")
+        if local.returncode != 0 or sub.read_bytes() != (self.run / "submission-in-process.csv").read_bytes():
+            raise Failed("the workers' submission differs from the in-process one")
+        self.say("predict", f"{sub}: {n} images x 4 classes on the workers of both nodes (the new node fetched the "
+                 "weights from S3); identical to the in-process submission")
 
     def pseudo_step(self, out: Path):
         r = self.sh(self.py, "-m", "steel_ray.pseudo", "--run", out, "--images", self.data / "test_images", "--out",
@@ -354,7 +375,7 @@ def main(argv=None) -> int:
     try:
         r.data_step()
         step = "s3"
-        with s3_storage(prefix="runs") as storage:
+        with s3_storage(prefix="runs", log_file=Path(a.run) / "s3.log") as storage:
             r.storage = storage
             r.env.update({k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                                                       "AWS_EC2_METADATA_DISABLED")})
@@ -363,7 +384,7 @@ def main(argv=None) -> int:
                 getattr(r, f"{step}_step")()
             step = "search"
             out = r.search_and_kill_steps()
-            for step in ("pool", "predict", "pseudo"):
+            for step in ("pool", "rejoin", "predict", "pseudo"):
                 getattr(r, f"{step}_step")(out)
             step = "scratch"
             r.scratch_step()

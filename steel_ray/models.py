@@ -164,15 +164,15 @@ def build_model(cfg: ModelConfig) -> SteelNet | SteelClassifier:
     if has_aux and not classify:
         kwargs["aux_params"] = {"classes": N_CLASSES, "dropout": 0.2}
     factory = smp.encoders.get_encoder if classify else _arch_class(cfg.arch)
+    from . import weights
+
+    # a node whose setup could not fetch these weights (python -m steel_ray.weights) fails at once
+    weights.check(cfg.encoder, cfg.encoder_weights)
     try:
         net = factory(**kwargs)
     except (OSError, ConnectionError, RuntimeError) as e:
-        if cfg.encoder_weights:
-            raise RuntimeError(
-                f"could not load encoder_weights={cfg.encoder_weights!r} for encoder {cfg.encoder!r} "
-                f"(pretrained weights are downloaded on first use; no internet here?): {e}. "
-                "Use encoder_weights=null to train from scratch."
-            ) from e
+        if cfg.encoder_weights:  # recorded: this node's next trial with them fails at once
+            raise weights.unavailable(cfg.encoder, cfg.encoder_weights, e) from e
         raise
     except (KeyError, ValueError) as e:
         if cfg.encoder_weights:

@@ -139,13 +139,14 @@ def _results_rows(grid, stage: str, space: str = "") -> list[dict]:
         m = r.metrics or {}
         cfg = dict(r.config.get("spec", r.config)) if r.config else {}
         fold = cfg.pop("fold", SCREEN_FOLD)
-        if r.error is not None:
+        if r.error is not None or m.get("error"):  # m["error"]: reported, not raised (not retried)
             status = "ERROR"
         elif m.get("finished"):
             status = "TERMINATED"
         else:
             status = "STOPPED"  # ASHA stopped it early
-        err = "" if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}"
+        err = (f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}" if r.error is not None
+               else str(m.get("error") or "")[:500])
         rows.append({
             "stage": stage, "space": space, "trial_id": m.get("trial_id", os.path.basename(str(r.path))),
             "model_id": m.get("model_id") or _model_id(cfg),
@@ -354,7 +355,9 @@ def _explore_stage(spaces, state: dict, run: Path, rows: list, trainable, storag
         _write_results(run, rows)
         chosen = _select_top(new, _per_space(state, sp, "top"), sp.name)
         if not chosen:
-            raise SearchError(f"every explore trial of {sp.path} failed; see RUN/results.parquet for the errors")
+            errors = sorted({r["error"] for r in new if r["error"]})
+            first = f"; {'first ' if len(errors) > 1 else ''}error: {errors[0]}" if errors else ""
+            raise SearchError(f"every explore trial of {sp.path} failed{first} (all of them: {run / 'results.parquet'})")
         state["selected"] += chosen
         # the run's models: what the blend uses (screening-only configs have fold 0 alone)
         state["selected_models"] = [TrialConfig.from_dict(c).model_id() for c in state["selected"]]

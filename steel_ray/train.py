@@ -14,6 +14,7 @@ weights predict the fold's validation images (with the config's flip TTA) into
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -206,7 +207,8 @@ def load_weights(path, device="cpu"):
     """Rebuild a model from a saved best-weights file (config travels inside it)."""
     blob = torch.load(path, map_location=device, weights_only=False)
     cfg = TrialConfig.from_dict(blob["config"])
-    model = build_model(cfg.model)
+    # the saved weights replace the pretrained ones: build without them (no download, works offline)
+    model = build_model(dataclasses.replace(cfg.model, encoder_weights=None))
     model.load_state_dict(blob["model"])
     return model.to(device).eval(), cfg
 

@@ -21,6 +21,7 @@ from . import oof
 from . import run as layout
 from .config import TrialConfig
 from .train import FoldData, checkpoint_dir, fit_fold
+from .weights import WeightsUnavailable
 
 __all__ = ["PruneAwareOptunaSearch", "ProgressCallback", "run_trial", "is_remote", "pool_meta", "put_file", "get_file",
            "upload_fold", "sync_pool", "scratch_dir"]
@@ -47,6 +48,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
             # between the two saves); telling Optuna again would raise, so the first outcome stands
             self._completed_trials.add(trial_id)
             return None
+        error = error or bool(result and result.get("error"))  # a trial that reported its error (no weights)
         if error or not result or not result.get("finished"):
             import optuna
 
@@ -380,7 +382,15 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
 
     try:
         with _trial_log(local_run, model_id, fold):
-            fit_fold(cfg, fold, data, local_run, report=report, progress=False, cpus=cpus)
+            try:
+                fit_fold(cfg, fold, data, local_run, report=report, progress=False, cpus=cpus)
+            except WeightsUnavailable as e:
+                # a retry on this node fails the same way: the trial ends with its error, and Tune
+                # (which retries only what raises) does not run it again
+                log.error("%s", e)
+                nan = float("nan")
+                tune.report({**info, "epoch": 0, "finished": False, "error": str(e), "val_dice": nan, "val_dice_pp": nan,
+                             "best_val_dice": nan, "best_val_dice_pp": nan})
     finally:
         # a remote pool's trial works in a temporary folder: gone whatever the ending (finished,
         # stopped by ASHA, failed); Tune's checkpoints hold what a retry needs

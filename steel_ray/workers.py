@@ -167,15 +167,17 @@ def map_predictions(doc: dict, paths: list[Path], shape, reduce: Callable, *, tt
         raise DataError(f"{blend_path}: missing checkpoint(s): " + ", ".join(missing))
     if gpus_per_task is None:
         gpus_per_task = 1 if ray.cluster_resources().get("GPU", 0) > 0 and device != "cpu" else 0
-    shards = [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)]
-    n = min(workers or default_workers(gpus_per_task, cpus_per_task), len(shards))
-    if n == 0:
+    if not paths:
         return []
+    n = min(workers or default_workers(gpus_per_task, cpus_per_task), len(paths))
+    # shards of at most shard_size, and at least one per worker
+    size = max(1, min(shard_size, math.ceil(len(paths) / n)))
+    shards = [paths[i:i + size] for i in range(0, len(paths), size)]
     actor = ray.remote(Predictor).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_restarts=1, max_task_retries=1)
     doc_ref = ray.put(doc)
     pool = [actor.remote(doc_ref, sources, tta, math.ceil(cpus_per_task)) for _ in range(n)]
-    log.info("predicting %d image(s) on %d Ray worker(s) (%s CPU, %s GPU each; shards of %d)", len(paths), n, cpus_per_task,
-             gpus_per_task, shard_size)
+    log.info("predicting %d image(s) on %d Ray worker(s) (%s CPU, %s GPU each; %d shard(s) of up to %d)", len(paths), n,
+             cpus_per_task, gpus_per_task, len(shards), size)
     results: list = [None] * len(shards)
     nodes: set = set()
     bar = progress_bar(total=len(paths), desc="predict", unit="img", enabled=progress)

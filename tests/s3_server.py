@@ -16,14 +16,22 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 
 
 @contextlib.contextmanager
-def s3_storage(bucket: str = "steel-ray", prefix: str = "runs"):
-    """Start moto's S3 server on a free port with an empty bucket; yields the ``--storage`` URI."""
+def s3_storage(bucket: str = "steel-ray", prefix: str = "runs", log_file=None):
+    """Start moto's S3 server on a free port with an empty bucket; yields the ``--storage`` URI.
+    The server's own log (werkzeug: a request cut off by a killed node, say) goes to ``log_file``
+    when given, else only its warnings and errors to the root logger."""
     import boto3
     from moto.server import ThreadedMotoServer
 
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    wz = logging.getLogger("werkzeug")
+    wz.setLevel(logging.WARNING)  # one line per request otherwise
+    handler = None
+    if log_file is not None:
+        handler = logging.FileHandler(log_file)
+        wz.addHandler(handler)
+        wz.propagate = False
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -32,6 +40,10 @@ def s3_storage(bucket: str = "steel-ray", prefix: str = "runs"):
         yield f"s3://{bucket}/{prefix}?endpoint_override={host}:{port}&scheme=http"
     finally:
         server.stop()
+        if handler is not None:
+            wz.removeHandler(handler)
+            handler.close()
+            wz.propagate = True
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

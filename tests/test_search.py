@@ -360,3 +360,29 @@ def test_a_node_with_its_own_disk_makes_address_without_storage_refuse_naming_it
         r.refusal_step()  # raises unless the search exits non-zero naming the node, with no trial started
     finally:
         r.stop()
+
+
+def test_a_node_that_could_not_fetch_the_weights_fails_the_trial_at_once_without_retry(tiny_set, tmp_path):
+    """The node's setup (python -m steel_ray.weights) recorded that it could not fetch the encoder's
+    ImageNet weights: the trial fails at once with that reason in one line, and Tune does not retry
+    it although --max-failures allows 3 retries."""
+    space = tmp_path / "space.yaml"
+    space.write_text("fixed: {batch_size: 8, crop_height: 32, crop_width: 128, epochs: 1, tta: none, encoder: tu-test_resnet,\n"
+                     "        encoder_weights: imagenet}\nparams:\n  lr: {type: categorical, choices: [3.0e-3]}\n")
+    status = tmp_path / "weights.json"
+    status.write_text(json.dumps({"tu-test_resnet/imagenet": {"ok": False, "error": "ConnectionError: no route to huggingface.co"}}))
+    run = tmp_path / "run"
+    r = _search("--space", space, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 1, "--top", 1,
+                "--max-failures", 3, "--no-blend", env={**os.environ, "STEEL_RAY_WEIGHTS_STATUS": str(status)})
+    table = pd.read_parquet(run / "results.parquet")
+    assert len(table) == 1 and table.status.iloc[0] == "ERROR", (r.stdout[-2000:], r.stderr[-2000:])
+    err = table.error.iloc[0]
+    assert "cannot get encoder_weights='imagenet' for encoder 'tu-test_resnet': ConnectionError: no route" in err
+    assert "\n" not in err and "python -m steel_ray.weights" in err
+    log_lines = [ln for ln in (run / "logs" / "trials" / f"{table.model_id.iloc[0]}-fold0.log").read_text().splitlines()
+                 if "cannot get encoder_weights" in ln]
+    assert len(log_lines) == 1  # one attempt: not retried
+    # the search ends there, with the error in its one-line message
+    assert r.returncode != 0 and "every explore trial" in r.stderr and "cannot get encoder_weights" in r.stderr
+    study = optuna.load_study(study_name="explore", storage=f"sqlite:///{run / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]
