@@ -723,6 +723,14 @@ def score_selections(run, pool: BlendPool) -> dict:
         upstream.append("config choice (explore stage, screening-fold validation Dice)")
     if best_epoch:
         upstream.append(f"epoch choice on each fold's own labels (oof_epoch=best: {len(best_epoch)} of {len(configs)} models)")
+    ps = state.get("pseudo")
+    if ps:
+        # fold k trained on labels of the parent's fold-k models (never trained on fold k), but the
+        # parent blend that made them chose its members, weights and post-processing on every fold
+        per_fold = "per fold" if "labels_by_fold" in ps else "from every fold's models (fold k's own included)"
+        upstream.append(f"pseudo labels {per_fold}: the parent blend's members, weights and post-processing "
+                        f"(chosen on all folds' OOF); confidence cut-off {ps.get('min_confidence')}"
+                        + (f", at most {ps['max_images']} images" if ps.get("max_images") else ""))
     ens, pp = "ensemble weights and classifier ensemble", "post-processing (pixel threshold, min area, gate)"
     return {"in_sample": [ens, pp, *upstream], "cross_fitted": [ens, *upstream], "cross_fitted_segmentation_only": [ens, *upstream],
             "nested": upstream, "nested_segmentation_only": upstream, "best_single": ["which single model is best", *upstream],

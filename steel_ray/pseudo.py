@@ -41,7 +41,7 @@ from .data import N_CLASSES, DataError, check_shapes, list_images
 from .io import atomic_write_text, write_json
 from .search import _where
 
-__all__ = ["image_confidence", "label_images", "main"]
+__all__ = ["image_confidence", "label_images", "fold_doc", "round_lines", "main"]
 
 log = logging.getLogger("steel_ray.pseudo")
 # Measured with benchmarks/bench_pseudo.py on the demo run's holdout (32 labelled images, blend Dice
@@ -96,18 +96,31 @@ def label_images(doc: dict, blend_path, paths: list[Path], shape, min_confidence
     return rows, labels
 
 
-def _write_csvs(out: Path, rows: list[dict], labels: dict) -> tuple[Path, Path]:
+def _write_csvs(out: Path, rows: list[dict], labels: dict, suffix: str = "") -> tuple[Path, Path]:
+    """RUN/pseudo/labels<suffix>.csv (the kept images' labels) and images<suffix>.csv (every image's row)."""
     from .predict import write_submission
 
-    lab = layout.pseudo_dir(out) / "labels.csv"
+    lab = layout.pseudo_dir(out) / f"labels{suffix}.csv"
     write_submission(sorted(labels.items()), lab, "new")  # the Kaggle new format, as a submission
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    imgs = layout.pseudo_dir(out) / "images.csv"
+    imgs = layout.pseudo_dir(out) / f"images{suffix}.csv"
     atomic_write_text(imgs, buf.getvalue())
     return lab, imgs
+
+
+def fold_doc(doc: dict, fold: int) -> dict:
+    """The blend document with only the fold-``fold`` model of each member and classifier: the
+    parent's models that never trained on fold ``fold``'s labels (same weights, same post-processing)."""
+    def only(m):
+        ck = [p for p in m["checkpoints"] if Path(p).parent.name == f"fold={int(fold)}"]
+        if len(ck) != 1:
+            raise DataError(f"{m['model_id']}: the blend lists {len(ck)} fold-{fold} checkpoint(s), expected 1")
+        return {**m, "checkpoints": ck}
+
+    return {**doc, "members": [only(m) for m in doc["members"]], "classifiers": [only(m) for m in doc.get("classifiers", [])]}
 
 
 def _member_configs(run: Path, doc: dict, members: list[str]) -> list[dict]:
@@ -189,11 +202,26 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
     configs = _member_configs(run, doc, a.members)
     start_ray()
     log.info("labelling %d images of %s with %s's blend (min confidence %.2f)", len(names), images, run, a.min_confidence)
-    rows, labels = label_images(doc, blend_path, [images / n for n in names], shape, a.min_confidence, a.max_images)
+    paths = [images / n for n in names]
+    # the whole blend's labels: for reference and for the next round's parent (labels.csv)
+    rows, labels = label_images(doc, blend_path, paths, shape, a.min_confidence, a.max_images)
     if not labels:
         raise DataError(f"no image of {images} reaches confidence {a.min_confidence} (best "
                         f"{max(r['confidence'] for r in rows):.3f}); lower --min-confidence")
     lab, imgs = _write_csvs(out, rows, labels)
+    # what fold k trains on: labels made by the parent's fold-k models only, which never trained
+    # on fold k's labels, so the round's fold-k OOF stays independent of them
+    by_fold, tables, n_by_fold = {}, {}, {}
+    for k in range(parent["folds"]):
+        log.info("labelling with the parent's fold-%d models (the labels fold %d trains on)", k, k)
+        rows_k, labels_k = label_images(fold_doc(doc, k), blend_path, paths, shape, a.min_confidence, a.max_images)
+        lab_k, imgs_k = _write_csvs(out, rows_k, labels_k, f"_fold{k}")
+        tables[str(k)], n_by_fold[str(k)] = str(imgs_k), len(labels_k)
+        if labels_k:
+            by_fold[str(k)] = str(lab_k)
+        else:
+            log.warning("fold %d: no image reaches confidence %s with the fold-%d models; the fold trains without "
+                        "pseudo labels", k, a.min_confidence, k)
     from .config import TrialConfig
 
     per_class = {str(c + 1): int(sum(bool(v[c]) for v in labels.values())) for c in range(N_CLASSES)}
@@ -204,14 +232,16 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
         "selected_models": [TrialConfig.from_dict(c).model_id() for c in configs],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": f"{out.name}-{uuid.uuid4().hex[:12]}",
         "pseudo": {"parent": str(run), "round": int(parent.get("pseudo", {}).get("round", 0)) + 1, "labels": str(lab),
+                   "labels_by_fold": by_fold, "image_tables_by_fold": tables, "n_images_by_fold": n_by_fold,
                    "images": str(images), "image_table": str(imgs), "min_confidence": a.min_confidence,
+                   "max_images": a.max_images, "members": " ".join(a.members),
                    "n_candidates": len(rows), "n_images": len(labels), "per_class": per_class,
                    "parent_scores": {k: doc["scores"].get(k) for k in ("nested", "holdout", "all_empty", "cross_fitted")},
                    "parent_holdout_all_empty": doc.get("holdout", {}).get("all_empty")},
     }
     write_json(layout.state_path(out), state)
-    log.info("kept %d of %d images (defects per class %s); retraining %d model(s) on %d folds", len(labels), len(rows),
-             per_class, len(configs), parent["folds"])
+    log.info("kept %d of %d images with the whole blend (defects per class %s), per fold %s; retraining %d model(s) on "
+             "%d folds", len(labels), len(rows), per_class, n_by_fold, len(configs), parent["folds"])
     return state
 
 
@@ -255,16 +285,22 @@ def round_lines(pseudo: dict, doc: dict) -> list[str]:
 
     p, s = pseudo["parent_scores"], doc["scores"]
     r = pseudo["round"]
-    lines = [f"pseudo-labelling round {r}: {pseudo['n_images']} of {pseudo['n_candidates']} images kept "
-             f"(min confidence {pseudo['min_confidence']}; defects per class {pseudo['per_class']})",
-             f"  {'':28} {'round ' + str(r - 1):>12} {'round ' + str(r):>12}",
-             f"  {'all-empty (OOF pool)':28} {fmt_score(p['all_empty']):>12} {fmt_score(s['all_empty']):>12}",
-             f"  {'blend cross-fitted':28} {fmt_score(p.get('cross_fitted')):>12} {fmt_score(s['cross_fitted']):>12}",
-             f"  {'blend nested':28} {fmt_score(p['nested']):>12} {fmt_score(s['nested']):>12}"]
+    per_fold = pseudo.get("n_images_by_fold")
+    lines = [f"pseudo-labelling round {r}: {pseudo['n_images']} of {pseudo['n_candidates']} images kept by the whole blend"
+             + (f", per fold {per_fold} by that fold's models (what each fold trained on)" if per_fold else "")
+             + f" (min confidence {pseudo['min_confidence']}; defects per class {pseudo['per_class']})",
+             f"  {'':28} {'round ' + str(r - 1):>12} {'round ' + str(r):>12}"]
+    # the holdout first: the only score no choice of the round (labels, members, cut-off) saw
     if "holdout" in s:
+        lines.append(f"  {'holdout (the one to trust)':28} {fmt_score(p.get('holdout')):>12} {fmt_score(s['holdout']):>12}")
         lines.append(f"  {'holdout all-empty':28} {fmt_score(pseudo.get('parent_holdout_all_empty')):>12} "
                      f"{fmt_score(doc['holdout']['all_empty']):>12}")
-        lines.append(f"  {'holdout (the one to trust)':28} {fmt_score(p.get('holdout')):>12} {fmt_score(s['holdout']):>12}")
+    lines += [f"  {'blend nested':28} {fmt_score(p['nested']):>12} {fmt_score(s['nested']):>12}",
+              f"  {'blend cross-fitted':28} {fmt_score(p.get('cross_fitted')):>12} {fmt_score(s['cross_fitted']):>12}",
+              f"  {'all-empty (OOF pool)':28} {fmt_score(p['all_empty']):>12} {fmt_score(s['all_empty']):>12}"]
+    if "holdout" not in s:
+        lines.append("  (no holdout: the nested and cross-fitted scores of the round saw the parent blend's choices; "
+                     "search with --holdout for a score to trust)")
     return lines
 
 

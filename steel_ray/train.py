@@ -61,7 +61,13 @@ class FoldData:
     train: TrainSet
     folds: np.ndarray
     n_folds: int
-    extra: TrainSet | None = None  # pseudo-labelled images: added to every fold's training split, never validated on
+    # pseudo-labelled images, added to training splits and never validated on: one set for every
+    # fold, or (a round's per-fold labels) {fold: the set made by the parent's models of that fold}
+    extra: TrainSet | dict[int, TrainSet] | None = None
+
+    def extra_for(self, fold: int) -> TrainSet | None:
+        """The pseudo-labelled images fold ``fold`` trains on (None: none)."""
+        return self.extra.get(int(fold)) if isinstance(self.extra, dict) else self.extra
 
     @property
     def folds_hash(self) -> str:
@@ -78,8 +84,10 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
     (other images, holdout, fold count or seed) is an error: OOF files of two splits must never be mixed.
 
     ``pseudo`` (``{"labels": CSV, "images": DIR}``, see ``steel_ray.pseudo``) adds pseudo-labelled
-    images to every fold's training split: they are not in folds.csv, truth.parquet, validation
-    or any OOF file. One that is also a training (or holdout) image, or of another size, is refused.
+    images to every fold's training split; with ``"labels_by_fold": {k: CSV}`` fold k trains on its
+    own file (labels made by the parent's fold-k models, which never trained on fold k's labels).
+    They are not in folds.csv, truth.parquet, validation or any OOF file. One that is also a
+    training (or holdout) image, or of another size, is refused.
     """
     run = Path(run_dir)
     if not 0 <= holdout < 1:
@@ -103,7 +111,13 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
     if len(ts.image_ids) < n_folds:
         raise DataError(f"{data_dir}: {len(ts.image_ids)} training image(s) for --folds {n_folds}; each fold needs images")
     folds = make_folds(ts.presence, n_folds, fold_seed)
-    fd = FoldData(ts, folds, n_folds, _load_pseudo(pseudo, all_ids, ts.shape) if pseudo else None)
+    extra = None
+    if pseudo and "labels_by_fold" in pseudo:  # a fold missing from it trains without pseudo labels
+        extra = {int(k): _load_pseudo({**pseudo, "labels": lab}, all_ids, ts.shape, f"fold {k}")
+                 for k, lab in pseudo["labels_by_fold"].items()}
+    elif pseudo:
+        extra = _load_pseudo(pseudo, all_ids, ts.shape)
+    fd = FoldData(ts, folds, n_folds, extra)
     fpath = layout.folds_path(run)
     if fpath.exists():
         old = pd.read_csv(fpath)
@@ -121,7 +135,7 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
     return fd
 
 
-def _load_pseudo(pseudo: dict, train_ids: set, shape) -> TrainSet:
+def _load_pseudo(pseudo: dict, train_ids: set, shape, which: str = "every fold") -> TrainSet:
     from .data import load_labelled
 
     extra = load_labelled(pseudo["labels"], pseudo["images"])
@@ -132,7 +146,7 @@ def _load_pseudo(pseudo: dict, train_ids: set, shape) -> TrainSet:
     if tuple(extra.shape) != tuple(shape):
         raise DataError(f"{pseudo['images']}: pseudo images are {extra.shape[0]}x{extra.shape[1]}, "
                         f"the training images {shape[0]}x{shape[1]}")
-    log.info("pseudo labels: %d images from %s added to every fold's training split", len(extra.image_ids), pseudo["labels"])
+    log.info("pseudo labels: %d images from %s added to the training split of %s", len(extra.image_ids), pseudo["labels"], which)
     return extra
 
 
@@ -144,9 +158,9 @@ def train_dataset(data: FoldData, fold: int, transform) -> tuple[torch.utils.dat
     ids = np.asarray(ts.image_ids, dtype=object)
     ds = SteelDataset(ts.images_dir, ids[tr_idx], ts.rles[tr_idx], ts.shape, transform)
     presence = ts.presence[tr_idx]
-    if data.extra is None:
+    ex = data.extra_for(fold)
+    if ex is None:
         return ds, presence
-    ex = data.extra
     pseudo = SteelDataset(ex.images_dir, list(ex.image_ids), ex.rles, ex.shape, transform)
     return torch.utils.data.ConcatDataset([ds, pseudo]), np.concatenate([presence, ex.presence])
 

@@ -35,7 +35,10 @@ def _predict(*args):
 def test_every_pair_once_with_valid_rle(tiny_run, tiny_set, tmp_path, fmt):
     run, _ = tiny_run
     out = tmp_path / "sub.csv"
-    r = _predict("--run", run, "--images", tiny_set / "test_images", "--out", out, "--format", fmt)
+    # the new format through the CLI's default path (an embedded Ray's workers), the old one in process
+    r = _predict("--run", run, "--images", tiny_set / "test_images", "--out", out, "--format", fmt,
+                 *(["--workers", 0] if fmt == "old" else []))
+    assert ("on Ray's workers" in r.stdout) == (fmt == "new"), r.stdout
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_csv(out, keep_default_na=False, dtype=str)
     images = sorted(p.name for p in (tiny_set / "test_images").iterdir())
@@ -76,9 +79,10 @@ def test_skip_bad_and_missing_checkpoint(tiny_run, tiny_set, tmp_path):
     shutil.copytree(tiny_set / "test_images", images)
     (images / "0000bad00.jpg").write_bytes(b"\xff\xd8 broken")
     out = tmp_path / "sub.csv"
-    r = _predict("--run", run, "--images", images, "--out", out)
+    # in process (--workers 0); the workers' path of the same errors: test_workers_write_the_single_process_submission_...
+    r = _predict("--run", run, "--images", images, "--out", out, "--workers", 0)
     assert r.returncode == 2 and "0000bad00.jpg: unreadable or corrupt image" in r.stderr and not out.exists()
-    r = _predict("--run", run, "--images", images, "--out", out, "--skip-bad")
+    r = _predict("--run", run, "--images", images, "--out", out, "--skip-bad", "--workers", 0)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1 bad image(s)" in r.stdout and "0000bad00.jpg" in r.stdout
     df = pd.read_csv(out, keep_default_na=False)
@@ -87,7 +91,7 @@ def test_skip_bad_and_missing_checkpoint(tiny_run, tiny_set, tmp_path):
     doc["members"][0]["checkpoints"][1] = str(tmp_path / "gone" / "best.pt")
     bj = tmp_path / "blend.json"
     bj.write_text(json.dumps(doc))
-    r = _predict("--run", run, "--images", images, "--out", out, "--blend", bj)
+    r = _predict("--run", run, "--images", images, "--out", out, "--blend", bj, "--workers", 0)
     assert r.returncode == 2 and "missing checkpoint(s): " + str(tmp_path / "gone" / "best.pt") in r.stderr
 
 

@@ -55,6 +55,41 @@ def test_round_trains_on_pseudo_images_without_ever_validating_on_them(parent, t
     assert "Pseudo-labelling round 1" in (out / "blend" / "report.md").read_text()
     parent_models = {m["model_id"] for m in json.loads((parent / "blend" / "blend.json").read_text())["members"]}
     assert set(json.loads((out / "search.json").read_text())["selected_models"]) == parent_models
+    _each_fold_trained_on_its_own_fold_models_labels(parent, tiny_set, out)
+
+
+def _each_fold_trained_on_its_own_fold_models_labels(parent, tiny_set, out):
+    """Fold k's pseudo labels are those of the parent's fold-k models alone (which never trained on
+    fold k's labels): recomputed here from those models, they match RUN/pseudo/images_fold<k>.csv
+    image by image, and differ from the whole blend's (so labels from every fold's models, fold k's
+    own included, would fail this); fold k's training split holds exactly labels_fold<k>.csv."""
+    from steel_ray import pseudo
+    from steel_ray.dataset import build_transforms
+
+    state = json.loads((out / "search.json").read_text())["pseudo"]
+    pdoc = json.loads((parent / "blend" / "blend.json").read_text())
+    paths = sorted((tiny_set / "test_images").iterdir())
+    whole = pd.read_csv(out / "pseudo" / "images.csv").set_index("image_id").confidence
+    data = prepare_run(tiny_set, out, 2, holdout=0.25, pseudo=state)
+    differs = 0
+    for k in range(2):
+        mine = pd.read_csv(out / "pseudo" / f"images_fold{k}.csv").set_index("image_id")
+        rows, labels = pseudo.label_images(pseudo.fold_doc(pdoc, k), parent / "blend" / "blend.json", paths, (64, 256),
+                                           min_confidence=0.5)
+        assert [r["confidence"] for r in rows] == mine.confidence.loc[[p.name for p in paths]].tolist()
+        differs += int((mine.confidence.loc[whole.index] != whole).sum())
+        kept = pd.read_csv(out / "pseudo" / f"labels_fold{k}.csv", keep_default_na=False, dtype=str)
+        assert set(kept.ImageId) == set(labels) == set(mine[mine.kept].index)
+        ds, _ = train_dataset(data, k, build_transforms(False))
+        assert len(ds) == int((data.folds != k).sum()) + len(labels)
+        if labels:  # a fold whose models keep no image trains without pseudo labels (not with the whole blend's)
+            assert state["labels_by_fold"][str(k)] == str(out / "pseudo" / f"labels_fold{k}.csv")
+            assert sorted(data.extra_for(k).image_ids) == sorted(labels)
+        else:
+            assert str(k) not in state["labels_by_fold"] and data.extra_for(k) is None
+    assert differs > 0  # the per-fold labels are not the whole blend's
+    doc = json.loads((out / "blend" / "blend.json").read_text())
+    assert any(c.startswith("pseudo labels per fold") for c in doc["scores_include"]["nested"])
 
 
 def test_pseudo_images_reach_every_training_split_with_their_masks(tiny_set, tmp_path):
