@@ -53,6 +53,6 @@ lock:
 	mv constraints.txt.tmp constraints.txt && rm -rf $(LOCKVENV) $(LOCKVENV).log
 
 # the cluster path on one machine: a second Ray node with its own disk (root: unshare --mount),
-# moto's S3 server, a node killed mid-trial; ends with "rehearsal: ok" (about 5-7 minutes)
+# moto's S3 server, a node killed mid-trial; ends with "rehearsal: ok" (about 3 minutes)
 rehearsal: install
 	$(PY) benchmarks/rehearsal.py --run runs/rehearsal --data data/rehearsal

@@ -28,7 +28,7 @@ What it does, each step printing its outcome:
 
 It ends with ``rehearsal: ok`` or ``rehearsal: FAILED at <step>``; everything it made stays in
 ``--run`` (the processes' output in ``--run/*.out``, Ray's in its session folder) and Ray is
-stopped (``ray stop``: every Ray process on this machine). About 5-7 minutes on 2 cores.
+stopped (``ray stop``: every Ray process on this machine). About 3 minutes on 2 cores.
 """
 from __future__ import annotations
 
