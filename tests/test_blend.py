@@ -335,10 +335,27 @@ def test_holdout_is_never_trained_on_and_scored_like_a_submission(tiny_set, tmp_
     img_dir.mkdir()
     for i in h["image_ids"]:
         shutil.copy(tiny_set / "train_images" / i, img_dir / i)
+    # what was scored is what predict submits for those images: byte for byte
+    from steel_ray import predict
+    from steel_ray.score import pair_dice
+
+    sub = tmp_path / "predict_holdout.csv"
+    assert predict.predict_folder(run / "blend" / "blend.json", img_dir, sub, workers=0) == len(held)
+    scored = pd.read_csv(hd["submission"], keep_default_na=False).sort_values(["ImageId", "ClassId"]).reset_index(drop=True)
+    mine = pd.read_csv(sub, keep_default_na=False).sort_values(["ImageId", "ClassId"]).reset_index(drop=True)
+    assert scored.equals(mine)
     r = subprocess.run([sys.executable, "-m", "steel_ray.score", "--truth", str(tmp_path / "holdout_labels.csv"),
-                        "--pred", hd["submission"], "--images", str(img_dir)], capture_output=True, text=True)
+                        "--pred", str(sub), "--images", str(img_dir)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[1] == f"{s['holdout']:.6f}" and f"all-empty {hd['all_empty']:.6f}" in r.stdout
+    # the interval resamples images (each with its 4 pairs), not pairs: recomputed from predict's CSV
+    pred = np.array([mine[mine.ImageId == i].sort_values("ClassId").EncodedPixels.tolist() for i in h["image_ids"]], dtype=object)
+    per_image = pair_dice(np.array(h["rles"], dtype=object), pred, (64, 256), "t", "p").mean(1)
+    boot = per_image[np.random.default_rng(0).integers(0, len(per_image), (2000, len(per_image)))].mean(1)
+    assert hd["ci95"] == [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+    pairs = pair_dice(np.array(h["rles"], dtype=object), pred, (64, 256), "t", "p").ravel()
+    pboot = pairs[np.random.default_rng(0).integers(0, len(pairs), (2000, len(pairs)))].mean(1)
+    assert hd["ci95"] != [float(np.quantile(pboot, 0.025)), float(np.quantile(pboot, 0.975))]  # the test can tell them apart
     md = (run / "blend" / "report.md").read_text()
     assert md.split("\n")[2] == (f"**Blend {s['holdout']:.4f} on the holdout, {s['holdout'] - doc['holdout']['all_empty']:+.4f} over "
                                   f"predicting no defects ({doc['holdout']['all_empty']:.4f}), 95% CI {doc['holdout']['ci95'][0]:.4f}-"
