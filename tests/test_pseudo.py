@@ -172,5 +172,25 @@ def test_members_blend_or_top_k(parent):
     assert [TrialConfig.from_dict(c).model_id() for c in pseudo._member_configs(parent, doc, ["blend"])] == blend_ids
     best = max(doc["single_models_cross_fitted"], key=doc["single_models_cross_fitted"].get)
     assert [TrialConfig.from_dict(c).model_id() for c in pseudo._member_configs(parent, doc, ["top", "1"])] == [best]
+
+
+def test_top_k_takes_the_k_best_single_models_in_order(tmp_path):
+    """Three models with distinct cross-fitted scores (the parent fixture has one, where any order
+    passes): top 2 is the best two, best first, then the blend's classifiers."""
+    from steel_ray import pseudo
+    from steel_ray import run as layout
+    from steel_ray.config import TrialConfig
+
+    cfgs = {lr: TrialConfig.from_dict({"encoder": "tu-test_resnet", "lr": lr}).to_dict() for lr in (1e-3, 2e-3, 3e-3)}
+    cls = TrialConfig.from_dict({"encoder": "tu-test_resnet", "task": "classify"}).to_dict()
+    ids = {lr: TrialConfig.from_dict(c).model_id() for lr, c in cfgs.items()}
+    for c in [*cfgs.values(), cls]:
+        d = layout.checkpoint_dir(tmp_path, TrialConfig.from_dict(c).model_id(), 0)
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(c))
+    doc = {"members": [{"model_id": ids[1e-3]}], "classifiers": [{"model_id": TrialConfig.from_dict(cls).model_id()}],
+           "single_models_cross_fitted": {ids[1e-3]: 0.80, ids[2e-3]: 0.90, ids[3e-3]: 0.85}}
+    got = [TrialConfig.from_dict(c).model_id() for c in pseudo._member_configs(tmp_path, doc, ["top", "2"])]
+    assert got == [ids[2e-3], ids[3e-3], TrialConfig.from_dict(cls).model_id()]
     with pytest.raises(SystemExit):
         pseudo._args(["--run", "r", "--out", "o", "--members", "top"])
