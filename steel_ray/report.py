@@ -258,8 +258,11 @@ def headline_details(doc: dict) -> list[str]:
         p = doc["pseudo"]
         ps_ = p["parent_scores"]
         out.append(f"Pseudo-labelling round {p['round']} of {p['parent']}: {p['n_images']} of {p['n_candidates']} images "
-                   f"pseudo-labelled at confidence >= {p['min_confidence']} (images with a defect per class {p['per_class']}) "
-                   f"added to every fold's training split; nested {fmt_score(ps_.get('nested'))} in the parent round vs "
+                   f"pseudo-labelled at confidence >= {p['min_confidence']} by the whole blend (images with a defect per class "
+                   f"{p['per_class']}); "
+                   + (f"each fold trained on the images its fold's parent models labelled ({p.get('n_images_by_fold')} per fold)"
+                      if "labels_by_fold" in p else "added to every fold's training split")
+                   + f"; nested {fmt_score(ps_.get('nested'))} in the parent round vs "
                    f"{fmt_score(nested)} here" + (f", holdout {fmt_score(ps_.get('holdout'))} vs {fmt_score(s.get('holdout'))}"
                                                  if "holdout" in s else "") + ".")
     out += [w for _, w in warnings(doc)]

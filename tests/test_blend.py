@@ -549,6 +549,21 @@ def test_report_lists_the_choices_each_score_saw(tmp_path):
         assert any("config choice" in x for x in inc["nested"]) == explored
         md = (run / "blend" / "report.md").read_text()
         assert ("| none" in md.split("| nested ")[1].split("\n")[0]) == (policy == "last" and not explored)
+    # a pseudo round: its labels' choices (the parent blend's, the cut-off) join every score but the holdout's
+    for per_fold in (True, False):
+        run = tmp_path / f"pseudo{per_fold}"
+        write_run(run, masks, models, configs={m: {"oof_epoch": "last"} for m in models})
+        ps = {"min_confidence": 0.6, "max_images": 5, "parent": "r0", "round": 1, "n_images": 5, "n_candidates": 9,
+              "per_class": {"1": 0, "2": 0, "3": 1, "4": 0}, "parent_scores": {"nested": 0.8},
+              **({"labels_by_fold": {"0": "l0.csv"}, "n_images_by_fold": {"0": 3, "1": 0}} if per_fold else {})}
+        (run / "search.json").write_text(json.dumps({"stage": "done", "explored": [], "selected_models": ["a", "b"], "pseudo": ps}))
+        inc = blend.blend_run(run, max_members=3, nested=False)["scores_include"]
+        item = [x for x in inc["nested"] if x.startswith("pseudo labels")]
+        assert len(item) == 1 and "confidence cut-off 0.6, at most 5 images" in item[0]
+        assert ("per fold" in item[0]) == per_fold and ("fold k's own included" in item[0]) == (not per_fold)
+        assert inc["holdout"] == [] and inc["all_empty"] == [] and item[0] in inc["cross_fitted"]
+        md = (run / "blend" / "report.md").read_text()
+        assert ("its fold's parent models labelled ({'0': 3, '1': 0} per fold)" in md) == per_fold, md[:1500]
 
 
 def test_report_reads_plainly(tmp_path):

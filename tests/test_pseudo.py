@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -194,3 +195,25 @@ def test_top_k_takes_the_k_best_single_models_in_order(tmp_path):
     assert got == [ids[2e-3], ids[3e-3], TrialConfig.from_dict(cls).model_id()]
     with pytest.raises(SystemExit):
         pseudo._args(["--run", "r", "--out", "o", "--members", "top"])
+
+
+def test_bench_pseudo_oof_labels_are_what_the_fold_models_label(parent, tiny_set):
+    """benchmarks/bench_pseudo.py labels each training image from the OOF pool (fast: no model run);
+    brute force: the parent's fold-k models, run on fold k's images through the pseudo round's own
+    path, give the same confidences and labels."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_pseudo
+
+    from steel_ray import pseudo
+
+    doc = json.loads((parent / "blend" / "blend.json").read_text())
+    ids, conf, labels, truth, shape = bench_pseudo.oof_labels(parent, doc)
+    folds = oof.read_truth(parent).folds
+    order = {i: n for n, i in enumerate(oof.read_truth(parent).image_ids)}
+    for k in (0, 1):
+        mine = [n for n, i in enumerate(ids) if folds[order[i]] == k][:4]
+        rows, kept = pseudo.label_images(pseudo.fold_doc(doc, k), parent / "blend" / "blend.json",
+                                         [tiny_set / "train_images" / ids[n] for n in mine], shape, min_confidence=0.5)
+        assert [r["confidence"] for r in rows] == [round(float(conf[n]), 6) for n in mine]
+        assert kept == {ids[n]: list(labels[n]) for n in mine if conf[n] >= 0.5}
+    assert truth.shape == labels.shape == (len(ids), 4) and (conf >= 0).all()
