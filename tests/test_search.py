@@ -1,5 +1,6 @@
 """End-to-end searches on real Ray (embedded, and a multi-node ray.cluster_utils.Cluster)."""
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -132,18 +133,24 @@ def _wait_for_oofs(run, n, p, timeout=300):
 def _wait_for_ended_trials(run, n, p, timeout=300):
     """Until the driver's Tune has registered n ended explore trials: the searcher tells the Optuna
     study in the same controller step as the stage's callback (an OOF file on disk comes earlier)."""
+    import sqlite3
+
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    query = ("SELECT COUNT(*) FROM trials t JOIN studies s ON t.study_id = s.study_id "
+             "WHERE s.study_name = 'explore' AND t.state IN ('COMPLETE', 'PRUNED', 'FAIL')")
+    while time.time() < deadline and p.poll() is None:
         if (run / "optuna.db").exists():  # never open it first: sqlite would create it
             try:
-                study = optuna.load_study(study_name="explore", storage=f"sqlite:///{run / 'optuna.db'}")
-                if len([t for t in study.trials if t.state.is_finished()]) >= n:
-                    break
-            except Exception:  # noqa: BLE001 - the study is being created, or the file locked for a moment
+                # read-only: optuna.load_study may write (schema, version table) while the search
+                # is still creating the study, which could fail the search
+                with contextlib.closing(sqlite3.connect(f"file:{run / 'optuna.db'}?mode=ro", uri=True, timeout=1)) as db:
+                    if db.execute(query).fetchone()[0] >= n:
+                        break
+            except sqlite3.Error:  # the tables are not there yet, or the file is locked for a moment
                 pass
         time.sleep(0.3)
     time.sleep(1.0)  # the rest of that controller step
-    assert p.poll() is None, "search finished before it could be stopped"
+    assert p.poll() is None, "search finished before it could be stopped: " + (p.stderr.read()[-3000:] if p.stderr else "")
 
 
 def test_ctrl_c_then_kill_then_resume(tiny_set, tmp_path):
