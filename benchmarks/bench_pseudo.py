@@ -29,26 +29,20 @@ from steel_ray import oof, rle
 from steel_ray.data import N_CLASSES
 from steel_ray.metric import PostProcess
 from steel_ray.ppsearch import blend_cls, blend_u8, gate_signal
-from steel_ray.predict import Prediction
+from steel_ray.predict import Prediction, member_weights
 from steel_ray.pseudo import image_confidence
 from steel_ray.score import pair_dice
-
-
-def _weights(members: list[dict]) -> np.ndarray:
-    """(4, M) per-class blend weights, as predict reads them."""
-    return np.stack([np.array([m["class_weights"][str(c + 1)] for c in range(N_CLASSES)]) if m.get("weight") is None
-                     else np.full(N_CLASSES, float(m["weight"])) for m in members], axis=1)
 
 
 def oof_labels(run: Path, doc: dict):
     """(image ids, confidences (N,), label RLEs (N, 4), truth RLEs (N, 4)) of every training image."""
     truth = oof.read_truth(run)
     pool = oof.read_pool(run, [m["model_id"] for m in doc["members"]], truth=truth)
-    w = _weights(doc["members"])
+    w = np.stack([member_weights(m) for m in doc["members"]], axis=1)  # (4, M), as predict reads them
     q = None
     if doc.get("classifiers"):
         cpool = oof.read_pool(run, [m["model_id"] for m in doc["classifiers"]], classes=[], truth=truth)
-        cw = np.array([float(m["weight"]) for m in doc["classifiers"]])
+        cw = np.array([member_weights(m)[0] for m in doc["classifiers"]])
         q = (cw[:, None, None] * cpool.cls).sum(0)  # (N, 4) the classifier ensemble's presence
     post = [PostProcess(**doc["postprocess"][str(c + 1)]) for c in range(N_CLASSES)]
     conf, labels = np.zeros(len(pool.image_ids)), []

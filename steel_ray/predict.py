@@ -44,8 +44,8 @@ from .metric import PostProcess
 from .ppsearch import blend_cls, blend_u8, gate_signal
 from .workers import ray_session
 
-__all__ = ["Member", "Prediction", "load_members", "member_maps", "iter_predictions", "rles", "predict_images", "predict_rows", "predict_folder",
-           "write_submission", "main"]
+__all__ = ["Member", "Prediction", "member_weights", "load_members", "member_maps", "iter_predictions", "rles",
+           "predict_images", "predict_rows", "predict_folder", "write_submission", "main"]
 
 log = logging.getLogger("steel_ray.predict")
 
@@ -68,6 +68,13 @@ def _views(spec: str | None, default: str) -> list:
         raise DataError(f"--tta: {e}") from None
 
 
+def member_weights(m: dict) -> np.ndarray:
+    """(4,) per-class blend weight of a blend.json member (``class_weights``) or classifier (``weight``)."""
+    if m.get("weight") is None:
+        return np.array([m["class_weights"][str(c + 1)] for c in range(N_CLASSES)])
+    return np.full(N_CLASSES, float(m["weight"]))
+
+
 def load_members(doc: dict, blend_path, device, tta: str | None = None) -> list[Member]:
     """Load every fold checkpoint of every member and of every classifier of the gate (task
     ``classify``, listed after the members); missing checkpoints are listed by path."""
@@ -79,8 +86,7 @@ def load_members(doc: dict, blend_path, device, tta: str | None = None) -> list[
         raise DataError(f"{blend_path}: missing checkpoint(s): " + ", ".join(missing))
     members = []
     for m, task in entries:
-        w = (np.array([m["class_weights"][str(c + 1)] for c in range(N_CLASSES)]) if m.get("weight") is None
-             else np.full(N_CLASSES, float(m["weight"])))
+        w = member_weights(m)
         models, cfg = [], None
         for p in m["checkpoints"]:
             model, cfg = load_weights(p, device)

@@ -68,12 +68,12 @@ def image_confidence(pred) -> tuple[float, np.ndarray]:
 
 def _label(pred) -> dict:
     """What a worker sends back for one image: its confidences, classes and RLE strings."""
-    from . import rle
+    from .predict import rles
 
     conf, per_class = image_confidence(pred)
     return {"confidence": round(conf, 6), **{f"class_{c + 1}": bool(pred.masks[c].any()) for c in range(N_CLASSES)},
             **{f"confidence_{c + 1}": round(float(per_class[c]), 6) for c in range(N_CLASSES)},
-            "_rles": [rle.encode(m) for m in pred.masks]}
+            "_rles": rles(pred)}
 
 
 def label_images(doc: dict, blend_path, paths: list[Path], shape, min_confidence: float, max_images: int | None = None,
