@@ -556,8 +556,11 @@ def fit_fold(
 
     oof_file = None
     if write_oof:
+        ex = data.extra_for(fold)
+        # what the fold trained on, so that a reader of the pool sees whether a round's pseudo labels reached it
         extra = {"best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "epochs_run": len(history),
-                 "history": history}
+                 "history": history, "n_train_images": int((data.folds != fold).sum()),
+                 "n_pseudo_images": len(ex.image_ids) if ex is not None else 0}
         oof_file = str(predict_oof(ckdir / "best.pt", fold, data, run, model_id, dev, cfg, progress, extra))
         last.unlink(missing_ok=True)  # the fold is finished (its OOF is the marker): best.pt is all that is needed
     # The final epoch is reported only once its OOF is on disk: a scheduler may stop the

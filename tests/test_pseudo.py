@@ -83,6 +83,10 @@ def _each_fold_trained_on_its_own_fold_models_labels(parent, tiny_set, out):
         assert set(kept.ImageId) == set(labels) == set(mine[mine.kept].index)
         ds, _ = train_dataset(data, k, build_transforms(False))
         assert len(ds) == int((data.folds != k).sum()) + len(labels)
+        # the search itself handed fold k's labels to fold k's trials: every OOF file of the round says so
+        for mid in oof.list_pool(out):
+            meta = oof.read_meta(oof.oof_path(out, mid, k))
+            assert (meta["n_pseudo_images"], meta["n_train_images"]) == (len(labels), int((data.folds != k).sum())), mid
         if labels:  # a fold whose models keep no image trains without pseudo labels (not with the whole blend's)
             assert state["labels_by_fold"][str(k)] == str(out / "pseudo" / f"labels_fold{k}.csv")
             assert sorted(data.extra_for(k).image_ids) == sorted(labels)
