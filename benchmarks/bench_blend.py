@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -233,6 +235,37 @@ def _timed_read(pool) -> tuple[float, int]:
     return (time.perf_counter() - t) / (4 * n * m * h * w), kept
 
 
+def planted_pool(run: Path, n: int, shape=(128, 800), models=3) -> Path:
+    """A run of ``n`` images with ``models`` segmentation models written as real Parquet OOF files
+    (the tests' planted pools: truth boxes, maps = 0.6 x truth + uniform noise up to 0.35), with the
+    search.json that lists its models."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import blend_pools
+    rng = np.random.default_rng(0)
+    masks = blend_pools.make_truth(rng, n, shape)
+    ids = [f"m{j}" for j in range(models)]
+    blend_pools.write_run(run, masks, {m: blend_pools.signal_model(rng, masks) for m in ids})
+    (run / "search.json").write_text(json.dumps({"selected_models": ids}))
+    return run
+
+
+def measured_load(run, ids):
+    """The pool of ``run`` loaded from its Parquet files as the blend loads it (4x maps of every
+    class held in memory), inside the memory sampler: a line with what the loaded maps hold and the
+    peak above the process before the load (the reader's batch buffers and growing arrays)."""
+    before = _pss_kib(os.getpid()) / 2**20
+    mem = PeakMemory(every=0.02)
+    mem.start()
+    t = time.perf_counter()
+    pool = blend.load_blend_pool(run, model_ids=ids)
+    secs = time.perf_counter() - t
+    peak = mem.stop() - before
+    held = sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in pool.ds) / 2**30
+    return pool, (f"load of {len(ids)} models' 4x maps from Parquet ({secs:.1f}s): the maps hold {held:.3f} GiB, the "
+                  f"process peaked {peak:.3f} GiB above its size before the load ({peak / max(held, 1e-9):.2f}x; "
+                  f"summed PSS sampled every {mem.every}s)")
+
+
 def real_pool(run, c=2, copies=1):
     """A real pool, loaded once (streamed, as the blend reads it): a line with its kept fraction of
     full-resolution pixels (what the generated pool should resemble), the seconds per pixel per
@@ -243,12 +276,17 @@ def real_pool(run, c=2, copies=1):
     if copies > 1:
         with tempfile.TemporaryDirectory(prefix="bench_blend_copies_") as tmp:
             path, ids = copied_run(run, copies, Path(tmp) / "run")
-            copy_cost, _ = _timed_read(blend.load_blend_pool(path, model_ids=ids))
+            copied, load_line = measured_load(path, ids)
+            copy_cost, _ = _timed_read(copied)
+            del copied
+    else:
+        load_line = measured_load(run, blend.search_models(run))[1]
     pool = blend.load_blend_pool(run, model_ids=blend.search_models(run))
     (h, w), n, m = pool.shape, len(pool.image_ids), len(pool.model_ids)
     read_cost, kept = _timed_read(pool)
     line = (f"real pool {run}: {m} models x {n} images at {h}x{w}: kept full-res pixels {kept:,} "
-            f"({100 * kept / (4 * n * h * w):.2f}%); reading its full resolution: {read_cost * 1e9:.1f} ns per pixel per model")
+            f"({100 * kept / (4 * n * h * w):.2f}%); reading its full resolution: {read_cost * 1e9:.1f} ns per pixel per model\n"
+            f"  {load_line}")
     if copies > 1:
         line += (f"\n  the same files listed {copies} times ({copies * m} models, --pool-copies): {copy_cost * 1e9:.1f} ns per pixel "
                  f"per model (used for the real-run estimate)")
@@ -388,16 +426,23 @@ def main():
     ap.add_argument("--pool-copies", type=int, default=1,
                     help="with --pool: also measure the read cost with its models listed K times (symlinks), as a "
                          "pool of K x as many models reads; the real-run estimate uses it")
+    ap.add_argument("--planted-pool", type=int, metavar="N",
+                    help="instead of --pool: write a run of N images at 128x800 with 3 models whose maps carry uniform "
+                         "noise up to 0.35 (almost every pixel kept: the dense case) as real Parquet files in a temporary "
+                         "folder, and use it as --pool")
     ap.add_argument("--skip-ds-check", action="store_true", help="skip part 4 (one more pass over full resolution)")
     ap.add_argument("--search-only", action="store_true", help="only the post-processing search comparison (part 2)")
     a = ap.parse_args()
     repro = (f"\nreproduce: .venv/bin/python benchmarks/bench_blend.py --images {a.images} --models {a.models} --folds {a.folds} "
           f"--max-members {a.max_members} --workers {a.workers} --subset {a.subset} --kernel-points {a.kernel_points}"
           + (f" --density {a.density:g}" if a.density else "") + (f" --haze {a.haze:g}" if a.haze else "")
-          + (f" --pool {a.pool}" if a.pool else "") + (f" --pool-copies {a.pool_copies}" if a.pool_copies > 1 else "")
+          + (f" --planted-pool {a.planted_pool}" if a.planted_pool else f" --pool {a.pool}" if a.pool else "") + (f" --pool-copies {a.pool_copies}" if a.pool_copies > 1 else "")
           + (" --skip-ds-check" if a.skip_ds_check else "") + (" --search-only" if a.search_only else ""))
     t0 = time.time()
     read_cost = real = None
+    if a.planted_pool:
+        planted = tempfile.TemporaryDirectory(prefix="bench_blend_planted_")
+        a.pool = planted_pool(Path(planted.name) / "run", a.planted_pool)
     if a.pool:
         line, read_cost, real = real_pool(a.pool, copies=a.pool_copies)
         print(line)

@@ -178,26 +178,76 @@ class _ClassReader:
         """``{resolution: {class: ClassData}}`` for the given classes and resolutions (``full``, ``ds``)."""
         n = len(self.truth.image_ids)
         classes = list(classes)
-        parts = {r: {c: [] for c in classes} for r in resolutions}
-        cls = np.zeros((len(self.models), n, N_CLASSES), np.float32)
+        m = len(self.models)
+        idt = np.int32 if n < 2**23 else np.int64
+        pos = self.fill_holes and "full" in resolutions
+        # kept pixels go into blocks as they are read, then into one array per column block by block
+        # (_Blocks): the kept count is known only after the last batch, and concatenating the
+        # batches' pieces would hold the pool twice for a moment
+        parts = {r: {c: {"img": _Blocks((), idt), "vals": _Blocks((m,), np.uint8), "truth": _Blocks((), bool),
+                         **({"pix": _Blocks((), np.int32)} if pos and r == "full" else {})} for c in classes} for r in resolutions}
+        cls = np.zeros((m, n, N_CLASSES), np.float32)
         true_area = {r: np.zeros((N_CLASSES, n), np.int64) for r in resolutions}
         for rows, cls_b, out in self.batches(classes, resolutions):
             cls[:, rows] = cls_b
             for res in resolutions:
                 for c in classes:
-                    d = out[res][c]
+                    d, p = out[res][c], parts[res][c]
                     true_area[res][c, rows] = d.true_area
-                    parts[res][c].append((rows[d.img], d.vals, d.truth, d.pix))
+                    p["img"].add(rows[d.img].astype(idt, copy=False))
+                    p["vals"].add(d.vals)
+                    p["truth"].add(d.truth)
+                    if "pix" in p:
+                        p["pix"].add(d.pix)
         out = {}
         for res in resolutions:
             scale = 1.0 if res == "full" else float(oof.DS * oof.DS)
             out[res] = {}
             for c in classes:
-                ps_ = parts[res][c]
-                img = np.concatenate([p[0] for p in ps_]).astype(np.int32 if n < 2**23 else np.int64)
-                pix = np.concatenate([p[3] for p in ps_]) if (self.fill_holes and res == "full") else None
-                out[res][c] = ps.ClassData(img, np.concatenate([p[1] for p in ps_], axis=1), np.concatenate([p[2] for p in ps_]),
-                                           true_area[res][c], cls[:, :, c].copy(), scale, self.t_min, pix)
+                p = {k: b.finish() for k, b in parts[res].pop(c).items()}
+                out[res][c] = ps.ClassData(p["img"], p["vals"], p["truth"], true_area[res][c], cls[:, :, c].copy(), scale,
+                                           self.t_min, p.get("pix"))
+        return out
+
+
+class _Blocks:
+    """An array of shape ``(*lead, n)`` built by appending pieces along its last axis, for an ``n``
+    known only at the end. Pieces are copied into blocks as they come (1 MiB, doubling up to 64 MiB:
+    a small pool does not pay for large blocks, whose first touch commits whole huge pages, and
+    numpy takes the large ones from mmap, so freeing one gives its memory back at once); ``finish``
+    allocates the result (pages committed as they are written) and moves the blocks in one by one,
+    freeing each: the peak is the result plus one block, where ``np.concatenate`` over the pieces
+    holds the pieces and the result together. Written here because numpy has no growable array
+    with this property."""
+
+    FIRST, BLOCK = 1 << 20, 64 << 20
+
+    def __init__(self, lead: tuple, dtype):
+        self.lead, self.dtype = tuple(lead), np.dtype(dtype)
+        self.col_bytes = max(1, int(np.prod(self.lead))) * self.dtype.itemsize
+        self.blocks, self.fill = [], 0  # fill: columns used in the last block
+
+    def add(self, piece: np.ndarray) -> None:
+        off, n = 0, piece.shape[-1]
+        while off < n:
+            if not self.blocks or self.fill == self.blocks[-1].shape[-1]:
+                size = min(self.BLOCK, self.FIRST << len(self.blocks))
+                self.blocks.append(np.empty((*self.lead, max(1, size // self.col_bytes)), self.dtype))
+                self.fill = 0
+            k = min(n - off, self.blocks[-1].shape[-1] - self.fill)
+            self.blocks[-1][..., self.fill:self.fill + k] = piece[..., off:off + k]
+            self.fill, off = self.fill + k, off + k
+
+    def finish(self) -> np.ndarray:
+        total = sum(b.shape[-1] for b in self.blocks[:-1]) + self.fill
+        out = np.empty((*self.lead, total), self.dtype)
+        off = 0
+        while self.blocks:
+            block = self.blocks.pop(0)
+            k = block.shape[-1] if self.blocks else self.fill
+            out[..., off:off + k] = block[..., :k]
+            off += k
+            del block
         return out
 
 

@@ -651,3 +651,20 @@ def test_a_re_blend_goes_beside_the_runs_own_blend_unless_asked_to_replace_it(pl
     assert err == f"error: --out {out}: holds a blend already; pass --replace to overwrite it, or choose another folder"
     assert blend.main(["--run", str(work), "--max-members", "1", "--no-nested", "--replace"]) == 0
     assert len(json.loads((work / "blend" / "blend.json").read_text())["members"]) == 1
+
+
+def test_blocks_equal_concatenation_across_block_boundaries(monkeypatch):
+    """The OOF reader's growable array: pieces of any size (empty, inside one block, spanning
+    several) come out equal to np.concatenate, for 1-D and (M, n) layouts."""
+    monkeypatch.setattr(blend._Blocks, "FIRST", 12)  # blocks of 12, 24, 48, 48 ... bytes
+    monkeypatch.setattr(blend._Blocks, "BLOCK", 48)
+    rng = np.random.default_rng(0)
+    for lead, dtype in [((), np.int32), ((3,), np.uint8), ((), bool)]:
+        b = blend._Blocks(lead, dtype)
+        pieces = [rng.integers(0, 200, (*lead, k)).astype(dtype) for k in (5, 0, 16, 1, 37, 11)]
+        for p in pieces:
+            b.add(p)
+        assert len(b.blocks) >= 3  # the planted sizes cross block boundaries, at the cap too
+        out = b.finish()
+        assert out.dtype == np.dtype(dtype) and np.array_equal(out, np.concatenate(pieces, axis=-1)) and not b.blocks
+    assert blend._Blocks((2,), np.uint8).finish().shape == (2, 0)
