@@ -436,7 +436,8 @@ def main():
     repro = (f"\nreproduce: .venv/bin/python benchmarks/bench_blend.py --images {a.images} --models {a.models} --folds {a.folds} "
           f"--max-members {a.max_members} --workers {a.workers} --subset {a.subset} --kernel-points {a.kernel_points}"
           + (f" --density {a.density:g}" if a.density else "") + (f" --haze {a.haze:g}" if a.haze else "")
-          + (f" --planted-pool {a.planted_pool}" if a.planted_pool else f" --pool {a.pool}" if a.pool else "") + (f" --pool-copies {a.pool_copies}" if a.pool_copies > 1 else "")
+          + (f" --planted-pool {a.planted_pool}" if a.planted_pool else f" --pool {a.pool}" if a.pool else "")
+          + (f" --pool-copies {a.pool_copies}" if a.pool_copies > 1 else "")
           + (" --skip-ds-check" if a.skip_ds_check else "") + (" --search-only" if a.search_only else ""))
     t0 = time.time()
     read_cost = real = None
