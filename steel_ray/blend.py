@@ -766,7 +766,7 @@ def score_selections(run, pool: BlendPool) -> dict:
     reuses them) and each member's OOF epoch policy (its config in the OOF file)."""
     folds = sorted(set(pool.folds.tolist()))
     configs = {m: oof.read_meta(layout.oof_path(run, m, folds[0])).get("config") or {} for m in pool.model_ids + pool.classifiers}
-    best_epoch = [m for m, c in configs.items() if c.get("oof_epoch", "best") == "best"]
+    best_epoch = [m for m, c in configs.items() if c.get("oof_epoch", "last") == "best"]
     state = layout.read_state(run) or {}
     upstream = []
     if state.get("explored") or state.get("pseudo"):

@@ -138,7 +138,7 @@ class TrainConfig:
     tta: str = "hflip"  # test-time augmentation for the out-of-fold predictions
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
     grad_clip: float = 0.0  # max gradient norm, 0 = off
-    oof_epoch: str = "best"  # the weights kept for the OOF and predict: best (by val_dice_pp) or last epoch
+    oof_epoch: str = "last"  # the weights kept for the OOF and predict: last epoch, or best (by val_dice_pp, chosen on the fold it predicts)
     deterministic: bool = False  # CUDA: reproducible kernels instead of cuDNN autotuning (slower)
     compile: bool = False  # torch.compile the model for the training steps
     finetune_epochs: int = 0  # more epochs on whole images (no crop, same resize) after the crop epochs
@@ -209,12 +209,9 @@ class TrialConfig:
         """Stable, readable id of the model this config trains (same config -> same id)."""
         # keys of the other task do not describe this model (segmentation ids predate the classify task)
         other = set(CLASSIFY_ONLY) | {"task"} if self.model.task == "segment" else set(SEGMENT_ONLY)
-        if not self.train.finetune_epochs:  # no fine-tuning: ids stay those of configs from before the keys existed
+        if not self.train.finetune_epochs:  # no fine-tuning: its settings do not describe the model
             other |= {"finetune_epochs", "finetune_lr_mult", "finetune_batch_size"}
-        if self.train.finetune_batch_size is None:  # the default: ids stay those from before the key existed
-            other |= {"finetune_batch_size"}
-        d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_KEYS and k not in other}
-        h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+        h = identity_hash({k: v for k, v in self.to_dict().items() if k not in other}, _DEFAULTS)
         enc = self.model.encoder.replace("/", "_")
         if self.model.task == "classify":
             return f"cls-{enc}-{self.loss.cls_loss}-{h}"
@@ -299,3 +296,18 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
                 pass
         out[k.strip()] = val
     return out
+
+
+# How model ids are made: 1 hashed every key (each key added later had to be special-cased or every
+# pool stopped matching); 2 hashes only the keys that differ from their defaults, so a new key with
+# a default keeps every id. Changing a default changes what an id means: bump this (pools and runs
+# of another scheme are refused, see oof.check_fold_file and the search's --resume).
+ID_SCHEME = 2
+_DEFAULTS = TrialConfig().to_dict()
+
+
+def identity_hash(flat: dict, defaults: dict) -> str:
+    """The 8-hex-digit hash of a config's identity: the keys whose value differs from ``defaults``
+    (runtime keys, which do not change the model, left out)."""
+    d = {k: v for k, v in flat.items() if k not in _RUNTIME_KEYS and (k not in defaults or v != defaults[k])}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]

@@ -38,7 +38,7 @@ import pandas as pd
 
 from . import console
 from . import run as layout
-from .config import ConfigError
+from .config import ID_SCHEME, ConfigError
 from .data import DataError
 from .io import atomic_path, write_json
 from .space import SpaceError, load_space
@@ -104,6 +104,10 @@ def _load_state(run: Path, a) -> dict:
         if not path.exists():
             raise SearchError(f"{path} not found: nothing to resume in {run}")
         state = json.loads(path.read_text())
+        if state.get("id_scheme", 1) != ID_SCHEME:
+            raise SearchError(f"{path}: a search of model id scheme {state.get('id_scheme', 1)}; this version names models "
+                              f"by scheme {ID_SCHEME} (only keys that differ from their defaults, oof_epoch last by default), "
+                              f"so --resume would train every model again under new ids: start a new run folder")
         state.setdefault("spaces", [state["space"]])
         for k in ("data", "storage"):
             v = _where(getattr(a, k))
@@ -125,6 +129,7 @@ def _load_state(run: Path, a) -> dict:
         # the run's identity: what it writes under --storage lives under STORAGE/<run_id>/, so two
         # runs with the same --out name never share a pool, an experiment or a checkpoint
         "run_id": f"{run.name}-{uuid.uuid4().hex[:12]}",
+        "id_scheme": ID_SCHEME,
     }
     return state
 

@@ -26,6 +26,27 @@ def test_model_id_stable_and_sensitive():
     assert a.model_id().startswith("unet-resnet34-bce_dice-")
 
 
+def test_model_id_hashes_only_the_keys_that_differ_from_their_defaults():
+    """Known answers: the defaults hash ``{}``, one changed key hashes that key alone (runtime keys
+    never); a key added to the config with a default keeps every existing id."""
+    import hashlib
+    import json
+
+    from steel_ray.config import _DEFAULTS, identity_hash
+
+    def h(d):
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    assert TrialConfig().model_id() == f"unet-resnet34-bce_dice-{h({})}"
+    assert TrialConfig.from_dict({"lr": 0.01, "num_workers": 5}).model_id() == f"unet-resnet34-bce_dice-{h({'lr': 0.01})}"
+    assert TrialConfig.from_dict({"oof_epoch": "best"}).model_id() == f"unet-resnet34-bce_dice-{h({'oof_epoch': 'best'})}"
+    for flat in ({}, {"lr": 0.01, "arch": "FPN"}, {"epochs": 3, "oof_epoch": "best", "tta": "hflip"}):
+        cfg = TrialConfig.from_dict(flat).to_dict()
+        grown = identity_hash({**cfg, "new_key": 7}, {**_DEFAULTS, "new_key": 7})
+        assert grown == identity_hash(cfg, _DEFAULTS) and TrialConfig.from_dict(flat).model_id().endswith(grown)
+        assert identity_hash({**cfg, "new_key": 8}, {**_DEFAULTS, "new_key": 7}) != grown  # set away from its default: a new id
+
+
 @pytest.mark.parametrize(
     "flat, msg",
     [

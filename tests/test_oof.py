@@ -114,3 +114,23 @@ def test_maps_read_from_arrow_buffers_of_a_sliced_batch(run):
     out = np.zeros((5, *ts.shape), np.uint8)
     assert oof.maps(batch, "p2", ts.shape, f, out=out) is out
     np.testing.assert_array_equal(out, oof.quantize(probs)[3:8, 1])
+
+
+def test_a_pool_of_an_older_model_id_scheme_is_refused_naming_the_file(run):
+    """A file written before id scheme 2 (no steel_ray.id_scheme in its metadata) is refused in one
+    line: its directory's model id no longer matches its config."""
+
+    from steel_ray.config import ID_SCHEME
+
+    path, ts, folds = run
+    h = data.folds_hash(ts.image_ids, folds)
+    ids, probs, cls = _fake(ts, folds, 0, 0)
+    f = oof.write_oof(path, "m1", 0, ids, oof.quantize(probs), cls, *ts.shape, h)
+    truth = oof.read_truth(path)
+    assert oof.read_meta(f)["id_scheme"] == ID_SCHEME and oof.check_fold_file(f, truth, 0) == ids
+    t = pq.read_table(f)
+    old = {k: v for k, v in t.schema.metadata.items() if k != b"steel_ray.id_scheme"}
+    pq.write_table(t.replace_schema_metadata(old), f)
+    with pytest.raises(data.DataError, match=f"{f}: written by steel_ray .* model ids of scheme 1; .*new folder"):
+        oof.check_fold_file(f, truth, 0)
+    assert oof.read_meta(f)["model_id"] == "m1"  # the rest of the metadata is untouched

@@ -243,6 +243,9 @@ def test_resume_checks_saved_settings(tmp_path):
         search._load_state(run, search._args(["--out", str(run), "--resume"]))
     run.mkdir()
     (run / "search.json").write_text(json.dumps({"space": "/s.yaml", "data": "/d", "storage": None, "folds": 3}))
+    with pytest.raises(search.SearchError, match="model id scheme 1; .*start a new run folder"):  # made before scheme 2
+        search._load_state(run, search._args(["--out", str(run), "--resume"]))
+    (run / "search.json").write_text(json.dumps({"space": "/s.yaml", "data": "/d", "storage": None, "folds": 3, "id_scheme": 2}))
     with pytest.raises(search.SearchError, match="--data /other differs from the interrupted search's /d"):
         search._load_state(run, search._args(["--out", str(run), "--resume", "--data", "/other"]))
     state = search._load_state(run, search._args(["--out", str(run), "--resume", "--folds", "7"]))

@@ -280,7 +280,7 @@ def test_finetune_runs_full_size_after_crops_and_resumes_across_the_boundary(tin
     assert [m["epoch"] for m in seen] == [3]
     for key in ("train_loss", "val_loss", "val_dice", "lr"):
         assert resumed.history[2][key] == pytest.approx(full.history[2][key], rel=1e-6, abs=1e-9), key
-    # no fine-tuning: the model id is the one configs had before the keys existed
+    # no fine-tuning: its settings do not change the model id
     assert TrialConfig.from_dict({**TINY, "finetune_lr_mult": 0.3}).model_id() == TrialConfig.from_dict(TINY).model_id()
     assert TrialConfig.from_dict({**TINY, "finetune_batch_size": 2}).model_id() == TrialConfig.from_dict(TINY).model_id()
     assert TrialConfig.from_dict({**TINY, "finetune_epochs": 1, "finetune_lr_mult": 0.1, "scheduler": "none",
