@@ -701,11 +701,20 @@ def _map(fn, items, workers):
     global _MAP_FN
     _MAP_FN = fn
     # leaving the with-block (also on Ctrl-C or SIGTERM) terminates the workers: no orphans
-    with sigterm_as_exit(), mp.get_context("fork").Pool(min(workers, len(items))) as p:
+    with sigterm_as_exit(), mp.get_context("fork").Pool(min(workers, len(items)), initializer=_worker_signals) as p:
         return p.map(_call_map_fn, items)
 
 
 _MAP_FN = None
+
+
+def _worker_signals():
+    """A forked worker dies at once on SIGTERM (Pool.terminate's signal). It would otherwise inherit
+    the parent's SIGTERM-as-SystemExit handler, unwind and hang in its exit clean-up (seen: a worker
+    blocked on a lock forever, the parent in terminate's join, after the SIGTERM test)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _call_map_fn(x):

@@ -223,7 +223,7 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
         else:
             log.warning("fold %d: no image reaches confidence %s with the fold-%d models; the fold trains without "
                         "pseudo labels", k, a.min_confidence, k)
-    from .config import TrialConfig
+    from .config import ID_SCHEME, TrialConfig
 
     per_class = {str(c + 1): int(sum(bool(v[c]) for v in labels.values())) for c in range(N_CLASSES)}
     state = {
@@ -232,6 +232,7 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
         "stage": "complete", "explored": [], "selected": configs,
         "selected_models": [TrialConfig.from_dict(c).model_id() for c in configs],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": f"{out.name}-{uuid.uuid4().hex[:12]}",
+        "id_scheme": ID_SCHEME,
         "pseudo": {"parent": str(run), "round": int(parent.get("pseudo", {}).get("round", 0)) + 1, "labels": str(lab),
                    "labels_by_fold": by_fold, "image_tables_by_fold": tables, "n_images_by_fold": n_by_fold,
                    "images": str(images), "image_table": str(imgs), "min_confidence": a.min_confidence,
