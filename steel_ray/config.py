@@ -303,6 +303,7 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
 # a default keeps every id. Changing a default changes what an id means: bump this (pools and runs
 # of another scheme are refused, see oof.check_fold_file and the search's --resume).
 ID_SCHEME = 2
+ID_SCHEME_CHANGE = "only keys that differ from their defaults, oof_epoch last by default"  # what scheme 2 changed, for refusals
 _DEFAULTS = TrialConfig().to_dict()
 
 

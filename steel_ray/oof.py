@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from . import run as layout
-from .config import ID_SCHEME, TASKS
+from .config import ID_SCHEME, ID_SCHEME_CHANGE, TASKS
 from .data import N_CLASSES, DataError
 from .io import atomic_path
 
@@ -332,8 +332,8 @@ def check_fold_file(path, truth: Truth, fold: int) -> list[str]:
     meta = read_meta(path)
     if meta.get("id_scheme", 1) != ID_SCHEME:
         raise DataError(f"{path}: written by steel_ray {meta.get('version', '?')} with model ids of scheme "
-                        f"{meta.get('id_scheme', 1)}; this version names models by scheme {ID_SCHEME} (only keys that differ "
-                        f"from their defaults, and oof_epoch defaults to last), so the pool's ids no longer match its "
+                        f"{meta.get('id_scheme', 1)}; this version names models by scheme {ID_SCHEME} ({ID_SCHEME_CHANGE}), "
+                        f"so the pool's ids no longer match its "
                         f"configs: run the search again into a new folder")
     if meta.get("folds_hash") != truth.folds_hash:
         raise DataError(f"{path}: fold split {meta.get('folds_hash')} differs from the run's {truth.folds_hash}")

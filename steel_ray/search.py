@@ -38,7 +38,7 @@ import pandas as pd
 
 from . import console
 from . import run as layout
-from .config import ID_SCHEME, ConfigError
+from .config import ID_SCHEME, ID_SCHEME_CHANGE, ConfigError
 from .data import DataError
 from .io import atomic_path, write_json
 from .space import SpaceError, load_space
@@ -106,7 +106,7 @@ def _load_state(run: Path, a) -> dict:
         state = json.loads(path.read_text())
         if state.get("id_scheme", 1) != ID_SCHEME:
             raise SearchError(f"{path}: a search of model id scheme {state.get('id_scheme', 1)}; this version names models "
-                              f"by scheme {ID_SCHEME} (only keys that differ from their defaults, oof_epoch last by default), "
+                              f"by scheme {ID_SCHEME} ({ID_SCHEME_CHANGE}), "
                               f"so --resume would train every model again under new ids: start a new run folder")
         state.setdefault("spaces", [state["space"]])
         for k in ("data", "storage"):
