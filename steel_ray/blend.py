@@ -832,17 +832,24 @@ def main(argv=None) -> int:
     ap.add_argument("--score-holdout", action="store_true",
                     help="score this blend on the run's holdout: a look that RUN/holdout.json records (the search "
                          "looked once); without it a re-blend does not score the holdout, so trying options cannot tune on it")
+    ap.add_argument("--mlflow", metavar="URI",
+                    help="log this blend to MLflow as a run of the run's experiment (under the search's run when the "
+                         "search logged there): sqlite:///runs/mlflow.db, a folder or a tracking server")
     a = ap.parse_args(argv)
     from . import console
 
     console.setup(a.run if Path(a.run).is_dir() else None, False, "blend")
     try:
         out = _out_dir(a.run, a.out, a.replace)
-        blend_run(a.run, a.models, out=out, holdout_look=a.score_holdout, command=_command(argv),
+        doc = blend_run(a.run, a.models, out=out, holdout_look=a.score_holdout, command=_command(argv),
                   max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
                   init_sorted=a.init_sorted, allow_partial=a.allow_partial, fill_holes=a.fill_holes, nested=not a.no_nested,
                   workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice,
                   stream={"auto": "auto", "on": True, "off": False}[a.stream])
+        if a.mlflow:
+            from .tracking import open_tracker, resolve_uri
+
+            open_tracker(resolve_uri(a.mlflow), Path(a.run), layout.read_state(a.run)).log_blend(doc, out, _command(argv))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 from . import console, predict, score, search, synth
 from . import run as layout
 from .report import fmt_score, no_classifier_reason
+from .tracking import resolve_uri
 
 log = logging.getLogger("steel_ray.demo")
 # the demo's scale: what 2 CPU cores search, blend and predict in 4-5 minutes (under 10 on slower cores)
@@ -52,6 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, help="configs completed per space (default: each space's top)")
     ap.add_argument("--folds", type=int, default=DEMO["folds"])
     ap.add_argument("--holdout", type=float, default=DEMO["holdout"], help="training images set aside and scored at the end")
+    ap.add_argument("--mlflow", metavar="URI",
+                    help="MLflow store the search logs to (default: sqlite:///<the run's parent folder>/mlflow.db, e.g. "
+                         "sqlite:///runs/mlflow.db; 'none': no MLflow)")
     ap.add_argument("--verbose", action="store_true", help="show Ray's own output on the console")
     a = ap.parse_args(argv)
     console.setup(None, a.verbose)
@@ -63,9 +68,13 @@ def main(argv=None) -> int:
         synth.generate(data, n_train=DEMO["n_train"], n_test=DEMO["n_test"], height=DEMO["height"], width=DEMO["width"], seed=0)
     state = layout.state_path(run)
     done = state.exists() and json.loads(state.read_text()).get("stage") == "done"
+    uri = a.mlflow or f"sqlite:///{run.parent.as_posix()}/mlflow.db"
+    uri = None if uri == "none" else uri
     if not done:
+        # a resumed demo logs where it started (its search state keeps the URI)
         rc = search.search(run, a.space or DEMO["spaces"], data, folds=a.folds, max_concurrent=2, holdout=a.holdout,
-                           num_samples=a.num_samples, top=a.top, resume=state.exists(), verbose=a.verbose)
+                           num_samples=a.num_samples, top=a.top, resume=state.exists(), verbose=a.verbose,
+                           mlflow=None if state.exists() else uri)
         if rc:
             return rc
     sub = run / "submission.csv"
@@ -97,6 +106,13 @@ def main(argv=None) -> int:
     print(f"  submission                 {test:.6f}  {_vs(test, test_empty)}")
     print(f"submission: {sub}")
     print(f"report:     {run / 'blend' / 'report.html'}  (and report.md)")
+    tracked = (layout.read_state(run) or {}).get("mlflow")
+    bindir = Path(os.path.relpath(Path(sys.executable).parent))  # .venv/bin: where make install put the tools
+    print("open the run in your tools:")
+    print(f"  {bindir / 'tensorboard'} --logdir {run / 'ray'}")
+    if tracked:
+        print(f"  {bindir / 'mlflow'} ui --backend-store-uri {uri if uri and tracked == resolve_uri(uri) else tracked}")
+    print(f"  {bindir / 'optuna-dashboard'} sqlite:///{layout.optuna_db(run).as_posix()}")
     return 0
 
 

@@ -40,6 +40,7 @@ from . import run as layout
 from .data import N_CLASSES, DataError, check_shapes, list_images
 from .io import atomic_write_text, write_json
 from .search import _where
+from .tracking import resolve_uri
 
 __all__ = ["image_confidence", "label_images", "fold_doc", "round_lines", "main"]
 
@@ -162,6 +163,9 @@ def _args(argv=None):
     ap.add_argument("--address", help="join a running Ray cluster (default: embedded Ray)")
     ap.add_argument("--storage", help="shared storage every node writes to (default: OUT)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted round in OUT")
+    ap.add_argument("--mlflow", metavar="URI",
+                    help="log the round to MLflow (its own experiment, as a search's): sqlite:///runs/mlflow.db, a folder "
+                         "or a tracking server")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
     if a.members[0] not in ("blend", "top") or (a.members[0] == "top" and (len(a.members) != 2 or not a.members[1].isdigit())) \
@@ -232,7 +236,7 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
         "stage": "complete", "explored": [], "selected": configs,
         "selected_models": [TrialConfig.from_dict(c).model_id() for c in configs],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": f"{out.name}-{uuid.uuid4().hex[:12]}",
-        "id_scheme": ID_SCHEME,
+        "id_scheme": ID_SCHEME, "mlflow": resolve_uri(a.mlflow),
         "pseudo": {"parent": str(run), "round": int(parent.get("pseudo", {}).get("round", 0)) + 1, "labels": str(lab),
                    "labels_by_fold": by_fold, "image_tables_by_fold": tables, "n_images_by_fold": n_by_fold,
                    "images": str(images), "image_table": str(imgs), "min_confidence": a.min_confidence,
@@ -272,7 +276,8 @@ def main(argv=None) -> int:
             return 2
         # the retraining is the search's complete stage (then its blend), resumed from the state written above
         rc = search.search(out, resume=True, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
-                           max_failures=a.max_failures, max_concurrent=a.max_concurrent, address=a.address, verbose=a.verbose)
+                           max_failures=a.max_failures, max_concurrent=a.max_concurrent, address=a.address, verbose=a.verbose,
+                           mlflow=a.mlflow if a.resume else None)
     if rc:
         return rc
     doc = json.loads(layout.blend_json(out).read_text())

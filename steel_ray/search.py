@@ -42,6 +42,7 @@ from .config import ID_SCHEME, ID_SCHEME_CHANGE, ConfigError
 from .data import DataError
 from .io import atomic_path, write_json
 from .space import SpaceError, load_space
+from .tracking import open_tracker, resolve_uri
 from .train import prepare_run
 
 log = logging.getLogger("steel_ray.search")
@@ -85,6 +86,10 @@ def _args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue an interrupted search in RUN")
     ap.add_argument("--no-blend", action="store_true", help="stop after the complete stage")
     ap.add_argument("--smoke", action="store_true", help="tiny run for checking a setup: 1 epoch, 2 samples, top 1")
+    ap.add_argument("--mlflow", metavar="URI",
+                    help="log the run to MLflow: sqlite:///runs/mlflow.db (a local store), a folder, or a tracking server "
+                         "(http://host:5000); one experiment per run, a child run per trial and per blend. The driver logs "
+                         "(a cluster's workers need no access); --resume continues the same MLflow runs")
     ap.add_argument("--verbose", action="store_true",
                     help="show Ray's trial tables, worker output and third-party logs on the console "
                          "(otherwise they go to RUN/logs/search.log)")
@@ -113,6 +118,11 @@ def _load_state(run: Path, a) -> dict:
             v = _where(getattr(a, k))
             if v is not None and v != state[k]:
                 raise SearchError(f"--{k} {v} differs from the interrupted search's {state[k]}")
+        uri = resolve_uri(getattr(a, "mlflow", None))
+        if uri is not None and uri != state.get("mlflow"):
+            # Tune restores a stage with the callbacks it started with: tracking cannot start or move mid-run
+            raise SearchError(f"--mlflow {uri} differs from the interrupted search's {state.get('mlflow') or 'none'} "
+                              "(a resumed search logs where it started; leave --mlflow out to keep that)")
         spaces = [_where(p) for p in a.space or []]
         if spaces and spaces != state["spaces"]:
             raise SearchError(f"--space {spaces} differs from the interrupted search's {state['spaces']}")
@@ -130,6 +140,7 @@ def _load_state(run: Path, a) -> dict:
         # runs with the same --out name never share a pool, an experiment or a checkpoint
         "run_id": f"{run.name}-{uuid.uuid4().hex[:12]}",
         "id_scheme": ID_SCHEME,
+        "mlflow": resolve_uri(a.mlflow),
     }
     return state
 
@@ -228,12 +239,15 @@ def _tuner(name, trainable, storage_path, tune_config, max_failures, param_space
 
 def _fit_stage(stage, total, trainable, storage_path, tune_config, a, logfile, param_space=None):
     """Run one Tune stage with our progress bar; returns Tune's ResultGrid."""
-    from .tune_adapter import ProgressCallback
+    from .tune_adapter import MlflowTrialCallback, ProgressCallback, tensorboard_callback
 
     progress = ProgressCallback(stage, total)
+    callbacks = [progress, tensorboard_callback()]
+    if getattr(a, "tracker", None) is not None:
+        callbacks.append(MlflowTrialCallback(a.tracker, stage))
     log.info("%s: %d trial(s)", stage, total)
     tuner = _tuner(stage, trainable, storage_path, tune_config, a.max_failures, param_space=param_space, restore=a.resume,
-                   callbacks=[progress], verbose=a.verbose)
+                   callbacks=callbacks, verbose=a.verbose)
     try:
         if a.verbose:
             grid = tuner.fit()
@@ -310,7 +324,7 @@ def _explore(space, n_spaces: int, state: dict, run: Path, trainable, storage_pa
 
     from .tune_adapter import PruneAwareOptunaSearch
 
-    name = "explore" if n_spaces == 1 else f"explore-{space.name}"
+    name = _explore_name(space, n_spaces)
     sampler = optuna.samplers.TPESampler(seed=state["seed"])
     storage = f"sqlite:///{layout.optuna_db(run)}"
     searcher = PruneAwareOptunaSearch(space.define_by_run, metric=METRIC, mode="max", sampler=sampler,
@@ -323,6 +337,10 @@ def _explore(space, n_spaces: int, state: dict, run: Path, trainable, storage_pa
     tc = tune.TuneConfig(metric=METRIC, mode="max", search_alg=limiter, scheduler=scheduler, num_samples=n, reuse_actors=True)
     log.info("%s: %s (task %s)", name, space.path, space.task)
     return _fit_stage(name, n, trainable, storage_path, tc, a, logfile)
+
+
+def _explore_name(space, n_spaces: int) -> str:
+    return "explore" if n_spaces == 1 else f"explore-{space.name}"
 
 
 def _per_space(state: dict, space, key: str) -> int:
@@ -356,6 +374,8 @@ def _explore_stage(spaces, state: dict, run: Path, rows: list, trainable, storag
             continue
         grid = _explore(sp, len(spaces), state, run, trainable, storage_path, a, logfile)
         new = _results_rows(grid, "explore", sp.name)
+        if getattr(a, "tracker", None) is not None:
+            a.tracker.finish_stage(_explore_name(sp, len(spaces)), new)
         rows += new
         _write_results(run, rows)
         chosen = _select_top(new, _per_space(state, sp, "top"), sp.name)
@@ -384,7 +404,10 @@ def _complete_stage(state: dict, run: Path, rows: list, pool: str, trainable, st
     if specs:
         tc = tune.TuneConfig(max_concurrent_trials=a.max_concurrent, num_samples=1, reuse_actors=True)
         grid = _fit_stage("complete", len(specs), trainable, storage_path, tc, a, logfile, {"spec": tune.grid_search(specs)})
-        rows += _results_rows(grid, "complete")
+        new = _results_rows(grid, "complete")
+        if getattr(a, "tracker", None) is not None:
+            a.tracker.finish_stage("complete", new)
+        rows += new
     _write_results(run, rows)
     sync_pool(pool, run)
     return rows
@@ -404,10 +427,6 @@ def run_search(a) -> int:
     """The search's stages (explore, complete, blend) from wherever ``RUN/search.json`` says it stopped."""
     # Tune warns on every checkpoint-heavy snapshot; per-epoch checkpoints are by design here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from ray import tune
-
-    from .tune_adapter import environment, run_trial
-
     run = Path(a.out).resolve()
     state = _load_state(run, a)
     # every space is validated before Ray starts or anything is written
@@ -420,6 +439,35 @@ def run_search(a) -> int:
     logfile = console.setup(run, a.verbose, "search")
     log.info("search %s: stage %s; Ray and trial logs: %s", run, state["stage"], logfile)
     _save_state(run, state)
+    a.tracker = _open_tracker(state, run)
+    try:
+        return _stages(a, run, state, spaces, data, logfile)
+    except BaseException:
+        if a.tracker is not None:
+            a.tracker.end_search("KILLED")
+        raise
+
+
+def _open_tracker(state: dict, run: Path):
+    """The run's MLflow tracker (``--mlflow``), its search run started; a store that cannot be
+    opened is a one-line error before Ray starts."""
+    if not state.get("mlflow"):
+        return None
+    try:
+        tracker = open_tracker(state["mlflow"], run, state)
+        tracker.start_search(state)
+    except Exception as e:  # noqa: BLE001 -- MLflow raises its own and SQLAlchemy's errors
+        raise SearchError(f"--mlflow {state['mlflow']}: cannot open the tracking store ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]})") from e
+    log.info("MLflow: experiment %s in %s", tracker.run_id, state["mlflow"])
+    return tracker
+
+
+def _stages(a, run: Path, state: dict, spaces, data, logfile) -> int:
+    from ray import tune
+
+    from .tune_adapter import environment, run_trial
+
     pool, storage_path = layout.pool_uri(state, run), layout.ray_storage(state, run)
     _start_ray(a, run, state)
     trainable = tune.with_resources(
@@ -446,9 +494,13 @@ def run_search(a) -> int:
         from . import blend
 
         log.info("blend: selecting the ensemble and post-processing of %d model(s)", len(state.get("selected_models", [])))
-        blend.blend_run(run)
+        doc = blend.blend_run(run)
+        if a.tracker is not None:
+            a.tracker.log_blend(doc, layout.blend_dir(run), "search (the run's own blend)", key="blend/search")
         state["stage"] = "done"
         _save_state(run, state)
+    if a.tracker is not None:
+        a.tracker.end_search("FINISHED")
     return 0
 
 

@@ -23,7 +23,8 @@ from .config import TrialConfig
 from .train import FoldData, checkpoint_dir, fit_fold
 from .weights import WeightsUnavailable
 
-__all__ = ["PruneAwareOptunaSearch", "ProgressCallback", "run_trial", "is_remote", "pool_meta", "put_file", "get_file",
+__all__ = ["PruneAwareOptunaSearch", "ProgressCallback", "MlflowTrialCallback", "tensorboard_callback", "run_trial", "is_remote",
+           "pool_meta", "put_file", "get_file",
            "upload_fold", "sync_pool", "scratch_dir"]
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,53 @@ def check_environment(expected: dict | None, node: str = "") -> None:
             return ", ".join(f"{k} {env.get(k)}" for k in diff)
         raise EnvironmentMismatch(f"worker {node or 'node'} runs {side(here)} but the driver runs {side(expected)}: install the "
                                   "same code and versions on every node (pip install -c constraints.txt -e .)")
+
+
+def tensorboard_callback():
+    """Ray Tune's TensorBoardX logger (tensorboardX is a declared dependency): named here so that the
+    event files do not depend on Tune's automatic loggers (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``)."""
+    from ray.tune.logger import TBXLoggerCallback
+
+    return TBXLoggerCallback()
+
+
+_LIVE_MLFLOW: dict = {}  # stage -> this process's MlflowTrialCallback
+
+
+def _live_mlflow(stage: str):
+    return _LIVE_MLFLOW.get(stage) or tune.Callback()
+
+
+class MlflowTrialCallback(tune.Callback):
+    """Tune callback (runs on the driver): each trial of a stage as a child run of the search
+    (:class:`steel_ray.tracking.Tracker`)."""
+
+    def __init__(self, tracker, stage: str):
+        self.tracker, self.stage = tracker, stage
+        _LIVE_MLFLOW[stage] = self
+
+    def __reduce__(self):
+        # Tune pickles its callbacks with the experiment and --resume unpickles them: the copy is this
+        # process's live callback (a resume without a tracker gets a callback that does nothing)
+        return (_live_mlflow, (self.stage,))
+
+    def _safe(self, fn, *args):
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 -- a tracking store that fails must not fail the search
+            log.warning("MLflow logging failed (%s: %s); the search goes on", type(e).__name__, e)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._safe(self.tracker.trial_started, self.stage, trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._safe(self.tracker.trial_result, self.stage, trial.trial_id, trial.config, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._safe(self.tracker.trial_ended, self.stage, trial.trial_id, trial.config, False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._safe(self.tracker.trial_ended, self.stage, trial.trial_id, trial.config, True)
 
 
 def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold: int = 0, cpus: float = 1.0,

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from dashboards import dashboard_trials, same_trials
 
 from steel_ray import oof
 
@@ -116,6 +117,7 @@ def test_smoke_search_failing_trial_and_pruning(tiny_set, tmp_path):
     states = sorted(t.state.name for t in study.trials)
     expected = sorted({"TERMINATED": "COMPLETE", "STOPPED": "PRUNED", "ERROR": "FAIL"}[s] for s in explore.status)
     assert states == expected
+    same_trials(dashboard_trials(run / "optuna.db")["explore"], explore)  # optuna-dashboard shows the same
     # an existing run without --resume is refused and nothing is touched
     before = (run / "results.parquet").stat().st_mtime_ns
     r = _search("--space", space, "--data", tiny_set, "--out", run)
@@ -161,8 +163,9 @@ def test_ctrl_c_then_kill_then_resume(tiny_set, tmp_path):
     import re
 
     run = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--space", "tests/spaces/tiny.yaml", "--data", tiny_set, "--out", run, "--folds", 2,
-            "--num-samples", 3, "--top", 2, "--max-concurrent", 1, "--no-blend"]
+            "--num-samples", 3, "--top", 2, "--max-concurrent", 1, "--no-blend", "--mlflow", uri]
     p = subprocess.Popen([sys.executable, "-m", "steel_ray.search", *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     _wait_for_ended_trials(run, 1, p)
@@ -200,6 +203,21 @@ def test_ctrl_c_then_kill_then_resume(tiny_set, tmp_path):
     for f, t in before.items():  # finished folds were not redone
         assert f.stat().st_mtime_ns == t
     assert state["stage"] == "blend"
+    # MLflow after an interruption, a resume, a kill and a resume: one run per trial, each epoch once
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(state["run_id"])
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    keys = [(x.data.tags["stage"], x.data.tags["ray_trial_id"]) for x in runs if "ray_trial_id" in x.data.tags]
+    assert sorted(keys) == sorted(zip(table.stage, table.trial_id)), (keys, table[["stage", "trial_id"]])
+    assert len([x for x in runs if x.data.tags.get("role") == "search"]) == 1
+    by_key = {(x.data.tags["stage"], x.data.tags["ray_trial_id"]): x for x in runs if "ray_trial_id" in x.data.tags}
+    for _, row in table.iterrows():
+        steps = [m.step for m in client.get_metric_history(by_key[(row.stage, row.trial_id)].info.run_id, "epoch")]
+        assert sorted(steps) == sorted(set(steps)), (row.trial_id, steps)  # no epoch logged twice
+        if row.status == "TERMINATED":
+            assert sorted(steps) == list(range(1, row.epochs_run + 1)) or steps == [row.epochs_run]  # trained, or reused
 
 
 def test_multi_node_gpu_cluster(tiny_set, tmp_path):
@@ -327,6 +345,7 @@ def test_asha_stops_a_planted_weak_trial(tiny_set, tmp_path):
     study = optuna.load_study(study_name="explore", storage=f"sqlite:///{run / 'optuna.db'}")
     states = {t.params["lr"]: t.state.name for t in study.trials}
     assert states == {3e-3: "COMPLETE", 1e-7: "PRUNED"}
+    same_trials(dashboard_trials(run / "optuna.db")["explore"], explore)  # optuna-dashboard shows the same
     assert json.loads((run / "search.json").read_text())["selected_models"] == [good.model_id]
     _oof_keys_once(keys, table)  # the stopped trial wrote no OOF; the good one's fold 0 once, fold 1 once
 
