@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/demo
 
-.PHONY: install demo test test-slow lint bench clean lock rehearsal
+.PHONY: install demo test test-slow test-browser lint bench clean lock rehearsal
 
 # pip's output (its warnings about this machine's extra package indexes included) goes to
 # .venv/install.log; the console gets one line, or the log's last lines when the install fails
@@ -33,6 +33,19 @@ lint: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# the demo's report rendered by a real browser: Debian's chromium and its driver (installed with
+# apt-get when missing; root, or sudo), the demo made first when its report is missing; the
+# screenshot goes to $(DEMO_RUN)/blend/report_screenshot.png. Not part of make test.
+test-browser: install
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		echo "installing Debian's chromium and chromium-driver (apt-get; log: $(VENV)/apt.log)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		{ $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium chromium-driver; } >$(VENV)/apt.log 2>&1 \
+		|| { tail -n 20 $(VENV)/apt.log; echo "apt-get failed: see $(VENV)/apt.log"; exit 1; }; }
+	@test -f $(DEMO_RUN)/blend/report.html || $(MAKE) demo
+	STEEL_RAY_REPORT=$(DEMO_RUN)/blend/report.html STEEL_RAY_SCREENSHOT=$(DEMO_RUN)/blend/report_screenshot.png \
+		$(PY) -m pytest -q -s -m browser tests/test_browser.py
 
 bench: install
 	$(PY) benchmarks/bench_rle.py

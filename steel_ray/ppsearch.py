@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
+from .data import N_CLASSES
 from .metric import dice_from_counts
 
 __all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables",
@@ -159,6 +160,13 @@ def blend_u8(vals: np.ndarray, weights) -> np.ndarray:
     for m in np.flatnonzero(w):
         acc += w[m] * vals[m]
     return np.floor(acc + 0.5 + 1e-9).astype(np.uint8)
+
+
+def member_weights(m: dict) -> np.ndarray:
+    """(4,) per-class blend weight of a blend.json member (``class_weights``) or classifier (``weight``)."""
+    if m.get("weight") is None:
+        return np.array([m["class_weights"][str(c + 1)] for c in range(N_CLASSES)])
+    return np.full(N_CLASSES, float(m["weight"]))
 
 
 def blend_cls(cls: np.ndarray, weights) -> np.ndarray:

@@ -41,7 +41,7 @@ from .dataset import build_transforms, read_image
 from .infer import pick_device, predict_batch, tta_views
 from .io import atomic_write_text
 from .metric import PostProcess
-from .ppsearch import blend_cls, blend_u8, gate_signal
+from .ppsearch import blend_cls, blend_u8, gate_signal, member_weights
 from .workers import ray_session
 
 __all__ = ["Member", "Prediction", "member_weights", "load_members", "member_maps", "iter_predictions", "rles",
@@ -66,13 +66,6 @@ def _views(spec: str | None, default: str) -> list:
         return tta_views(default if spec is None else spec)
     except ValueError as e:
         raise DataError(f"--tta: {e}") from None
-
-
-def member_weights(m: dict) -> np.ndarray:
-    """(4,) per-class blend weight of a blend.json member (``class_weights``) or classifier (``weight``)."""
-    if m.get("weight") is None:
-        return np.array([m["class_weights"][str(c + 1)] for c in range(N_CLASSES)])
-    return np.full(N_CLASSES, float(m["weight"]))
 
 
 def load_members(doc: dict, blend_path, device, tta: str | None = None) -> list[Member]:

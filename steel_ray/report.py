@@ -310,8 +310,9 @@ def _submit_cmd(run: Path, out_dir: Path) -> str:
     return f"{py} -m steel_ray.predict --run {run} --images {images} --out {run / 'submission.csv'} --blend {out_dir / 'blend.json'}"
 
 
-def write_report(doc: dict, pool, run, out_dir) -> Path:
-    """Write report.html and report.md into ``out_dir``; returns the HTML path."""
+def write_report(doc: dict, pool, run, out_dir, overlays: bool = True) -> Path:
+    """Write report.html and report.md into ``out_dir``; returns the HTML path. ``overlays``: the
+    "Masks" section (the blend's OOF masks drawn on the training images, :mod:`steel_ray.overlay`)."""
     run, out_dir = Path(run), Path(out_dir)
     labels = list(pool.model_ids)
     plots = _plots(doc, _correlation(pool), labels)
@@ -339,7 +340,8 @@ def write_report(doc: dict, pool, run, out_dir) -> Path:
          f"<title>Blend report {html.escape(run.name)}</title>",
          "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 8px} table{border-collapse:collapse;font-size:13px}"
          "td,th{border:1px solid #ccc;padding:3px 6px} code{background:#eee;padding:2px;word-break:break-all}"
-         "img{max-width:100%;height:auto} .headline{font-size:1.25em;font-weight:bold}</style></head><body>",
+         "img{max-width:100%;height:auto} .headline{font-size:1.25em;font-weight:bold} .wide{overflow-x:auto}"
+         "figure{margin:6px 0 14px} figcaption{font-size:12px;color:#333}</style></head><body>",
          f"<h1>Blend selection report: {html.escape(run.name)}</h1><p class='headline'>{html.escape(line)}</p>",
          "<ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in details) + "</ul>"]
     for title, tkey, pkey in sections:
@@ -355,6 +357,12 @@ def write_report(doc: dict, pool, run, out_dir) -> Path:
         if pkey and pkey in plots:
             h.append(f"<img alt='{pkey}' src='data:image/png;base64,{plots[pkey]}'/>")
             md += [f"(plot `{pkey}` in report.html)", ""]
+    if overlays:
+        from .overlay import report_section
+
+        h.append(report_section(run, doc, out_dir / "blend.json"))
+        md += ["## Masks", "", "(out-of-fold examples and the holdout's worst pairs drawn with outlines: in report.html, or "
+               "`python -m steel_ray.overlay` for any image set)", ""]
     cmd = _submit_cmd(run, out_dir)
     md += ["## Make a submission from this blend", "", f"    {cmd}", ""]
     h.append(f"<h2>Make a submission from this blend</h2><p><code>{html.escape(cmd)}</code></p>")

@@ -177,3 +177,30 @@ def cfg_id(cfg):
 
     return TrialConfig.from_dict({k: v for k, v in cfg.items() if k != "fold"}).model_id()
 
+
+def test_report_shows_the_blends_masks_on_oof_and_holdout_images(tracked):
+    """The search's report embeds overlays (decodable JPEGs) of OOF pairs and the holdout's worst
+    pairs, captioned with image, fold, Dice and gate, under a colour legend; it stays small."""
+    import base64
+    import re
+
+    import cv2
+    import numpy as np
+
+    run, _ = tracked
+    page = (run / "blend" / "report.html").read_text()
+    assert len(page) < 10 * 2**20
+    found = re.findall(r"<img class='overlay' alt='([^']*)' src='data:image/jpeg;base64,([^']+)'", page)
+    assert found and "&#9632; truth" in page and "&#9632; blend mask" in page
+    held = json.loads((run / "holdout.json").read_text())["image_ids"]
+    truth = pd.read_parquet(run / "truth.parquet")
+    for alt, data in found:
+        img = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None and img.shape[1] == 256  # the 64x256 image at full width, a caption band above
+        m = re.match(r"(\S+) class (\d) (fold (\d)|holdout): .*Dice (\d\.\d{3}), gate (\d\.\d{3})", alt)
+        assert m, alt
+        if m.group(4) is not None:
+            assert int(truth.set_index("image_id").fold[m.group(1)]) == int(m.group(4))  # the image's own fold
+        else:
+            assert m.group(1) in held
+    assert any(" holdout: " in alt for alt, _ in found)
