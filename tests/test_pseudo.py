@@ -34,8 +34,11 @@ def parent(tiny_set, tmp_path_factory):
 
 def test_round_trains_on_pseudo_images_without_ever_validating_on_them(parent, tiny_set, tmp_path):
     out = tmp_path / "r1"
-    r = _run("pseudo", "--run", parent, "--images", tiny_set / "test_images", "--out", out, "--min-confidence", 0.5)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = _run("pseudo", "--run", parent, "--images", tiny_set / "test_images", "--out", out, "--min-confidence", 0.5,
+             "--mlflow", uri)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _round_in_mlflow(uri, parent, out)
     assert "pseudo-labelling round 1" in r.stdout and "round 0" in r.stdout and "holdout (the one to trust)" in r.stdout
     images = pd.read_csv(out / "pseudo" / "images.csv")
     assert sorted(images.image_id) == sorted(p.name for p in (tiny_set / "test_images").iterdir())
@@ -57,6 +60,26 @@ def test_round_trains_on_pseudo_images_without_ever_validating_on_them(parent, t
     parent_models = {m["model_id"] for m in json.loads((parent / "blend" / "blend.json").read_text())["members"]}
     assert set(json.loads((out / "search.json").read_text())["selected_models"]) == parent_models
     _each_fold_trained_on_its_own_fold_models_labels(parent, tiny_set, out)
+
+
+def _round_in_mlflow(uri, parent, out):
+    """--mlflow on a round: its own experiment (the round's run id), the round's search run with its
+    parent and cut-off as params, one child run per retraining trial, its blend with the scores."""
+    from mlflow.tracking import MlflowClient
+
+    state = json.loads((out / "search.json").read_text())
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(state["run_id"])
+    runs = client.search_runs([exp.experiment_id])
+    search = [x for x in runs if x.data.tags.get("role") == "search"]
+    assert len(search) == 1 and search[0].data.params["pseudo.parent"] == str(parent.resolve())
+    assert search[0].data.params["pseudo.min_confidence"] == "0.5" and search[0].data.params["pseudo.round"] == "1"
+    table = pd.read_parquet(out / "results.parquet")
+    trials = [x for x in runs if x.data.tags.get("stage") == "complete"]
+    assert sorted(x.data.tags["ray_trial_id"] for x in trials) == sorted(table.trial_id)
+    blend = [x for x in runs if x.data.tags.get("role") == "blend"]
+    doc = json.loads((out / "blend" / "blend.json").read_text())
+    assert len(blend) == 1 and blend[0].data.metrics["score.nested"] == pytest.approx(doc["scores"]["nested"])
 
 
 def _each_fold_trained_on_its_own_fold_models_labels(parent, tiny_set, out):
