@@ -788,7 +788,7 @@ def score_selections(run, pool: BlendPool) -> dict:
         # parent blend that made them chose its members, weights and post-processing on every fold
         per_fold = "per fold" if "labels_by_fold" in ps else "from every fold's models (fold k's own included)"
         upstream.append(f"pseudo labels {per_fold}: the parent blend's members, weights and post-processing "
-                        f"(chosen on all folds' OOF); confidence cut-off {ps.get('min_confidence')}"
+                        f"(chosen on all folds' OOF); {ps.get('select', 'confidence')} cut-off {ps.get('min_confidence')}"
                         + (f", at most {ps['max_images']} images" if ps.get("max_images") else ""))
     ens, pp = "ensemble weights and classifier ensemble", "post-processing (pixel threshold, min area, gate)"
     return {"in_sample": [ens, pp, *upstream], "cross_fitted": [ens, *upstream], "cross_fitted_segmentation_only": [ens, *upstream],

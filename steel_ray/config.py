@@ -34,27 +34,32 @@ POOLS = ("avg", "max", "avgmax")
 OOF_EPOCHS = ("best", "last")
 
 
+# The choices of the keys implemented in the training modules (losses, optim, dataset, infer), written
+# here once so that validating a config needs neither torch nor those modules (no import cycle); each
+# of those registries checks at import that it implements exactly these (check_registry).
+CHOICES = {
+    "loss": ("bce", "dice", "bce_dice", "lovasz", "focal"),
+    "cls_loss": ("bce", "focal"),
+    "optimizer": ("adam", "adamw", "radam", "sgd"),
+    "scheduler": ("cosine", "onecycle", "plateau", "none"),
+    "sampler": ("none", "upsample", "downsample", "weighted"),
+    "tta": ("none", "hflip", "vflip", "hflip_vflip"),
+}
+WARMUP_SCHEDULERS = ("cosine", "none")  # onecycle warms up by itself; plateau steps per epoch
+
+
 def registry(key: str) -> tuple:
-    """The valid choices of a config key whose implementations live in a registry elsewhere
-    (loss, cls_loss, optimizer, scheduler, sampler, tta): each choice is written once, where it
-    is implemented, and validation reads it from there (imported on first use)."""
-    if key in ("loss", "cls_loss"):
-        from . import losses
+    """The valid choices of a config key whose implementations live in a registry elsewhere."""
+    if key not in CHOICES:
+        raise KeyError(f"no registry for config key {key!r}")
+    return CHOICES[key]
 
-        return tuple(losses.SEG_LOSSES if key == "loss" else losses.CLS_LOSSES)
-    if key in ("optimizer", "scheduler"):
-        from . import optim
 
-        return tuple(optim.OPTIMIZERS if key == "optimizer" else optim.SCHEDULERS)
-    if key == "sampler":
-        from .dataset import SAMPLERS
-
-        return SAMPLERS
-    if key == "tta":
-        from .infer import TTA_FLIPS
-
-        return tuple(TTA_FLIPS)
-    raise KeyError(f"no registry for config key {key!r}")
+def check_registry(key: str, implemented) -> None:
+    """Called by each registry at import: it implements exactly the choices config validates."""
+    if tuple(implemented) != CHOICES[key]:
+        raise RuntimeError(f"the {key} registry implements {tuple(implemented)}, config.CHOICES lists {CHOICES[key]}: "
+                           "change both together")
 
 
 class ConfigError(ValueError):
@@ -99,6 +104,9 @@ class LossConfig:
     focal_gamma: float = 2.0
     bce_weight: float = 0.75
     cls_loss: str = "bce"  # classify: presence loss (bce or focal with focal_gamma)
+    # per-class weight of the positive pixels (presences) in BCE, e.g. (2, 2, 1, 1.5) as the 1st-place
+    # team; None = 1 for every class. Losses bce and bce_dice (and cls_loss bce) only
+    pos_weight: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,9 @@ class DataConfig:
     resize_height: int | None = None
     resize_width: int | None = None
     sampler: str = "none"
+    # albumentations' MaskDropout on the defects (the 1st-place team's "defect blackout": a defect's
+    # region set to black and removed from the masks), applied with this probability in training
+    mask_dropout: float = 0.0
     num_workers: int | None = None  # DataLoader workers; None: the trial's CPUs on CUDA, 0 on CPU
 
     @property
@@ -144,6 +155,9 @@ class TrainConfig:
     finetune_epochs: int = 0  # more epochs on whole images (no crop, same resize) after the crop epochs
     finetune_lr_mult: float = 0.1  # learning rate of the fine-tuning epochs, times lr (constant)
     finetune_batch_size: int | None = None  # batch of the fine-tuning epochs (whole images need more memory); None = batch_size
+    # the fold model is the average of the weights of K epochs: the K best by val_dice_pp (oof_epoch
+    # best) or the last K (oof_epoch last); 12th place reports +0.3-0.5% from averaging its best epochs
+    avg_checkpoints: int = 1
 
     @property
     def total_epochs(self) -> int:
@@ -177,6 +191,8 @@ class TrialConfig:
         flat = dict(flat or {})
         if str(flat.get("encoder_weights")).lower() in ("none", "null"):
             flat["encoder_weights"] = None
+        if "pos_weight" in flat:
+            flat["pos_weight"] = _pos_weight(flat["pos_weight"])
         valid = cls.keys()
         unknown = sorted(set(flat) - set(valid))
         if unknown:
@@ -234,6 +250,13 @@ class TrialConfig:
         _choice("loss", lo.loss, registry("loss"))
         _number("focal_gamma", lo.focal_gamma, float, 0)
         _number("bce_weight", lo.bce_weight, float, 0, 1)
+        if lo.pos_weight is not None:
+            if m.task == "segment" and lo.loss not in ("bce", "bce_dice"):
+                raise ConfigError(f"pos_weight={list(lo.pos_weight)} weights BCE: it works with loss bce or bce_dice, "
+                                  f"not {lo.loss!r}")
+            if m.task == "classify" and lo.cls_loss != "bce":
+                raise ConfigError(f"pos_weight={list(lo.pos_weight)} weights BCE: it works with cls_loss bce, not {lo.cls_loss!r}")
+        _number("mask_dropout", da.mask_dropout, float, 0, 1)
         _choice("optimizer", op.optimizer, registry("optimizer"))
         _number("lr", op.lr, float, 0, low_open=True)
         _number("encoder_lr_mult", op.encoder_lr_mult, float, 0)
@@ -247,8 +270,9 @@ class TrialConfig:
         _number("finetune_lr_mult", tr.finetune_lr_mult, float, 0, low_open=True)
         if tr.finetune_batch_size is not None:
             _number("finetune_batch_size", tr.finetune_batch_size, int, 1)
-        from .optim import WARMUP_SCHEDULERS
-
+        _number("avg_checkpoints", tr.avg_checkpoints, int, 1)
+        if tr.avg_checkpoints > tr.total_epochs:
+            raise ConfigError(f"avg_checkpoints={tr.avg_checkpoints} exceeds the {tr.total_epochs} epoch(s) of the config")
         if tr.warmup_steps and op.scheduler not in WARMUP_SCHEDULERS:
             raise ConfigError(f"warmup_steps={tr.warmup_steps} works with scheduler cosine or none, not {op.scheduler!r} "
                               "(onecycle warms up by itself)")
@@ -277,6 +301,21 @@ class TrialConfig:
             raise ConfigError(
                 f"crop {da.crop[0]}x{da.crop[1]} must fit in resize {da.resize[0]}x{da.resize[1]}"
             )
+
+
+def _pos_weight(v):
+    """pos_weight as given (a list of 4 numbers, a string "2,2,1,1.5" as search spaces write it, or
+    none) -> a tuple of 4 positive floats or None."""
+    if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")):
+        return None
+    items = v.split(",") if isinstance(v, str) else v
+    try:
+        out = tuple(float(x) for x in items)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 4 or min(out) <= 0:
+        raise ConfigError(f"pos_weight={v!r} must be 4 positive numbers, one per class (e.g. [2, 2, 1, 1.5] or \"2,2,1,1.5\")")
+    return out
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:

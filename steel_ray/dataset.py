@@ -13,12 +13,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import rle
+from .config import registry
 from .data import N_CLASSES, DataError
 
 __all__ = ["SteelDataset", "build_transforms", "BalancedSampler", "StepsSampler", "read_image", "SAMPLERS"]
 
 # the config's sampler choices: none (shuffle), or a BalancedSampler mode; config validation reads these
-SAMPLERS = ("none", "upsample", "downsample", "weighted")
+SAMPLERS = registry("sampler")  # implemented by BalancedSampler (none: plain shuffling)
 
 log = logging.getLogger(__name__)
 MEAN = (0.485, 0.456, 0.406)
@@ -69,6 +70,21 @@ def read_image(path: str | Path, shape: tuple[int, int] | None = None, quiet: bo
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+class DefectBlackout(A.MaskDropout):
+    """albumentations' MaskDropout (the 1st-place Severstal team's "defect blackout": a defect's
+    region set to black in the image and removed from every class's mask) on our (H, W, 4) masks.
+
+    The library labels one-channel instance masks only (``cv2.connectedComponents`` refuses 4
+    channels), so the objects here are the connected components of the union of the classes; the
+    rest (how many objects, which, the fill) is the library's.
+    """
+
+    def get_params_dependent_on_data(self, params, data):
+        mask = data["mask"]
+        union = (mask.max(-1) if mask.ndim == 3 else mask) > 0
+        return super().get_params_dependent_on_data(params, {**data, "mask": union.astype(np.uint8)})
+
+
 def build_transforms(
     train: bool,
     crop: tuple[int, int] | None = None,
@@ -76,8 +92,10 @@ def build_transforms(
     hflip: float = 0.5,
     vflip: float = 0.5,
     brightness_contrast: float = 0.5,
+    mask_dropout: float = 0.0,
 ) -> A.Compose:
-    """Image+mask pipeline. Train: resize, crop preferring a defect, flips, brightness/contrast.
+    """Image+mask pipeline. Train: resize, crop preferring a defect, flips, brightness/contrast,
+    then (``mask_dropout`` > 0) a defect blacked out with that probability (:class:`DefectBlackout`).
 
     Validation and inference: resize only (full image). Both end with ImageNet normalisation.
     """
@@ -92,6 +110,8 @@ def build_transforms(
             A.VerticalFlip(p=vflip),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=brightness_contrast),
         ]
+        if mask_dropout > 0:
+            ops.append(DefectBlackout(max_objects=1, fill=0, fill_mask=0, p=mask_dropout))
     ops.append(A.Normalize(mean=MEAN, std=STD))
     return A.Compose(ops)
 

@@ -10,6 +10,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .config import check_registry
+
 __all__ = ["TTA_FLIPS", "VIEWS", "tta_views", "predict_batch", "autocast", "pick_device", "to_device"]
 
 # dims to flip for each TTA view of an NCHW batch
@@ -19,6 +21,7 @@ TTA_FLIPS = {
     "vflip": [(), (2,)],
     "hflip_vflip": [(), (3,), (2,), (2, 3)],
 }
+check_registry("tta", TTA_FLIPS)
 # single views, for an explicit list such as "none,hflip,vflip" (exactly those views)
 VIEWS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 

@@ -1,10 +1,11 @@
 """Segmentation losses (built on segmentation_models_pytorch.losses), the aux-head loss and the classifier loss."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, LossConfig
+from .config import ConfigError, LossConfig, check_registry
 
 __all__ = ["SEG_LOSSES", "CLS_LOSSES", "build_loss", "SteelLoss", "PresenceLoss"]
 
@@ -15,11 +16,18 @@ def _smp():
     return losses
 
 
+def _bce(cfg: LossConfig):
+    """smp's BCE on (B, 4, H, W) logits; ``pos_weight`` (4,) weights each class's positive pixels
+    (shaped (4, 1, 1) to broadcast over the pixels)."""
+    pw = None if cfg.pos_weight is None else torch.tensor(cfg.pos_weight, dtype=torch.float32).view(-1, 1, 1)
+    return _smp().SoftBCEWithLogitsLoss(pos_weight=pw)
+
+
 # name -> builder(LossConfig) of the mask loss; config validation reads the keys
 SEG_LOSSES = {
-    "bce": lambda cfg: _smp().SoftBCEWithLogitsLoss(),
+    "bce": _bce,
     "dice": lambda cfg: _smp().DiceLoss(mode=_smp().MULTILABEL_MODE, from_logits=True),
-    "bce_dice": lambda cfg: _Weighted([(cfg.bce_weight, _smp().SoftBCEWithLogitsLoss()),
+    "bce_dice": lambda cfg: _Weighted([(cfg.bce_weight, _bce(cfg)),
                                        (1 - cfg.bce_weight, _smp().DiceLoss(mode=_smp().MULTILABEL_MODE, from_logits=True))]),
     "lovasz": lambda cfg: _smp().LovaszLoss(mode=_smp().MULTILABEL_MODE, per_image=True, from_logits=True),
     "focal": lambda cfg: _smp().FocalLoss(mode=_smp().MULTILABEL_MODE, gamma=cfg.focal_gamma),
@@ -34,9 +42,12 @@ def _focal_presence(logits, target, cfg: LossConfig):
 
 # name -> loss(presence logits, presence targets, LossConfig) of a classifier (task: classify)
 CLS_LOSSES = {
-    "bce": lambda logits, target, cfg: F.binary_cross_entropy_with_logits(logits, target),
+    "bce": lambda logits, target, cfg: F.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=None if cfg.pos_weight is None else logits.new_tensor(cfg.pos_weight)),
     "focal": _focal_presence,
 }
+check_registry("loss", SEG_LOSSES)
+check_registry("cls_loss", CLS_LOSSES)
 
 
 def _seg_loss(cfg: LossConfig) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim import lr_scheduler as lr_sched
 
-from .config import TrialConfig
+from .config import WARMUP_SCHEDULERS, TrialConfig, check_registry
 from .models import encoder_parameters
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "WARMUP_SCHEDULERS", "build_optimizer", "build_scheduler"]
@@ -37,7 +37,8 @@ def _constant(opt, total: int, warm: int):
 
 # name -> builder(optimizer, total steps, warm-up steps) -> (scheduler or None, steps per batch?)
 SCHEDULERS = {"cosine": _cosine, "onecycle": _onecycle, "plateau": _plateau, "none": _constant}
-WARMUP_SCHEDULERS = ("cosine", "none")  # onecycle warms up by itself; plateau steps per epoch
+check_registry("optimizer", OPTIMIZERS)
+check_registry("scheduler", SCHEDULERS)
 
 
 def build_optimizer(cfg: TrialConfig, model):

@@ -52,38 +52,50 @@ log = logging.getLogger("steel_ray.pseudo")
 DEFAULT_MIN_CONFIDENCE = 0.5  # chosen on the demo run's OOF images (benchmarks/bench_pseudo.py), not its holdout
 
 
-def image_confidence(pred) -> tuple[float, np.ndarray]:
+SELECT = ("confidence", "agreement")
+DEFAULT_AGREEMENT = 0.95  # the 1st-place team's cut-offs: presence above 0.95 or below 0.05
+
+
+def image_confidence(pred, select: str = "confidence") -> tuple[float, np.ndarray]:
     """(the image's confidence, per-class confidence (4,)) of a :class:`predict.Prediction`.
 
-    A class predicted empty is as confident as its gate is low (1 - presence); a kept mask as the
-    lower of its presence and its pixels' mean probability. The image is as confident as its
-    least confident class.
+    ``confidence``: a class predicted empty is as confident as its gate is low (1 - presence); a
+    kept mask as the lower of its presence and its pixels' mean probability. ``agreement`` (the
+    1st-place team's selection): a class is as confident as its gate agrees with its mask, the
+    gate's presence for a kept mask and 1 - presence for an empty one, so a cut-off of 0.95 keeps
+    the classes whose gate is above 0.95 with a mask or below 0.05 without one. The image is as
+    confident as its least confident class.
     """
     conf = np.zeros(N_CLASSES)
     for c in range(N_CLASSES):
         g = float(pred.gate[c])
         m = pred.masks[c]
-        conf[c] = min(g, float(pred.blended[c][m].mean()) / 255.0) if m.any() else 1.0 - g
+        if select == "agreement":
+            conf[c] = g if m.any() else 1.0 - g
+        else:
+            conf[c] = min(g, float(pred.blended[c][m].mean()) / 255.0) if m.any() else 1.0 - g
     return float(conf.min()), conf
 
 
-def _label(pred) -> dict:
+def _label(pred, select: str = "confidence") -> dict:
     """What a worker sends back for one image: its confidences, classes and RLE strings."""
     from .predict import rles
 
-    conf, per_class = image_confidence(pred)
+    conf, per_class = image_confidence(pred, select)
     return {"confidence": round(conf, 6), **{f"class_{c + 1}": bool(pred.masks[c].any()) for c in range(N_CLASSES)},
             **{f"confidence_{c + 1}": round(float(per_class[c]), 6) for c in range(N_CLASSES)},
             "_rles": rles(pred)}
 
 
 def label_images(doc: dict, blend_path, paths: list[Path], shape, min_confidence: float, max_images: int | None = None,
-                 device="auto"):
+                 device="auto", select: str = "confidence"):
     """Predict ``paths`` with the blend (on Ray's workers when Ray runs); returns (rows for
-    images.csv, {image_id: [rle x 4]} of the kept images)."""
+    images.csv, {image_id: [rle x 4]} of the kept images); ``select``: :func:`image_confidence`."""
+    import functools
+
     from .workers import map_predictions
 
-    labels = map_predictions(doc, paths, shape, _label, blend_path=blend_path, device=device)
+    labels = map_predictions(doc, paths, shape, functools.partial(_label, select=select), blend_path=blend_path, device=device)
     rows = [{"image_id": Path(p).name, "confidence": r["confidence"], "kept": r["confidence"] >= min_confidence,
              **{k: v for k, v in r.items() if k != "confidence"}} for p, r in zip(paths, labels)]
     kept = sorted((r for r in rows if r["kept"]), key=lambda r: -r["confidence"])
@@ -147,12 +159,17 @@ def _args(argv=None):
     ap.add_argument("--run", required=True, help="the labelling run (its blend/blend.json and search.json)")
     ap.add_argument("--images", help="folder of unlabelled images to pseudo-label (required, except with --resume)")
     ap.add_argument("--out", required=True, help="the new run folder")
-    ap.add_argument("--min-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE,
-                    help=f"keep an image only when every class decision is at least this confident (default "
-                         f"{DEFAULT_MIN_CONFIDENCE}: on the demo run's out-of-fold training images it kept 88 of 128 "
+    ap.add_argument("--min-confidence", type=float, default=None,
+                    help=f"keep an image only when every class decision is at least this confident (default: "
+                         f"{DEFAULT_AGREEMENT} with --select agreement, else {DEFAULT_MIN_CONFIDENCE}: on the demo run's "
+                         "out-of-fold training images it kept 88 of 128 "
                          "whose labels scored 0.937 against the truth, vs 0.909 for the blend on all 128 and 0.926 for "
                          "no defects on the same 88; benchmarks/bench_pseudo.py measures it on any run's OOF images, "
                          "never its holdout)")
+    ap.add_argument("--select", choices=SELECT, default="confidence",
+                    help="how an image's confidence is measured: confidence (default: gate and mask probability) or "
+                         "agreement (the 1st-place team's: every class's gate confident and its mask agreeing; the "
+                         f"cut-off then defaults to {DEFAULT_AGREEMENT}, i.e. presence above 0.95 or below 0.05)")
     ap.add_argument("--max-images", type=int, help="keep at most N images (the most confident)")
     ap.add_argument("--members", nargs="+", default=["blend"], metavar="blend|top K",
                     help="retrain the blend's members (default) or the K best single models (plus the blend's classifiers)")
@@ -171,6 +188,8 @@ def _args(argv=None):
     if a.members[0] not in ("blend", "top") or (a.members[0] == "top" and (len(a.members) != 2 or not a.members[1].isdigit())) \
             or (a.members[0] == "blend" and len(a.members) != 1):
         ap.error(f"--members {' '.join(a.members)}: use 'blend' or 'top K'")
+    if a.min_confidence is None:
+        a.min_confidence = DEFAULT_AGREEMENT if a.select == "agreement" else DEFAULT_MIN_CONFIDENCE
     if not 0.5 <= a.min_confidence <= 1.0:
         ap.error(f"--min-confidence must be in [0.5, 1], got {a.min_confidence}")
     return a
@@ -206,10 +225,10 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
         raise DataError(f"{images}: images are {got[0]}x{got[1]}, the run's {shape[0]}x{shape[1]}")
     configs = _member_configs(run, doc, a.members)
     start_ray()
-    log.info("labelling %d images of %s with %s's blend (min confidence %.2f)", len(names), images, run, a.min_confidence)
+    log.info("labelling %d images of %s with %s's blend (%s >= %.2f)", len(names), images, run, a.select, a.min_confidence)
     paths = [images / n for n in names]
     # the whole blend's labels: for reference and for the next round's parent (labels.csv)
-    rows, labels = label_images(doc, blend_path, paths, shape, a.min_confidence, a.max_images)
+    rows, labels = label_images(doc, blend_path, paths, shape, a.min_confidence, a.max_images, select=a.select)
     if not labels:
         raise DataError(f"no image of {images} reaches confidence {a.min_confidence} (best "
                         f"{max(r['confidence'] for r in rows):.3f}); lower --min-confidence")
@@ -219,7 +238,8 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
     by_fold, tables, n_by_fold = {}, {}, {}
     for k in range(parent["folds"]):
         log.info("labelling with the parent's fold-%d models (the labels fold %d trains on)", k, k)
-        rows_k, labels_k = label_images(fold_doc(doc, k), blend_path, paths, shape, a.min_confidence, a.max_images)
+        rows_k, labels_k = label_images(fold_doc(doc, k), blend_path, paths, shape, a.min_confidence, a.max_images,
+                                        select=a.select)
         lab_k, imgs_k = _write_csvs(out, rows_k, labels_k, f"_fold{k}")
         tables[str(k)], n_by_fold[str(k)] = str(imgs_k), len(labels_k)
         if labels_k:
@@ -239,7 +259,7 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
         "id_scheme": ID_SCHEME, "mlflow": resolve_uri(a.mlflow),
         "pseudo": {"parent": str(run), "round": int(parent.get("pseudo", {}).get("round", 0)) + 1, "labels": str(lab),
                    "labels_by_fold": by_fold, "image_tables_by_fold": tables, "n_images_by_fold": n_by_fold,
-                   "images": str(images), "image_table": str(imgs), "min_confidence": a.min_confidence,
+                   "images": str(images), "image_table": str(imgs), "min_confidence": a.min_confidence, "select": a.select,
                    "max_images": a.max_images, "members": " ".join(a.members),
                    "n_candidates": len(rows), "n_images": len(labels), "per_class": per_class,
                    "parent_scores": {k: doc["scores"].get(k) for k in ("nested", "holdout", "all_empty", "cross_fitted")},

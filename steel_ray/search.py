@@ -42,8 +42,8 @@ from .config import ID_SCHEME, ID_SCHEME_CHANGE, ConfigError
 from .data import DataError
 from .io import atomic_path, write_json
 from .space import SpaceError, load_space
+from .split import prepare_run
 from .tracking import open_tracker, resolve_uri
-from .train import prepare_run
 
 log = logging.getLogger("steel_ray.search")
 METRIC = "best_val_dice_pp"  # post-processed Dice of the fold: what the blend will make of the model

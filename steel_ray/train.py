@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -27,14 +26,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
 from . import oof
 from . import run as layout
 from .config import ConfigError, TrialConfig, parse_set
-from .data import DataError, TrainSet, folds_hash, load_train, make_folds, make_holdout, write_folds
+from .data import DataError
 from .dataset import BalancedSampler, SteelDataset, StepsSampler, build_transforms
 from .infer import autocast, pick_device, predict_batch, to_device
 from .io import atomic_path, write_json
@@ -42,112 +40,16 @@ from .losses import build_loss
 from .metric import dice_per_pair_torch
 from .models import SteelClassifier, build_model, check_model_config
 from .optim import build_optimizer, build_scheduler
+from .split import FOLD_SEED, FoldData, prepare_run  # noqa: F401 -- the split lives there (torch-free); the names stay here
 
 __all__ = ["FoldData", "FoldResult", "prepare_run", "fit_fold", "checkpoint_dir", "load_weights", "NonFiniteLossError"]
 
 log = logging.getLogger(__name__)
-FOLD_SEED = 42
 SYNC_EVERY = 25  # training steps between host syncs (loss read, NaN/inf check, progress bar)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; the fold stops instead of training on garbage."""
-
-
-@dataclass
-class FoldData:
-    """A training set with its fold assignment (saved in the run as folds.csv / truth.parquet)."""
-
-    train: TrainSet
-    folds: np.ndarray
-    n_folds: int
-    # pseudo-labelled images, added to training splits and never validated on: one set for every
-    # fold, or (a round's per-fold labels) {fold: the set made by the parent's models of that fold}
-    extra: TrainSet | dict[int, TrainSet] | None = None
-
-    def extra_for(self, fold: int) -> TrainSet | None:
-        """The pseudo-labelled images fold ``fold`` trains on (None: none)."""
-        return self.extra.get(int(fold)) if isinstance(self.extra, dict) else self.extra
-
-    @property
-    def folds_hash(self) -> str:
-        return folds_hash(self.train.image_ids, self.folds)
-
-
-def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, holdout: float = 0.0,
-                pseudo: dict | None = None) -> FoldData:
-    """Load the data, make (or reuse) the run's folds and write folds.csv and truth.parquet once.
-
-    ``holdout`` > 0 first sets aside that fraction of the images (multilabel-stratified, seeded):
-    they are never trained on, validated on or blended, and are listed with their labels in
-    RUN/holdout.json for the final, untouched score. An existing run with a different split
-    (other images, holdout, fold count or seed) is an error: OOF files of two splits must never be mixed.
-
-    ``pseudo`` (``{"labels": CSV, "images": DIR}``, see ``steel_ray.pseudo``) adds pseudo-labelled
-    images to every fold's training split; with ``"labels_by_fold": {k: CSV}`` fold k trains on its
-    own file (labels made by the parent's fold-k models, which never trained on fold k's labels).
-    They are not in folds.csv, truth.parquet, validation or any OOF file. One that is also a
-    training (or holdout) image, or of another size, is refused.
-    """
-    run = Path(run_dir)
-    if not 0 <= holdout < 1:
-        raise DataError(f"--holdout {holdout}: the fraction of the training images set aside must be 0 <= F < 1 (e.g. 0.2)")
-    if n_folds < 2:
-        raise DataError(f"--folds {n_folds}: at least 2 folds are needed")
-    ts = load_train(data_dir)
-    if holdout:
-        left = len(ts.image_ids) - math.ceil(holdout * len(ts.image_ids))  # the split's own rounding
-        if left < n_folds:
-            raise DataError(f"--holdout {holdout} leaves {left} of {len(ts.image_ids)} training images of {data_dir} "
-                            f"for --folds {n_folds}; each fold needs images (lower --holdout or --folds)")
-        held = make_holdout(ts.presence, holdout, fold_seed)
-        doc = {"fraction": holdout, "seed": fold_seed, "images_dir": str(Path(ts.images_dir).resolve()),
-               "image_ids": [i for i, h in zip(ts.image_ids, held) if h], "rles": ts.rles[held].tolist()}
-        hpath = layout.holdout_path(run)
-        if hpath.exists() and json.loads(hpath.read_text())["image_ids"] != doc["image_ids"]:
-            raise DataError(f"{hpath}: this run set aside other holdout images; use a new --out folder")
-        ts = ts.subset(~held)
-    all_ids = set(ts.image_ids) | (set(doc["image_ids"]) if holdout else set())
-    if len(ts.image_ids) < n_folds:
-        raise DataError(f"{data_dir}: {len(ts.image_ids)} training image(s) for --folds {n_folds}; each fold needs images")
-    folds = make_folds(ts.presence, n_folds, fold_seed)
-    extra = None
-    if pseudo and "labels_by_fold" in pseudo:  # a fold missing from it trains without pseudo labels
-        extra = {int(k): _load_pseudo({**pseudo, "labels": lab}, all_ids, ts.shape, f"fold {k}")
-                 for k, lab in pseudo["labels_by_fold"].items()}
-    elif pseudo:
-        extra = _load_pseudo(pseudo, all_ids, ts.shape)
-    fd = FoldData(ts, folds, n_folds, extra)
-    fpath = layout.folds_path(run)
-    if fpath.exists():
-        old = pd.read_csv(fpath)
-        if folds_hash(old["image_id"], old["fold"]) != fd.folds_hash:
-            raise DataError(
-                f"{fpath}: this run was split differently (other data, --folds or seed); "
-                f"use a new --out folder"
-            )
-    else:
-        write_folds(fpath, ts.image_ids, folds)
-    if holdout and not layout.holdout_path(run).exists():
-        write_json(layout.holdout_path(run), doc)
-    if not layout.truth_path(run).exists():
-        oof.write_truth(run, ts, folds, fd.folds_hash)
-    return fd
-
-
-def _load_pseudo(pseudo: dict, train_ids: set, shape, which: str = "every fold") -> TrainSet:
-    from .data import load_labelled
-
-    extra = load_labelled(pseudo["labels"], pseudo["images"])
-    clash = sorted(set(extra.image_ids) & train_ids)
-    if clash:
-        raise DataError(f"{pseudo['labels']}: pseudo image {clash[0]} is also a training image "
-                        f"({len(clash)} such); pseudo labels are for images without labels")
-    if tuple(extra.shape) != tuple(shape):
-        raise DataError(f"{pseudo['images']}: pseudo images are {extra.shape[0]}x{extra.shape[1]}, "
-                        f"the training images {shape[0]}x{shape[1]}")
-    log.info("pseudo labels: %d images from %s added to the training split of %s", len(extra.image_ids), pseudo["labels"], which)
-    return extra
 
 
 def train_dataset(data: FoldData, fold: int, transform) -> tuple[torch.utils.data.Dataset, np.ndarray]:
@@ -370,11 +272,11 @@ def _fold_loaders(cfg: TrialConfig, data: FoldData, fold: int, dev, cpus) -> _Fo
         raise ConfigError(f"crop {cfg.data.crop[0]}x{cfg.data.crop[1]} does not fit the {base[0]}x{base[1]} training images")
     va_idx = np.flatnonzero(data.folds == fold)
     ids = np.asarray(ts.image_ids, dtype=object)
-    train_tf = build_transforms(True, cfg.data.crop, cfg.data.resize)
+    train_tf = build_transforms(True, cfg.data.crop, cfg.data.resize, mask_dropout=cfg.data.mask_dropout)
     train_ds, train_presence = train_dataset(data, fold, train_tf)
     # fine-tuning epochs train on whole images (no crop, same resize): attention blocks and pooling
     # then see at training the input size they get at inference
-    full_tf = build_transforms(True, None, cfg.data.resize) if cfg.train.finetune_epochs else None
+    full_tf = build_transforms(True, None, cfg.data.resize, mask_dropout=cfg.data.mask_dropout) if cfg.train.finetune_epochs else None
     full_ds = train_dataset(data, fold, full_tf)[0] if full_tf else None
     val_ds = SteelDataset(ts.images_dir, ids[va_idx], ts.rles[va_idx], ts.shape, build_transforms(False, resize=cfg.data.resize),
                           full_size_mask=True)
@@ -540,6 +442,9 @@ def fit_fold(
             "epoch_seconds": time.time() - t0,
         }
         history.append(metrics)
+        if cfg.train.avg_checkpoints > 1:  # this epoch's weights, while it is one of the K to average
+            _save(ckdir / f"epoch{epoch}.pt", {"model": model.state_dict()})
+            _drop_unkept(ckdir, averaged_epochs(history, cfg.train.avg_checkpoints, cfg.train.oof_epoch))
         _save(last, {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
@@ -555,6 +460,17 @@ def fit_fold(
             report({**metrics, "resumed_after": start - 1})
 
     oof_file = None
+    if write_oof and cfg.train.avg_checkpoints > 1 and history:
+        kept = averaged_epochs(history, cfg.train.avg_checkpoints, cfg.train.oof_epoch)
+        model.load_state_dict(average_state_dicts([torch.load(ckdir / f"epoch{e}.pt", map_location=dev)["model"] for e in kept]))
+        _, dm = _validate(model, fl.val_loader, loss_fn, dev, amp, data.train.shape)
+        best, best_pp, best_epoch = dm["val_dice"], dm["val_dice_pp"], kept[-1]
+        _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold,
+                                  "epoch": best_epoch, "val_dice": best, "averaged_epochs": kept})
+        # the final report is the averaged model's: what goes into the pool is what the search ranks
+        history[-1] = {**history[-1], "best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch,
+                       "averaged_epochs": ",".join(map(str, kept))}
+        log.info("%s fold %d: the average of epochs %s: val_dice %.4f post-processed %.4f", model_id, fold, kept, best, best_pp)
     if write_oof:
         ex = data.extra_for(fold)
         # what the fold trained on, so that a reader of the pool sees whether a round's pseudo labels reached it
@@ -563,11 +479,38 @@ def fit_fold(
                  "n_pseudo_images": len(ex.image_ids) if ex is not None else 0}
         oof_file = str(predict_oof(ckdir / "best.pt", fold, data, run, model_id, dev, cfg, progress, extra))
         last.unlink(missing_ok=True)  # the fold is finished (its OOF is the marker): best.pt is all that is needed
+        _drop_unkept(ckdir, [])
     # The final epoch is reported only once its OOF is on disk: a scheduler may stop the
     # trial as soon as it sees the last epoch's result.
     if report is not None and history:
         report({**history[-1], "resumed_after": start - 1})
     return FoldResult(model_id, fold, len(history), best_epoch, best, best_pp, oof_file, str(ckdir / "best.pt"), history)
+
+
+def averaged_epochs(history: list[dict], k: int, policy: str) -> list[int]:
+    """The epochs whose weights make the fold model (``avg_checkpoints`` = k): the last k (oof_epoch
+    last), or the k best by val_dice_pp (oof_epoch best; ties to the later epoch), in epoch order."""
+    if policy == "last":
+        return [h["epoch"] for h in history[-k:]]
+    ranked = sorted(history, key=lambda h: (h["val_dice_pp"], h["epoch"]), reverse=True)[:k]
+    return sorted(h["epoch"] for h in ranked)
+
+
+def average_state_dicts(states: list[dict]) -> dict:
+    """The element-wise mean of several state dicts of one model (checkpoint averaging); integer
+    buffers (BatchNorm's batch counters) are taken from the last."""
+    out = {}
+    for key, v in states[-1].items():
+        out[key] = torch.stack([s[key].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone()
+    return out
+
+
+def _drop_unkept(ckdir: Path, keep: list[int]) -> None:
+    """Delete the per-epoch weights not among ``keep`` (a resumed fold may find a later epoch's
+    file, saved just before an interruption)."""
+    for f in ckdir.glob("epoch*.pt"):
+        if int(f.stem[5:]) not in keep:
+            f.unlink(missing_ok=True)
 
 
 def _finished(run: Path, model_id: str, fold: int, fold_hash: str, ckdir: Path) -> FoldResult | None:

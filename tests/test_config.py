@@ -95,20 +95,29 @@ def test_task_keys_belong_to_their_task():
     assert TrialConfig().model_id() == TrialConfig.from_dict({"dropout": 0.0}).model_id()
 
 
-def test_choices_come_from_the_registries(monkeypatch):
-    """A choice is written once, where it is implemented: config validation reads the registry."""
-    from steel_ray import dataset, infer, losses, optim
-    from steel_ray.config import ConfigError, TrialConfig, registry
+def test_the_search_driver_and_config_validation_do_not_import_torch():
+    """No import cycle config <-> losses/optim: validating a config and importing the search driver
+    leave torch (and the training modules) unloaded."""
+    import subprocess
+    import sys
 
-    assert registry("loss") == tuple(losses.SEG_LOSSES) and registry("cls_loss") == tuple(losses.CLS_LOSSES)
-    assert registry("optimizer") == tuple(optim.OPTIMIZERS) and registry("scheduler") == tuple(optim.SCHEDULERS)
-    assert registry("sampler") == dataset.SAMPLERS and registry("tta") == tuple(infer.TTA_FLIPS)
+    code = ("import sys, steel_ray.search\n"
+            "from steel_ray.config import TrialConfig\n"
+            "TrialConfig.from_dict({'loss': 'focal', 'optimizer': 'sgd', 'sampler': 'upsample', 'tta': 'hflip_vflip', "
+            "'warmup_steps': 3})\n"
+            "bad = [m for m in sys.modules if m == 'torch' or m in ('steel_ray.train', 'steel_ray.losses', 'steel_ray.optim')]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_each_registry_implements_exactly_the_choices_config_validates():
+    from steel_ray import config, dataset, infer, losses, optim
+
+    assert tuple(losses.SEG_LOSSES) == config.CHOICES["loss"] and tuple(losses.CLS_LOSSES) == config.CHOICES["cls_loss"]
+    assert tuple(optim.OPTIMIZERS) == config.CHOICES["optimizer"] and tuple(optim.SCHEDULERS) == config.CHOICES["scheduler"]
+    assert dataset.SAMPLERS == config.CHOICES["sampler"] and tuple(infer.TTA_FLIPS) == config.CHOICES["tta"]
+    with pytest.raises(RuntimeError, match="change both together"):
+        config.check_registry("loss", {**losses.SEG_LOSSES, "new_loss": None})
     with pytest.raises(ConfigError, match="optimizer='lion' is not valid"):
         TrialConfig.from_dict({"optimizer": "lion"})
-    import torch
-
-    monkeypatch.setitem(optim.OPTIMIZERS, "lion", (torch.optim.Adam, {}))
-    assert TrialConfig.from_dict({"optimizer": "lion"}).optim.optimizer == "lion"
-    monkeypatch.delitem(losses.SEG_LOSSES, "lovasz")
-    with pytest.raises(ConfigError, match="loss='lovasz' is not valid"):
-        TrialConfig.from_dict({"loss": "lovasz"})

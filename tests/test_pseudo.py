@@ -176,6 +176,15 @@ def test_image_confidence_by_hand():
     # empty classes: 1 - presence; the mask: min(presence 0.9, mean pixel 0.8)
     np.testing.assert_allclose(per_class, [0.9, 0.8, 0.7, 0.95])
     assert conf == pytest.approx(0.7)
+    # agreement (1st place): the gate's presence for a kept mask, 1 - presence for an empty class
+    conf, per_class = image_confidence(Prediction("x.jpg", masks, blended, gate), "agreement")
+    np.testing.assert_allclose(per_class, [0.9, 0.9, 0.7, 0.95])
+    # a confident gate that the mask contradicts (presence 0.97, no mask) makes the image unsure
+    disagree = np.array([0.01, 0.98, 0.97, 0.02])
+    conf, per_class = image_confidence(Prediction("x.jpg", masks, blended, disagree), "agreement")
+    np.testing.assert_allclose(per_class, [0.99, 0.98, 0.03, 0.98])
+    agree = np.array([0.01, 0.98, 0.04, 0.02])
+    assert image_confidence(Prediction("x.jpg", masks, blended, agree), "agreement")[0] == pytest.approx(0.96)
 
 
 def test_max_images_keeps_the_most_confident(parent, tiny_set):
@@ -189,6 +198,29 @@ def test_max_images_keeps_the_most_confident(parent, tiny_set):
     assert sorted(r["confidence"] for r in rows if r["kept"]) == sorted(conf[:2])
     for rles in labels.values():
         assert len(rles) == 4 and all(rle.decode(s, (64, 256)).shape == (64, 256) for s in rles)
+
+
+def test_select_agreement_reaches_the_labelling_workers(parent, tiny_set):
+    """label_images(select="agreement") measures each class as image_confidence(..., "agreement"):
+    an empty class as in the default (1 - presence), a kept mask by its presence alone (at least
+    the default's min(presence, mean pixel)); the image by its least confident class."""
+    from steel_ray import pseudo
+
+    doc = json.loads((parent / "blend" / "blend.json").read_text())
+    for pp in doc["postprocess"].values():  # masks wherever a map is above 0: kept masks to measure
+        pp.update(pixel_threshold=1 / 255, min_area=0.0, cls_threshold=0.0)
+    paths = sorted((tiny_set / "test_images").iterdir())
+    bj = parent / "blend" / "blend.json"
+    plain, _ = pseudo.label_images(doc, bj, paths, (64, 256), min_confidence=0.0)
+    agree, _ = pseudo.label_images(doc, bj, paths, (64, 256), min_confidence=0.0, select="agreement")
+    for p, a in zip(plain, agree):
+        for c in range(1, 5):
+            if p[f"class_{c}"]:
+                assert a[f"confidence_{c}"] >= p[f"confidence_{c}"]
+            else:
+                assert a[f"confidence_{c}"] == p[f"confidence_{c}"]
+        assert a["confidence"] == min(a[f"confidence_{c}"] for c in range(1, 5))
+    assert any(a[f"confidence_{c}"] > p[f"confidence_{c}"] for p, a in zip(plain, agree) for c in range(1, 5))
 
 
 def test_members_blend_or_top_k(parent):
