@@ -180,8 +180,12 @@ class Tracker:
         key = f"{stage}/{trial_id}"
         rid = self.trial_started(stage, trial_id, config)
         step = int(result.get("epoch") or result.get("training_iteration") or 0)
-        if step <= self._last_step.get(key, 0) and not result.get("reused"):
-            return  # an epoch logged before (a retried trial reports again from its checkpoint)
+        if step <= self._last_step.get(key, 0):
+            # an epoch logged before: a retried trial reports again from its checkpoint, and a trial a
+            # kill left running whose fold is already in the pool reports it again as reused
+            if result.get("reused"):
+                self.client.set_tag(rid, "reused", "true")
+            return
         metrics = {k: v for k, v in result.items() if k not in _NOT_METRICS}
         self.log_metrics(rid, metrics, step)
         self._last_step[key] = step
@@ -199,7 +203,8 @@ class Tracker:
 
     def finish_stage(self, stage: str, rows: list[dict]) -> None:
         """The final status of each trial as ``results.parquet`` gives it (TERMINATED: ran to the end,
-        STOPPED: ASHA stopped it, ERROR), the MLflow run ended as FINISHED / KILLED / FAILED."""
+        STOPPED: ASHA stopped it, ERROR), the MLflow run ended as FINISHED / KILLED / FAILED; a run
+        of the stage whose trial is not among ``rows`` is LOST (see below)."""
         for r in rows:
             rid = self._find(f"{stage}/{r['trial_id']}")
             if rid is None:
@@ -208,6 +213,14 @@ class Tracker:
             if r.get("error"):
                 self.client.set_tag(rid, "error", str(r["error"])[:5000])
             self.client.set_terminated(rid, status=_STATUS_END.get(r["status"], "FINISHED"))
+        # a trial the driver started just before it was killed, which Tune's saved state did not yet
+        # hold: the resumed stage never ran it again (the searcher proposed another); its run stays
+        # as a record, marked LOST
+        keys = {f"{stage}/{r['trial_id']}" for r in rows}
+        for x in self.client.search_runs([self.experiment_id], filter_string=f"tags.stage = '{stage}'", max_results=5000):
+            if x.data.tags.get("trial_key") not in keys and x.data.tags.get("status") != "LOST":
+                self.client.set_tag(x.info.run_id, "status", "LOST")
+                self.client.set_terminated(x.info.run_id, status="KILLED")
 
     # -- the blend ---------------------------------------------------------------------------
     def log_blend(self, doc: dict, out_dir: Path, command: str, key: str | None = None) -> str:

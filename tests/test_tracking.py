@@ -160,11 +160,16 @@ def test_a_resumed_or_retried_trial_logs_each_epoch_once_into_its_one_run(tmp_pa
     again.start_search({"run_id": "run-0123456789ab", "folds": 2})
     for epoch, v in ((2, 0.65), (3, 0.7)):  # restored from the epoch-1 checkpoint: epoch 2 again, then 3
         again.trial_result("explore", "t1", cfg, {"epoch": epoch, "val_dice_pp": v})
+    # killed after its OOF was written, restored as running: it reports its fold again as reused
+    again.trial_result("explore", "t1", cfg, {"epoch": 3, "val_dice_pp": 0.7, "reused": True})
+    again.trial_result("explore", "t2", cfg, {"epoch": 1, "val_dice_pp": 0.4})  # started, then forgotten by Tune
     again.finish_stage("explore", [{"trial_id": "t1", "status": "STOPPED", "error": ""}])
     client = again.client
     runs = client.search_runs([again.experiment_id])
-    assert sorted(x.data.tags.get("role", x.data.tags.get("stage")) for x in runs) == ["explore", "search"]
-    trial = [x for x in runs if x.data.tags.get("stage") == "explore"][0]
+    assert sorted(x.data.tags.get("role", x.data.tags.get("stage")) for x in runs) == ["explore", "explore", "search"]
+    lost = [x for x in runs if x.data.tags.get("ray_trial_id") == "t2"][0]
+    assert lost.data.tags["status"] == "LOST" and lost.info.status == "KILLED"
+    trial = [x for x in runs if x.data.tags.get("ray_trial_id") == "t1"][0]
     hist = sorted((m.step, m.value) for m in client.get_metric_history(trial.info.run_id, "val_dice_pp"))
     assert hist == [(1, 0.5), (2, 0.6), (3, 0.7)]
     assert trial.data.tags["status"] == "STOPPED" and trial.info.status == "KILLED"
