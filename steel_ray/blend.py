@@ -832,6 +832,9 @@ def main(argv=None) -> int:
     ap.add_argument("--score-holdout", action="store_true",
                     help="score this blend on the run's holdout: a look that RUN/holdout.json records (the search "
                          "looked once); without it a re-blend does not score the holdout, so trying options cannot tune on it")
+    ap.add_argument("--no-overlays", action="store_true",
+                    help="leave the report's Masks section out (it reads the members' full-resolution OOF once more, "
+                         "as long as the blend's full-resolution pass on a Severstal-scale pool)")
     ap.add_argument("--mlflow", metavar="URI",
                     help="log this blend to MLflow as a run of the run's experiment (under the search's run when the "
                          "search logged there): sqlite:///runs/mlflow.db, a folder or a tracking server")
@@ -841,7 +844,7 @@ def main(argv=None) -> int:
     console.setup(a.run if Path(a.run).is_dir() else None, False, "blend")
     try:
         out = _out_dir(a.run, a.out, a.replace)
-        doc = blend_run(a.run, a.models, out=out, holdout_look=a.score_holdout, command=_command(argv),
+        doc = blend_run(a.run, a.models, out=out, holdout_look=a.score_holdout, command=_command(argv), overlays=not a.no_overlays,
                   max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
                   init_sorted=a.init_sorted, allow_partial=a.allow_partial, fill_holes=a.fill_holes, nested=not a.no_nested,
                   workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice,
@@ -894,7 +897,7 @@ def search_models(run) -> list[str] | None:
 
 
 def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, stream="auto", out=None,
-              holdout_look: bool = True, command: str = "search (the run's own blend)", **opts) -> dict:
+              holdout_look: bool = True, command: str = "search (the run's own blend)", overlays: bool = True, **opts) -> dict:
     """Blend a run's pool (default: the search's completed models, else the whole pool), write
     blend.json and the report into ``out`` (default: the run's own RUN/blend), print the score
     summary; returns the blend.json document.
@@ -924,7 +927,7 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
     write_blend_json(doc, out / "blend.json")
     from .report import write_report
 
-    html = write_report(doc, pool, run, out)
+    html = write_report(doc, pool, run, out, overlays=overlays)
     for line in summary_lines(doc):
         print(line)
     print(f"blend.json: {out / 'blend.json'}\nreport:     {html}  (and report.md)")

@@ -388,7 +388,8 @@ def fit_fold(
     cfg = config
     run = Path(out_dir)
     model_id = cfg.model_id()
-    ckdir = checkpoint_dir(run, model_id, fold)
+    ckdir, best_pt = checkpoint_dir(run, model_id, fold), layout.best_weights(run, model_id, fold)
+    identity = {"config": cfg.to_dict(), "model_id": model_id, "fold": fold}  # what every saved weights file says it is
     dev = pick_device(device)
     amp = cfg.train.amp and dev.type == "cuda"
     fl = _fold_loaders(cfg, data, fold, dev, cpus)
@@ -406,7 +407,7 @@ def fit_fold(
     scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
     loss_fn = build_loss(cfg.loss, cfg.model.aux_weight, cfg.model.task)
 
-    done = _finished(run, model_id, fold, data.folds_hash, ckdir) if write_oof else None
+    done = _finished(run, model_id, fold, data.folds_hash) if write_oof else None
     if done is not None:
         return done
     last = ckdir / "last.pt"
@@ -431,8 +432,7 @@ def fit_fold(
         # oof_epoch=last keeps the last epoch instead (no choice made on the fold's labels)
         if val_pp > best_pp or cfg.train.oof_epoch == "last":
             best_pp, best, best_epoch = val_pp, val_dice, epoch
-            _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold,
-                                      "epoch": epoch, "val_dice": val_dice})
+            _save(best_pt, {**identity, "model": model.state_dict(), "epoch": epoch, "val_dice": val_dice})
         metrics = {
             "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **dm,
             "best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "lr": opt.param_groups[-1]["lr"],
@@ -446,10 +446,9 @@ def fit_fold(
             _save(ckdir / f"epoch{epoch}.pt", {"model": model.state_dict()})
             _drop_unkept(ckdir, averaged_epochs(history, cfg.train.avg_checkpoints, cfg.train.oof_epoch))
         _save(last, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            **identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
             "epoch": epoch, "best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "history": history,
-            "model_id": model_id, "fold": fold, "config": cfg.to_dict(),
         })
         log.info(
             "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_dice %.4f post-processed %.4f (all-empty %.4f; "
@@ -465,8 +464,7 @@ def fit_fold(
         model.load_state_dict(average_state_dicts([torch.load(ckdir / f"epoch{e}.pt", map_location=dev)["model"] for e in kept]))
         _, dm = _validate(model, fl.val_loader, loss_fn, dev, amp, data.train.shape)
         best, best_pp, best_epoch = dm["val_dice"], dm["val_dice_pp"], kept[-1]
-        _save(ckdir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "model_id": model_id, "fold": fold,
-                                  "epoch": best_epoch, "val_dice": best, "averaged_epochs": kept})
+        _save(best_pt, {**identity, "model": model.state_dict(), "epoch": best_epoch, "val_dice": best, "averaged_epochs": kept})
         # the final report is the averaged model's: what goes into the pool is what the search ranks
         history[-1] = {**history[-1], "best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch,
                        "averaged_epochs": ",".join(map(str, kept))}
@@ -477,14 +475,14 @@ def fit_fold(
         extra = {"best_val_dice": best, "best_val_dice_pp": best_pp, "best_epoch": best_epoch, "epochs_run": len(history),
                  "history": history, "n_train_images": int((data.folds != fold).sum()),
                  "n_pseudo_images": len(ex.image_ids) if ex is not None else 0}
-        oof_file = str(predict_oof(ckdir / "best.pt", fold, data, run, model_id, dev, cfg, progress, extra))
+        oof_file = str(predict_oof(best_pt, fold, data, run, model_id, dev, cfg, progress, extra))
         last.unlink(missing_ok=True)  # the fold is finished (its OOF is the marker): best.pt is all that is needed
         _drop_unkept(ckdir, [])
     # The final epoch is reported only once its OOF is on disk: a scheduler may stop the
     # trial as soon as it sees the last epoch's result.
     if report is not None and history:
         report({**history[-1], "resumed_after": start - 1})
-    return FoldResult(model_id, fold, len(history), best_epoch, best, best_pp, oof_file, str(ckdir / "best.pt"), history)
+    return FoldResult(model_id, fold, len(history), best_epoch, best, best_pp, oof_file, str(best_pt), history)
 
 
 def averaged_epochs(history: list[dict], k: int, policy: str) -> list[int]:
@@ -513,10 +511,11 @@ def _drop_unkept(ckdir: Path, keep: list[int]) -> None:
             f.unlink(missing_ok=True)
 
 
-def _finished(run: Path, model_id: str, fold: int, fold_hash: str, ckdir: Path) -> FoldResult | None:
+def _finished(run: Path, model_id: str, fold: int, fold_hash: str) -> FoldResult | None:
     """The result of a fold that is already done (its OOF of this split and its best weights exist)."""
     path = oof.oof_path(run, model_id, fold)
-    if not (path.exists() and (ckdir / "best.pt").exists()):
+    best_pt = layout.best_weights(run, model_id, fold)
+    if not (path.exists() and best_pt.exists()):
         return None
     meta = oof.read_meta(path)
     if meta.get("folds_hash") != fold_hash:
@@ -524,7 +523,7 @@ def _finished(run: Path, model_id: str, fold: int, fold_hash: str, ckdir: Path) 
     log.info("%s fold %d: already finished (%s); nothing to do", model_id, fold, path)
     return FoldResult(model_id, fold, int(meta.get("epochs_run", 0)), int(meta.get("best_epoch", 0)),
                       float(meta.get("best_val_dice", float("nan"))), float(meta.get("best_val_dice_pp", float("nan"))),
-                      str(path), str(ckdir / "best.pt"), list(meta.get("history", [])))
+                      str(path), str(best_pt), list(meta.get("history", [])))
 
 
 def _save(path: Path, obj) -> None:
