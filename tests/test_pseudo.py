@@ -276,3 +276,13 @@ def test_bench_pseudo_oof_labels_are_what_the_fold_models_label(parent, tiny_set
         assert [r["confidence"] for r in rows] == [round(float(conf[n]), 6) for n in mine]
         assert kept == {ids[n]: list(labels[n]) for n in mine if conf[n] >= 0.5}
     assert truth.shape == labels.shape == (len(ids), 4) and (conf >= 0).all()
+
+
+def test_select_agreement_defaults_to_the_first_place_cut_off():
+    from steel_ray import pseudo
+
+    base = ["--run", "r", "--images", "i", "--out", "o"]
+    assert (pseudo._args(base).select, pseudo._args(base).min_confidence) == ("confidence", pseudo.DEFAULT_MIN_CONFIDENCE)
+    a = pseudo._args(base + ["--select", "agreement"])
+    assert (a.select, a.min_confidence) == ("agreement", 0.95)
+    assert pseudo._args(base + ["--select", "agreement", "--min-confidence", "0.9"]).min_confidence == 0.9
