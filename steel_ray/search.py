@@ -355,6 +355,7 @@ def _start_ray(a, run: Path, state: dict) -> None:
     start an embedded Ray (shut down on exit)."""
     import ray
 
+    console.route_ray_logs()  # Ray's import-time handlers off before init: its start-up lines go to our log
     if a.address:
         ray.init(address=a.address, ignore_reinit_error=True, log_to_driver=a.verbose)
     elif not ray.is_initialized():

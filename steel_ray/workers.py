@@ -234,15 +234,16 @@ def ray_session(address: str | None = None, verbose: bool = False):
     Ray is shut down at the end only when this block started it."""
     import ray
 
+    from .console import route_ray_logs
+
     if ray.is_initialized():
         yield
         return
+    route_ray_logs()  # Ray's import-time handlers off before init: its start-up lines go to our log
     if address:
         ray.init(address=address, log_to_driver=verbose)
     else:
         ray.init(include_dashboard=False, log_to_driver=verbose)
-    from .console import route_ray_logs
-
     route_ray_logs()
     try:
         yield

@@ -76,7 +76,8 @@ def trial_dirs(run: Path) -> list[Path]:
 
 def progress(trial_dir: Path) -> pd.DataFrame:
     """Tune's own per-report record of a trial (progress.csv)."""
-    return pd.read_csv(trial_dir / "progress.csv")
+    # a Tune trial id can be all digits ("20859068"): read as text, as results.parquet holds it
+    return pd.read_csv(trial_dir / "progress.csv", dtype={"trial_id": str})
 
 
 def tensorboard_scalars(trial_dir: Path, tag: str) -> list[tuple[int, float]]:

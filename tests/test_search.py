@@ -83,7 +83,8 @@ def test_smoke_search_failing_trial_and_pruning(tiny_set, tmp_path):
     assert left == []  # no steel_ray_trial_* folder left behind
     # the console shows our progress and summary; Ray's tables, hints and tracebacks go to the log files
     out = r.stdout + r.stderr
-    for chatter in ("Configuration for experiment", "Trial status", "View detailed results", "Traceback", "ray::"):
+    for chatter in ("Configuration for experiment", "Trial status", "View detailed results", "Traceback", "ray::",
+                    "Token authentication", "Started a local Ray instance"):
         assert chatter not in out, chatter
     assert "explore: 4 of 4 trial(s) ended" in out and "complete:" in out
     assert len(r.stdout.splitlines()) <= 20, r.stdout
