@@ -29,6 +29,7 @@ import numpy as np
 from . import oof
 from . import ppsearch as ps
 from . import run as layout
+from .config import model_ids
 from .data import N_CLASSES, DataError
 from .io import write_json
 
@@ -890,9 +891,7 @@ def search_models(run) -> list[str] | None:
         return None
     models = saved.get("selected_models")
     if models is None and saved.get("selected"):
-        from .config import TrialConfig
-
-        models = [TrialConfig.from_dict(c).model_id() for c in saved["selected"]]
+        models = model_ids(saved["selected"])
     return models or None
 
 

@@ -318,6 +318,11 @@ def _pos_weight(v):
     return out
 
 
+def model_ids(configs) -> list[str]:
+    """The model id of each flat config (a search state's ``selected``, a round's member configs)."""
+    return [TrialConfig.from_dict(c).model_id() for c in configs]
+
+
 def parse_set(items: list[str] | None) -> dict[str, Any]:
     """``["lr=1e-3", "arch=FPN"]`` -> ``{"lr": 0.001, "arch": "FPN"}`` (values parsed as YAML)."""
     import yaml

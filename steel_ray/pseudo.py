@@ -37,9 +37,10 @@ import numpy as np
 
 from . import console
 from . import run as layout
+from .config import ID_SCHEME, model_ids
 from .data import N_CLASSES, DataError, check_shapes, list_images
 from .io import atomic_write_text, write_json
-from .search import _where
+from .run import where
 from .tracking import resolve_uri
 
 __all__ = ["image_confidence", "label_images", "fold_doc", "round_lines", "main"]
@@ -247,14 +248,12 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
         else:
             log.warning("fold %d: no image reaches confidence %s with the fold-%d models; the fold trains without "
                         "pseudo labels", k, a.min_confidence, k)
-    from .config import ID_SCHEME, TrialConfig
-
     per_class = {str(c + 1): int(sum(bool(v[c]) for v in labels.values())) for c in range(N_CLASSES)}
     state = {
         "space": None, "spaces": [], "data": parent["data"], "folds": parent["folds"], "holdout": parent.get("holdout", 0.0),
-        "num_samples": None, "top": None, "seed": parent.get("seed", 0), "storage": _where(a.storage), "smoke": False,
+        "num_samples": None, "top": None, "seed": parent.get("seed", 0), "storage": where(a.storage), "smoke": False,
         "stage": "complete", "explored": [], "selected": configs,
-        "selected_models": [TrialConfig.from_dict(c).model_id() for c in configs],
+        "selected_models": model_ids(configs),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": f"{out.name}-{uuid.uuid4().hex[:12]}",
         "id_scheme": ID_SCHEME, "mlflow": resolve_uri(a.mlflow),
         "pseudo": {"parent": str(run), "round": int(parent.get("pseudo", {}).get("round", 0)) + 1, "labels": str(lab),

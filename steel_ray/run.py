@@ -93,6 +93,11 @@ def optuna_db(run) -> Path:
     return Path(run) / "optuna.db"
 
 
+def where(uri: str | None) -> str | None:
+    """A local path made absolute; a URI (s3://...) as given (how a run records its data and storage)."""
+    return uri if uri is None or "://" in uri else str(Path(uri).resolve())
+
+
 def read_state(run) -> dict | None:
     """The saved search state (RUN/search.json), or None for a run without one."""
     p = state_path(run)

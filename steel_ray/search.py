@@ -38,7 +38,7 @@ import pandas as pd
 
 from . import console
 from . import run as layout
-from .config import ID_SCHEME, ID_SCHEME_CHANGE, ConfigError
+from .config import ID_SCHEME, ID_SCHEME_CHANGE, ConfigError, TrialConfig, model_ids
 from .data import DataError
 from .io import atomic_path, write_json
 from .space import SpaceError, load_space
@@ -96,11 +96,6 @@ def _args(argv=None):
     return ap.parse_args(argv)
 
 
-def _where(uri: str | None) -> str | None:
-    """A local path made absolute; a URI (s3://...) as given."""
-    return uri if uri is None or "://" in uri else str(Path(uri).resolve())
-
-
 def _load_state(run: Path, a) -> dict:
     """The search's saved settings (``--resume``) or new ones; a resumed search keeps its own
     folds, samples, top and seed, and refuses a different space, data or storage."""
@@ -115,7 +110,7 @@ def _load_state(run: Path, a) -> dict:
                               f"so --resume would train every model again under new ids: start a new run folder")
         state.setdefault("spaces", [state["space"]])
         for k in ("data", "storage"):
-            v = _where(getattr(a, k))
+            v = layout.where(getattr(a, k))
             if v is not None and v != state[k]:
                 raise SearchError(f"--{k} {v} differs from the interrupted search's {state[k]}")
         uri = resolve_uri(getattr(a, "mlflow", None))
@@ -123,7 +118,7 @@ def _load_state(run: Path, a) -> dict:
             # Tune restores a stage with the callbacks it started with: tracking cannot start or move mid-run
             raise SearchError(f"--mlflow {uri} differs from the interrupted search's {state.get('mlflow') or 'none'} "
                               "(a resumed search logs where it started; leave --mlflow out to keep that)")
-        spaces = [_where(p) for p in a.space or []]
+        spaces = [layout.where(p) for p in a.space or []]
         if spaces and spaces != state["spaces"]:
             raise SearchError(f"--space {spaces} differs from the interrupted search's {state['spaces']}")
         return state
@@ -131,9 +126,10 @@ def _load_state(run: Path, a) -> dict:
         raise SearchError(f"{run} already exists and is not empty; pass --resume to continue it, or choose a new --out")
     if not a.space or not a.data:
         raise SearchError("--space and --data are required for a new search (only --resume can leave them out)")
-    storage = _where(a.storage)
+    storage = layout.where(a.storage)
     state = {
-        "space": _where(a.space[0]), "spaces": [_where(p) for p in a.space], "data": _where(a.data), "folds": a.folds, "holdout": a.holdout,
+        "space": layout.where(a.space[0]), "spaces": [layout.where(p) for p in a.space], "data": layout.where(a.data),
+        "folds": a.folds, "holdout": a.holdout,
         "num_samples": a.num_samples, "top": a.top, "seed": a.seed, "storage": storage, "smoke": a.smoke,
         "stage": "explore", "explored": [], "selected": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # the run's identity: what it writes under --storage lives under STORAGE/<run_id>/, so two
@@ -180,8 +176,6 @@ def _results_rows(grid, stage: str, space: str = "") -> list[dict]:
 
 def _model_id(cfg: dict) -> str:
     """The model id of a trial that failed before reporting ("" for a config that does not even validate)."""
-    from .config import TrialConfig
-
     try:
         return TrialConfig.from_dict(cfg).model_id()
     except ConfigError:
@@ -368,8 +362,6 @@ def _start_ray(a, run: Path, state: dict) -> None:
 
 def _explore_stage(spaces, state: dict, run: Path, rows: list, trainable, storage_path, a, logfile) -> list:
     """Each space not yet explored: its explore trials, then its ``top`` configs join ``state["selected"]``."""
-    from .config import TrialConfig
-
     for sp in spaces:
         if sp.name in state.setdefault("explored", []):
             continue
@@ -386,7 +378,7 @@ def _explore_stage(spaces, state: dict, run: Path, rows: list, trainable, storag
             raise SearchError(f"every explore trial of {sp.path} failed{first} (all of them: {run / 'results.parquet'})")
         state["selected"] += chosen
         # the run's models: what the blend uses (screening-only configs have fold 0 alone)
-        state["selected_models"] = [TrialConfig.from_dict(c).model_id() for c in state["selected"]]
+        state["selected_models"] = model_ids(state["selected"])
         state["explored"].append(sp.name)
         _save_state(run, state)
     return rows
@@ -417,7 +409,6 @@ def _complete_stage(state: dict, run: Path, rows: list, pool: str, trainable, st
 def pending_folds(selected: list[dict], n_folds: int, pool: str) -> list[dict]:
     """The (config, fold) trial specs the complete stage still has to run: those without an OOF
     file in the pool (the file is the "fold done" marker; weights alone do not count)."""
-    from .config import TrialConfig
     from .tune_adapter import pool_meta
 
     return [{**cfg, "fold": k} for cfg in selected for k in range(n_folds)
