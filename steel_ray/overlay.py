@@ -36,7 +36,7 @@ from .data import N_CLASSES, DataError, list_images, read_labels
 from .dataset import read_image
 from .io import atomic_write_bytes, atomic_write_text
 from .metric import PostProcess, dice_per_pair
-from .ppsearch import blend_cls, blend_u8, gate_signal, member_weights
+from .ppsearch import apply_blend, member_weights
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,8 @@ def _blend_batches(run, doc: dict, truth: oof.Truth, rows_wanted: set | None = N
             gates = np.zeros((len(rows), N_CLASSES))
             for c in range(N_CLASSES):
                 maps = np.stack([oof.maps(b, f"p{c + 1}", truth.shape, p) for b, p in zip(batches, paths)])
-                gates[:, c] = gate_signal(blend_cls(cls[:, :, c], weights[c]), None if q is None else q[rows, c],
-                                          post[c].gate_source)
-                masks[:, c] = post[c].apply(blend_u8(maps, weights[c]), gates[:, c])
+                _, gates[:, c], masks[:, c] = apply_blend(maps, cls[:, :, c], weights[c], None if q is None else q[rows, c],
+                                                          post[c])
             yield rows, masks, gates
 
 
@@ -223,10 +222,11 @@ def _holdout_worst(run, doc: dict, blend_path, k: int, max_width: int = 800) -> 
         return {}
     held = json.loads(layout.holdout_path(run).read_text())
     shape = tuple(doc["image_shape"])
+    from .score import pair_dice, pair_rles
+
     truth_rles = np.array(held["rles"], dtype=object)
-    sub = rle_lookup(read_labels(h["submission"]))
-    pred_rles = np.array([[sub.get((i, c + 1), "") for c in range(N_CLASSES)] for i in held["image_ids"]], dtype=object)
-    dice = np.array([[_pair_dice(t, p, shape) for t, p in zip(tr, pr)] for tr, pr in zip(truth_rles, pred_rles)])
+    pred_rles = pair_rles(read_labels(h["submission"]), held["image_ids"])
+    dice = pair_dice(truth_rles, pred_rles, shape, "holdout truth", h["submission"])
     picks = {c: [i for i in np.argsort(dice[:, c], kind="stable") if dice[i, c] < 1][:k] for c in range(N_CLASSES)}
     rows = sorted({int(i) for p in picks.values() for i in p})
     if not rows:
@@ -255,10 +255,6 @@ def rle_lookup(labels) -> dict:
     out = {(i, int(c)): e for i, c, e in zip(t.ImageId, t.ClassId, t.EncodedPixels)}
     out["_images"] = set(labels.image_ids) | set(t.ImageId)
     return out
-
-
-def _pair_dice(t: str, p: str, shape) -> float:
-    return float(dice_per_pair(rle.decode(p, shape), rle.decode(t, shape)))
 
 
 def main(argv=None) -> int:

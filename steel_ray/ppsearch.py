@@ -463,6 +463,16 @@ def gate_signal(seg_cls: np.ndarray, clf: np.ndarray | None, source: str) -> np.
     return (1.0 - a) * np.asarray(seg_cls, np.float64) + a * np.asarray(clf, np.float64)
 
 
+def apply_blend(maps: np.ndarray, cls: np.ndarray, weights, clf, post) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class of blend.json's rule on a batch: ``maps`` (M, B, H, W) uint8 and ``cls`` (M, B) of the
+    members, ``clf`` (B,) the classifier ensemble's presence (None without classifiers), ``post`` the
+    class's :class:`metric.PostProcess`. Returns (blended (B, H, W) uint8, gate (B,), mask (B, H, W)):
+    the single path of submissions (predict) and of the blend's OOF masks (overlay)."""
+    blended = blend_u8(maps, weights)
+    gate = gate_signal(blend_cls(cls, weights), clf, post.gate_source)
+    return blended, gate, post.apply(blended, gate)
+
+
 def choose_source(tables: dict, grid: Grid, exclude=None) -> tuple[str, Choice]:
     """The (gate source, grid point) with the highest Dice over the used folds.
 

@@ -41,7 +41,7 @@ from .dataset import build_transforms, read_image
 from .infer import pick_device, predict_batch, tta_views
 from .io import atomic_write_text
 from .metric import PostProcess
-from .ppsearch import blend_cls, blend_u8, gate_signal, member_weights
+from .ppsearch import apply_blend, member_weights
 from .workers import ray_session
 
 __all__ = ["Member", "Prediction", "member_weights", "load_members", "member_maps", "iter_predictions", "rles",
@@ -149,10 +149,9 @@ def iter_predictions(doc: dict, members: list[Member], paths: list[Path], shape,
             maps, cls = np.stack(maps), np.stack(cls)  # (M, B, 4, H, W), (M, B, 4)
             # the classifier ensemble's presence (B, 4): sum_j weight_j * presence_j, as the blend scored it
             q = sum(m.weights[0] * member_maps(m, batch, shape)[1] for m in clfs) if clfs else None
-            blended = np.stack([blend_u8(maps[:, :, c], weights[c]) for c in range(N_CLASSES)], axis=1)
-            gates = np.stack([gate_signal(blend_cls(cls[:, :, c], weights[c]), None if q is None else q[:, c],
-                                          post[c].gate_source) for c in range(N_CLASSES)], axis=1)
-            masks = np.stack([post[c].apply(blended[:, c], gates[:, c]) for c in range(N_CLASSES)], axis=1)
+            per_class = [apply_blend(maps[:, :, c], cls[:, :, c], weights[c], None if q is None else q[:, c], post[c])
+                          for c in range(N_CLASSES)]
+            blended, gates, masks = (np.stack(x, axis=1) for x in zip(*per_class))
             for i, img in enumerate(ids):
                 yield img, Prediction(img, masks[i], blended[i], gates[i])
         bar.update(len(paths[start:start + batch_size]))

@@ -98,6 +98,7 @@ class Tracker:
             self.experiment_id = exp.experiment_id
         self._runs: dict[str, str] = {}  # trial_key -> MLflow run id
         self._last_step: dict[str, int] = {}
+        self._ended: set[str] = set()  # trial keys whose run this process ended
         self.parent_id: str | None = None
 
     # -- runs found again by their key (resume) ------------------------------------------------
@@ -111,8 +112,13 @@ class Tracker:
         return None
 
     def _run(self, key: str, name: str, tags: dict, params: dict | None = None, parent: bool = True) -> str:
+        if key in self._runs:  # made or found by this process (every epoch of a trial lands here): no query
+            if key in self._ended:  # a trial Tune retries after an error in this process: running again
+                self._ended.discard(key)
+                self.client.update_run(self._runs[key], status="RUNNING")
+            return self._runs[key]
         rid = self._find(key)
-        if rid is not None:
+        if rid is not None:  # a run of an earlier process (--resume): running again
             if self.client.get_run(rid).info.status != "RUNNING":
                 self.client.update_run(rid, status="RUNNING")
             return rid
@@ -200,6 +206,7 @@ class Tracker:
         if error:
             self.client.set_tag(rid, "status", "ERROR")
         self.client.set_terminated(rid, status="FAILED" if error else "FINISHED")
+        self._ended.add(f"{stage}/{trial_id}")
 
     def finish_stage(self, stage: str, rows: list[dict]) -> None:
         """The final status of each trial as ``results.parquet`` gives it (TERMINATED: ran to the end,
