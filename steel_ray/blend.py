@@ -409,14 +409,15 @@ def select(datas, folds, n_folds, grids, max_members=25, bags=1, bag_fraction=0.
     return weights / max(1, bags), first_traj
 
 
-def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_members=25, patience=5):
+def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_members=25, patience=5, margin=ps.GATE_MARGIN):
     """Greedy forward selection with replacement of the classifier ensemble, with the segmentation
     blend ``seg_weights`` (4, M) fixed: the objective is the summed cross-fitted Dice where each
     class's gate source (segmentation, classifier, mean) is chosen with its post-processing.
 
     Starts from no classifier (the segmentation-only score); returns the classifier weights (Mc,)
     at the best step (all zero when no classifier beats segmentation-only gating) and the
-    trajectory [(slots, summed score)]. Stops after ``patience`` steps without a gain.
+    trajectory [(slots, summed score)]. Stops after ``patience`` steps without a gain. A class
+    counts a classifier's gate only where it clears the noise (``margin``, :class:`ppsearch.GateEvidence`).
     """
     n_clf = clf.shape[0]
     counts = {c: ps.area_inter(ps.blend_u8(datas[c].vals, seg_weights[c]), datas[c], grid.levels) for c in range(N_CLASSES)}
@@ -427,8 +428,9 @@ def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_member
         if not k_counts.sum():
             return sum(ps.cross_fitted(seg_tables[c], grid)[0] for c in range(N_CLASSES))
         q = np.tensordot(k_counts / k_counts.sum(), clf, axes=1)  # (N, 4)
-        return sum(ps.cross_fitted_source(_gate_tables(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, grid,
-                                                       seg_tables[c]), grid)[0] for c in range(N_CLASSES))
+        return sum(ps.cross_fitted_source(_gate_tables(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, grid, seg_tables[c]),
+                                          grid, _gate_evidence(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, margin))[0]
+                   for c in range(N_CLASSES))
 
     k_counts = np.zeros(n_clf, np.int64)
     best_score = score(k_counts)
@@ -467,6 +469,14 @@ def _gate_tables(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, grid, seg_
         for src in ("classifier", "mean"):
             out[src] = _tables(counts, d, ps.gate_signal(seg_cls, q, src), folds, n_folds, grid)
     return out
+
+
+def _gate_evidence(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, margin) -> ps.GateEvidence | None:
+    """The per-image evidence a classifier's gate must clear in a class (None: no classifier, or no margin)."""
+    if q is None or margin <= 0:
+        return None
+    gates = {src: ps.gate_signal(seg_cls, q, src) for src in ps.GATE_SOURCES}
+    return ps.GateEvidence(*counts, d.true_area, d.area_scale, gates, folds, n_folds, margin)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -516,21 +526,23 @@ def _gate_stats(gate, truth_present, threshold, q) -> dict:
 
 def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_weights: bool = False,
              init_sorted: int = 0, fill_holes: bool = False, nested: bool = True, workers: int = 1, seed: int = 0,
-             selection_resolution: str = "auto", choice: str = "smooth") -> BlendResult:
+             selection_resolution: str = "auto", choice: str = "smooth", gate_margin: float = ps.GATE_MARGIN) -> BlendResult:
     """Select the ensemble, tune per-class post-processing and compute the honest scores.
 
     Steps: segmentation selection (greedy, on the selection maps); classifier selection (greedy,
     segmentation blend fixed; only with classifiers in the pool); final per-class tuning at full
     resolution (gate source, pixel threshold, min area, gate threshold); best single model and
     baseline; nested (all of it without fold k, scored on fold k). ``choice`` is how a point is
-    chosen from a Dice table (``smooth`` or ``argmax``, see :class:`ppsearch.Grid`), everywhere.
+    chosen from a Dice table (``smooth`` or ``argmax``, see :class:`ppsearch.Grid`), everywhere;
+    ``gate_margin`` how far a classifier's gate must beat the segmentation gate (standard errors of
+    the per-image gain, :class:`ppsearch.GateEvidence`; 0: any gain), everywhere too.
     """
     t0 = time.time()
     grid = ps.default_grid(pool.shape, choice)
     grids = [grid] * N_CLASSES
     k = pool.n_folds
     settings = {"max_members": max_members, "bags": bags, "per_class_weights": per_class_weights,
-                "init_sorted": init_sorted, "seed": seed, "choice": choice,
+                "init_sorted": init_sorted, "seed": seed, "choice": choice, "gate_margin": gate_margin,
                 "grid": {"pixel_levels": grid.levels.tolist(), "min_areas": grid.min_areas.tolist(),
                          "cls_thresholds": grid.cls_thresholds.tolist(), "gate_sources": list(ps.GATE_SOURCES)}}
 
@@ -548,7 +560,7 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
             w = np.tile(w, (N_CLASSES, 1))
         if clf is None:
             return w, None, tr, []
-        cw, ctr = select_classifiers(ds, w, clf, folds, k, grid, max_members)
+        cw, ctr = select_classifiers(ds, w, clf, folds, k, grid, max_members, margin=gate_margin)
         return w, cw, tr, ctr
 
     if selection_resolution == "auto":
@@ -593,12 +605,13 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     timings["full_resolution_pass"] = time.time() - t1
     t2 = time.time()
     for c, (counts, meta) in enumerate(per_class):
-        _tune_class(meta, c, weights[c], counts[0], q_all, q_report, pool.folds, pool.n_folds, fill_holes, grid, tuned)
+        _tune_class(meta, c, weights[c], counts[0], q_all, q_report, pool.folds, pool.n_folds, fill_holes, grid, tuned, gate_margin)
         single_sums += [ps.cross_fitted(_tables(counts[1 + n_nested + mi], meta, meta.cls[mi], pool.folds, pool.n_folds, grid),
                                         grid)[0] for mi in range(m_all)]
         base += _baseline_class(counts[-1], meta, mean_w, c, pool.shape, grid)
         for f, ((w, _), q) in enumerate(zip(picks or [], nested_q)):
-            s_all, s_seg = _nested_score(meta, counts[1 + f], f, w[c], None if q is None else q[:, c], pool.folds, pool.n_folds, grid)
+            s_all, s_seg = _nested_score(meta, counts[1 + f], f, w[c], None if q is None else q[:, c], pool.folds, pool.n_folds, grid,
+                                         gate_margin)
             nested_total += s_all
             nested_seg += s_seg
     timings["tuning_and_scores"] = time.time() - t2
@@ -623,7 +636,8 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
                        fill_holes, singles, pool.left_out, settings, list(pool.classifiers), clf_w)
 
 
-def _tune_class(d: ps.ClassData, c: int, w, counts, q_all, q_report, folds, n_folds, fill_holes: bool, grid, out: dict) -> None:
+def _tune_class(d: ps.ClassData, c: int, w, counts, q_all, q_report, folds, n_folds, fill_holes: bool, grid, out: dict,
+                margin: float = ps.GATE_MARGIN) -> None:
     """Class ``c`` at full resolution (``counts``: the blend's (N, T) area and intersection, ``d``
     the class's true areas and presence): its gate source and post-processing (in-sample), the
     cross-fitted scores with and without classifiers, curves and statistics, added to ``out``."""
@@ -631,10 +645,11 @@ def _tune_class(d: ps.ClassData, c: int, w, counts, q_all, q_report, folds, n_fo
     seg_cls = ps.blend_cls(d.cls, w)
     q = None if q_all is None else q_all[:, c]
     tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid)
-    s_in, src, ch = ps.in_sample_source(tabs, grid)
+    ev = _gate_evidence(counts, d, seg_cls, q, folds, n_folds, margin)
+    s_in, src, ch = ps.in_sample_source(tabs, grid, ev)
     s_in_seg, _ = ps.in_sample(tabs["segmentation"], grid)
     out["in_sample"] += s_in
-    out["cross_fitted"] += ps.cross_fitted_source(tabs, grid)[0]
+    out["cross_fitted"] += ps.cross_fitted_source(tabs, grid, ev)[0]
     out["cross_fitted_seg"] += ps.cross_fitted(tabs["segmentation"], grid)[0]
     out["post"][str(c + 1)] = {"pixel_threshold": ch.pixel_threshold, "min_area": ch.min_area,
                                "cls_threshold": ch.cls_threshold, "fill_holes": fill_holes, "gate_source": src}
@@ -681,13 +696,14 @@ def _select_without(pool: BlendPool, sel_data, f, run_selection):
     return run_selection(sel_data, folds, pool.clf)
 
 
-def _nested_score(d: ps.ClassData, counts, f: int, w, q, folds, n_folds, grid) -> tuple[float, float]:
+def _nested_score(d: ps.ClassData, counts, f: int, w, q, folds, n_folds, grid, margin=ps.GATE_MARGIN) -> tuple[float, float]:
     """Held-out Dice sums of one class on fold ``f`` (with the classifiers, segmentation gate only)
     for segmentation weights ``w`` and classifier presence ``q`` (N,) chosen without fold ``f``
     (``counts``: that blend's (N, T) area and intersection); the post-processing is chosen on the
     other folds too."""
-    tabs = _gate_tables(counts, d, ps.blend_cls(d.cls, w), q, folds, n_folds, grid)
-    src, ch = ps.choose_source(tabs, grid, exclude=f)
+    seg_cls = ps.blend_cls(d.cls, w)
+    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid)
+    src, ch = ps.choose_source(tabs, grid, exclude=f, evidence=_gate_evidence(counts, d, seg_cls, q, folds, n_folds, margin))
     ch_seg = ps.choose(tabs["segmentation"], grid, exclude=f)
     return float(tabs[src][(f, *grid.index(ch))]), float(tabs["segmentation"][(f, *grid.index(ch_seg))])
 
@@ -821,6 +837,9 @@ def main(argv=None) -> int:
     ap.add_argument("--choice", choices=list(ps.CHOICE_RULES), default="smooth",
                     help="how a post-processing point is chosen: smooth (best mean over neighbouring grid points, "
                          "default: small pools overfit less) or argmax (the best point)")
+    ap.add_argument("--gate-margin", type=float, default=ps.GATE_MARGIN, metavar="Z",
+                    help="a classifier's gate replaces the segmentation gate in a class only when its per-image Dice gain "
+                         "exceeds Z standard errors on the images it is chosen on (default 1.645: one-sided 5%%; 0: any gain)")
     ap.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                     help="read full-resolution maps one class at a time from the Parquet files (auto: when the selection "
                          "runs on the 4x maps); off keeps every class in memory")
@@ -849,6 +868,7 @@ def main(argv=None) -> int:
                   max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
                   init_sorted=a.init_sorted, allow_partial=a.allow_partial, fill_holes=a.fill_holes, nested=not a.no_nested,
                   workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice,
+                  gate_margin=a.gate_margin,
                   stream={"auto": "auto", "on": True, "off": False}[a.stream])
         if a.mlflow:
             from .tracking import open_tracker, resolve_uri

@@ -24,8 +24,8 @@ from .metric import dice_from_counts
 __all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables",
            "tables_from_counts", "area_inter", "RunIndex", "level_bins", "counts_from_bins", "image_histograms",
            "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice", "choose", "cross_fitted", "in_sample",
-           "score_point", "score_counts", "GATE_SOURCES", "gate_signal", "choose_source", "cross_fitted_source",
-           "in_sample_source"]
+           "score_point", "score_counts", "GATE_SOURCES", "GATE_MARGIN", "GateEvidence", "gate_signal", "choose_source",
+           "cross_fitted_source", "in_sample_source"]
 
 SEVERSTAL_AREA = 256 * 1600
 
@@ -473,34 +473,83 @@ def apply_blend(maps: np.ndarray, cls: np.ndarray, weights, clf, post) -> tuple[
     return blended, gate, post.apply(blended, gate)
 
 
-def choose_source(tables: dict, grid: Grid, exclude=None) -> tuple[str, Choice]:
+# A gate source with a classifier in it enters a class's rule only when its gain over the
+# segmentation gate clears the noise of the images it was chosen on: a one-sided test of the
+# paired per-image Dice differences, mean > GATE_MARGIN standard errors (1.645: 5%). Without it a
+# classifier that wins by a few lucky images of the tuning folds is kept and loses on new ones
+# (issue 22: a fresh demo kept one whose cross-fitted score was 0.003 below the plain gate).
+GATE_MARGIN = 1.645
+
+
+@dataclass
+class GateEvidence:
+    """What the per-image Dice of a class at any (gate source, grid point) needs: the blend's
+    (N, T) predicted areas and intersections at the grid's levels, the true areas, each source's
+    gate signal (N,), and the images' folds (-1: left out)."""
+
+    area: np.ndarray
+    inter: np.ndarray
+    true_area: np.ndarray
+    area_scale: float
+    gates: dict
+    folds: np.ndarray
+    n_folds: int
+    margin: float = GATE_MARGIN
+
+    def dice(self, source: str, choice: Choice, grid: Grid) -> np.ndarray:
+        t = grid.index(choice)[0]
+        return score_counts(self.area[:, t], self.inter[:, t], self.true_area, self.area_scale, self.gates[source], choice)
+
+    def gain(self, source: str, choice: Choice, base: Choice, grid: Grid, exclude=None) -> tuple[float, float]:
+        """(mean, standard error) of the per-image Dice gain of ``source`` at ``choice`` over the
+        segmentation gate at ``base``, on the used images (folds other than ``exclude``)."""
+        folds = np.asarray(self.folds)
+        used = (folds >= 0) & (folds < self.n_folds) & ~np.isin(folds, np.atleast_1d(exclude if exclude is not None else []))
+        d = (self.dice(source, choice, grid) - self.dice("segmentation", base, grid))[used]
+        if d.size < 2:
+            return float(d.sum()), 0.0
+        return float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size))
+
+    def clears(self, source: str, choice: Choice, base: Choice, grid: Grid, exclude=None) -> bool:
+        mean, se = self.gain(source, choice, base, grid, exclude)
+        return mean > 0 and mean > self.margin * se
+
+
+def choose_source(tables: dict, grid: Grid, exclude=None, evidence: GateEvidence | None = None) -> tuple[str, Choice]:
     """The (gate source, grid point) with the highest Dice over the used folds.
 
     ``tables`` maps each available source to its ``(K, T, A, G)`` tables. Sources compete on the
     value the grid's rule ranks by (the smoothed table's maximum for ``smooth``); ties keep
-    the earlier source of :data:`GATE_SOURCES`.
+    the earlier source of :data:`GATE_SOURCES`. With ``evidence`` (and a positive margin), a
+    source other than the segmentation gate must also beat the segmentation gate's own choice
+    by more than its noise on those folds' images (:meth:`GateEvidence.clears`).
     """
-    best = None
+    best, seg = None, None
     for src in GATE_SOURCES:
         if src not in tables:
             continue
         val, choice = _best(_fold_sum(tables[src], exclude), grid)  # the table is smoothed once
+        if src == "segmentation":
+            seg = choice
+        elif seg is not None and evidence is not None and evidence.margin > 0 \
+                and not evidence.clears(src, choice, seg, grid, exclude):
+            continue
         if best is None or val > best[0] + 1e-9 * max(1.0, abs(val)):
             best = (val, src, choice)
     return best[1], best[2]
 
 
-def cross_fitted_source(tables: dict, grid: Grid) -> tuple[float, list[tuple[str, Choice]]]:
+def cross_fitted_source(tables: dict, grid: Grid, evidence: GateEvidence | None = None) -> tuple[float, list[tuple[str, Choice]]]:
     """:func:`cross_fitted` with the gate source chosen on the other folds too."""
     total, picks = 0.0, []
     k = next(iter(tables.values())).shape[0]
     for f in range(k):
-        src, c = choose_source(tables, grid, exclude=f)
+        src, c = choose_source(tables, grid, exclude=f, evidence=evidence)
         total += tables[src][(f, *grid.index(c))]
         picks.append((src, c))
     return total, picks
 
 
-def in_sample_source(tables: dict, grid: Grid) -> tuple[float, str, Choice]:
-    src, c = choose_source(tables, grid)
+def in_sample_source(tables: dict, grid: Grid, evidence: GateEvidence | None = None) -> tuple[float, str, Choice]:
+    src, c = choose_source(tables, grid, evidence=evidence)
     return float(tables[src].sum(0)[grid.index(c)]), src, c

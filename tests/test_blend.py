@@ -447,6 +447,41 @@ def test_random_classifier_is_not_used(tmp_path):
     assert doc["classifier_pool"] == ["random"]
 
 
+def test_a_classifier_that_wins_by_one_lucky_image_per_class_is_not_kept(tmp_path):
+    """The segmenter finds every defect and paints a false positive on every empty image; its own
+    presence gates out all but two empty images per class and fold. The classifier copies that
+    presence except on one of the two, where it says 0.05: one image's Dice (0 -> 1) of 20 per
+    fold in each class. Chosen on any gain (margin 0), it is kept; by default its gain is within its
+    noise where it is chosen (t = 1.4 on two folds' images, below 1.645) and no class uses it, in
+    the blend or in any nested fold."""
+    from blend_pools import false_positive_model, write_classifiers
+
+    rng = np.random.default_rng(5)
+    masks = make_truth(rng, n=60, shape=(32, 64), p_defect=0.6)
+    probs, _ = false_positive_model(rng, masks)
+    empty, folds = ~masks.any((2, 3)), np.arange(60) % 3  # write_run's folds
+    seg_cls, lucky = np.where(empty, 0.1, 0.9).astype(np.float32), None
+    for c in range(4):
+        for f in range(3):
+            seg_cls[np.flatnonzero(empty[:, c] & (folds == f))[:2], c] = 0.9  # two false positives it keeps
+    lucky = seg_cls.copy()
+    for c in range(4):
+        for f in range(3):
+            lucky[np.flatnonzero(empty[:, c] & (folds == f))[0], c] = 0.05
+    write_run(tmp_path, masks, {"seg_fp": (probs, seg_cls)})
+    write_classifiers(tmp_path, masks, {"lucky": lucky})
+    pool = blend.load_blend_pool(tmp_path)
+    anyway = blend.optimize(pool, max_members=2, selection_resolution="full", gate_margin=0)
+    assert anyway.clf_weights[0] > 0 and {pp["gate_source"] for pp in anyway.postprocess.values()} != {"segmentation"}
+    assert anyway.scores["cross_fitted"] > anyway.scores["cross_fitted_segmentation_only"]
+    r = blend.optimize(pool, max_members=2, selection_resolution="full")
+    assert r.clf_weights.sum() == 0 and all(pp["gate_source"] == "segmentation" for pp in r.postprocess.values())
+    assert all(w["classifiers"] == [0.0] for w in r.nested_weights)
+    assert r.scores["nested"] == r.scores["nested_segmentation_only"]
+    assert r.scores["cross_fitted"] == r.scores["cross_fitted_segmentation_only"]
+    assert r.settings["gate_margin"] == pytest.approx(1.645)
+
+
 def test_pool_of_classifiers_only_is_refused(tmp_path):
     from blend_pools import write_classifiers
 

@@ -328,3 +328,41 @@ def test_levels_below_the_pruning_level_are_refused():
         ps.area_inter_filled(ps.blend_u8(d.vals, [0.5, 0.5]), d, lambda i: None, (8, 8), low.levels)
     with pytest.raises(ValueError, match="grid level 20 is below the pruning level 40"):
         blend._forward([d] * 4, np.zeros(3, int), 1, [low] * 4, [0, 1], 2, [], range(4))
+
+
+def _gate_case(n_lucky, n=40):
+    """20 images with a defect found exactly, 20 empty ones with a false positive of 10 px on
+    ``n_lucky`` of them. The segmentation presence is 0.9 everywhere (it cannot tell the false
+    positives apart); the classifier's is 0.1 on those, 0.9 elsewhere: its gate gains exactly one
+    image's Dice (0 -> 1) per false positive."""
+    has = np.arange(n) < n // 2
+    fp = ~has & (np.arange(n) < n // 2 + n_lucky)
+    area = np.where(has | fp, 10.0, 0.0)[:, None]
+    inter = np.where(has, 10.0, 0.0)[:, None]
+    true_area = np.where(has, 10.0, 0.0)
+    seg, clf = np.full(n, 0.9), np.where(fp, 0.1, 0.9)
+    folds = np.arange(n) % 2
+    grid = ps.Grid(np.array([128], np.uint8), np.array([0.0]), np.array([0.0, 0.5]), rule="argmax")
+    gates = {src: ps.gate_signal(seg, clf, src) for src in ps.GATE_SOURCES}
+    tables = {src: ps.tables_from_counts(area, inter, true_area, 1.0, g, folds, 2, grid) for src, g in gates.items()}
+    return tables, ps.GateEvidence(area, inter, true_area, 1.0, gates, folds, 2), grid
+
+
+def test_a_classifier_gate_must_clear_the_noise_of_its_per_image_gain():
+    # one lucky image of n: gain mean 1/n with standard error exactly 1/n (t = 1), below 1.645
+    tables, ev, grid = _gate_case(1)
+    base, gated = ps.Choice(128, 0.0, 0.0), ps.Choice(128, 0.0, 0.5)
+    assert ev.gain("classifier", gated, base, grid) == pytest.approx((1 / 40, 1 / 40))
+    assert ps.choose_source(tables, grid)[0] == "classifier"  # any gain wins without the evidence
+    assert ps.choose_source(tables, grid, evidence=ev) == ("segmentation", base)
+    ev.margin = 0.9  # t = 1 clears a margin below 1
+    assert ps.choose_source(tables, grid, evidence=ev) == ("classifier", gated)
+    # on fold 0 alone (exclude fold 1) the lucky image (index 20, fold 0) is the same 1 of 20
+    assert ev.gain("classifier", gated, base, grid, exclude=1) == pytest.approx((1 / 20, 1 / 20))
+    # four lucky images: mean 0.1, sd sqrt((4 * 0.81 + 36 * 0.01) / 39), t = 2.08: the gate is earned
+    tables, ev, grid = _gate_case(4)
+    mean, se = ev.gain("classifier", gated, base, grid)
+    assert mean == pytest.approx(0.1) and se == pytest.approx(np.sqrt(3.6 / 39 / 40))
+    assert ps.choose_source(tables, grid, evidence=ev) == ("classifier", gated)
+    total, picks = ps.cross_fitted_source(tables, grid, ev)  # each fold has 2 lucky images: t = sqrt(2) < 1.645
+    assert [s for s, _ in picks] == ["segmentation", "segmentation"] and total == pytest.approx(36.0)
