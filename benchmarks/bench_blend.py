@@ -39,6 +39,9 @@ import numpy as np
 
 from steel_ray import blend
 from steel_ray import ppsearch as ps
+from steel_ray.blend import pool as bpool
+from steel_ray.blend import selection as bselect
+from steel_ray.blend import tune
 from steel_ray.metric import dice_per_pair
 
 H, W = 256, 1600
@@ -157,10 +160,10 @@ def generate(n, m, n_folds, seed=0, density=None, haze=0.0, workers=1) -> tuple[
     """The blend pool of a generated set: 4x maps in memory (classes generated on ``workers``
     processes), full resolution streamed."""
     gen = Generated(n, m, seed, density, haze)
-    ds = blend._map(lambda c: gen.class_data(c, np.arange(n), "ds"), list(range(4)), workers)
+    ds = tune._map(lambda c: gen.class_data(c, np.arange(n), "ds"), list(range(4)), workers)
     folds = np.arange(n) % n_folds
     np.random.default_rng(seed).shuffle(folds)
-    full = blend._StreamedFull(GeneratedReader(gen))
+    full = bpool._StreamedFull(GeneratedReader(gen))
     pool = blend.BlendPool([f"m{j:02d}" for j in range(m)], [f"{i:09x}.jpg" for i in range(n)], folds, n_folds, (H, W), full, ds)
     return pool, gen
 
@@ -508,8 +511,8 @@ def main():
         diff_rows = []
         for c in range(4):
             wc = res.weights[c]
-            (counts,), meta = blend._full_counts(pool, c, [wc], False, grid.levels)
-            tf = blend._tables(counts, meta, ps.blend_cls(meta.cls, wc), pool.folds, a.folds, grid)
+            (counts,), meta = tune._full_counts(pool, c, [wc], False, grid.levels)
+            tf = bselect._tables(counts, meta, ps.blend_cls(meta.cls, wc), pool.folds, a.folds, grid)
             td = ps.fold_tables(ps.blend_u8(pool.ds[c].vals, wc), ps.blend_cls(pool.ds[c].cls, wc), pool.ds[c], pool.folds, a.folds, grid)
             ch_full, ch_ds = ps.choose(tf, grid), ps.choose(td, grid)
             diff_rows.append((c + 1, tf.sum(0)[grid.index(ch_full)] / a.images, tf.sum(0)[grid.index(ch_ds)] / a.images))

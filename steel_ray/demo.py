@@ -31,7 +31,8 @@ from pathlib import Path
 
 from . import console, predict, score, search, synth
 from . import run as layout
-from .report import fmt_score, no_classifier_reason
+from .blend.document import load_blend
+from .blend.report import fmt_score, no_classifier_reason
 from .tracking import resolve_uri
 
 log = logging.getLogger("steel_ray.demo")
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     sub = run / "submission.csv"
     n = predict.predict_folder(layout.blend_json(run), data / "test_images", sub)
     print(f"wrote {sub}: {n} images x 4 classes")
-    doc = json.loads(layout.blend_json(run).read_text())
+    doc = load_blend(layout.blend_json(run))
     dice, truth_pos = score.score_submission(data / "test_labels.csv", sub, data / "test_images")
     s = doc["scores"]
     test, test_empty = float(dice.mean()), float((~truth_pos).mean())

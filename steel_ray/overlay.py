@@ -32,6 +32,7 @@ import numpy as np
 
 from . import oof, rle
 from . import run as layout
+from .blend.document import load_blend
 from .data import N_CLASSES, DataError, list_images, read_labels
 from .dataset import read_image
 from .io import atomic_write_bytes, atomic_write_text
@@ -288,7 +289,7 @@ def write_overlays(a) -> tuple[int, Path]:
     blend_path = Path(a.blend) if a.blend else layout.blend_json(run)
     if not blend_path.exists():
         raise DataError(f"{blend_path} not found: --run needs a blended run (or pass --blend)")
-    doc = json.loads(blend_path.read_text())
+    doc = load_blend(blend_path)
     shape = tuple(doc["image_shape"])
     images = Path(a.images)
     names = list_images(images)

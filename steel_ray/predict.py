@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import csv
 import io
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 
 from . import oof, rle
 from . import run as layout
+from .blend.document import load_blend
 from .data import N_CLASSES, DataError, list_images
 from .dataset import build_transforms, read_image
 from .infer import pick_device, predict_batch, tta_views
@@ -189,7 +189,7 @@ def predict_folder(blend_path, images, out, fmt: str = "new", tta: str | None = 
     blend_path = Path(blend_path)
     if not blend_path.exists():
         raise DataError(f"{blend_path}: blend file not found (blend the run first)")
-    doc = json.loads(blend_path.read_text())
+    doc = load_blend(blend_path)
     paths = [Path(images) / n for n in list_images(images)]
     pick_device(device)  # an unavailable --device fails here, before any work
     rows = predict_rows(doc, paths, tuple(doc["image_shape"]), blend_path, tta=tta, batch_size=batch_size, skip_bad=skip_bad,
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     try:
         if not blend_path.exists():
             raise DataError(f"{blend_path}: blend file not found (run python -m steel_ray.blend --run {a.run} first)")
-        doc = json.loads(blend_path.read_text())  # for the messages below
+        doc = load_blend(blend_path)  # for the messages below
         device = pick_device(a.device)
         bad: list[str] = []
         with contextlib.nullcontext() if a.workers == 0 else ray_session(a.address):

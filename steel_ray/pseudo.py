@@ -37,6 +37,8 @@ import numpy as np
 
 from . import console
 from . import run as layout
+from .blend.document import load_blend
+from .blend.report import fmt_score
 from .config import ID_SCHEME, model_ids
 from .data import N_CLASSES, DataError, check_shapes, list_images
 from .io import atomic_write_text, write_json
@@ -210,7 +212,7 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
         raise DataError(f"{out} already exists and is not empty; pass --resume to continue it, or choose a new --out")
     if not a.images:
         raise DataError("--images is required for a new round")
-    parent, doc = json.loads(parent_state_path.read_text()), json.loads(blend_path.read_text())
+    parent, doc = json.loads(parent_state_path.read_text()), load_blend(blend_path)
     images = Path(a.images).resolve()
     names = list_images(images)
     train_ids = set(read_truth(run).image_ids)
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
                            mlflow=a.mlflow if a.resume else None)
     if rc:
         return rc
-    doc = json.loads(layout.blend_json(out).read_text())
+    doc = load_blend(layout.blend_json(out))
     for line in round_lines(state["pseudo"], doc):
         print(line)
     return 0
@@ -307,8 +309,6 @@ def main(argv=None) -> int:
 
 def round_lines(pseudo: dict, doc: dict) -> list[str]:
     """The parent run's and this round's scores side by side, each beside its all-empty score."""
-    from .report import fmt_score
-
     p, s = pseudo["parent_scores"], doc["scores"]
     r = pseudo["round"]
     per_fold = pseudo.get("n_images_by_fold")

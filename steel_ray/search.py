@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import console
+from . import blend, console
 from . import run as layout
 from .config import ID_SCHEME, ID_SCHEME_CHANGE, ConfigError, TrialConfig, model_ids
 from .data import DataError
@@ -483,8 +483,6 @@ def _stages(a, run: Path, state: dict, spaces, data, logfile) -> int:
     df = _write_results(run, rows)
     _print_summary(df, run, state.get("selected_models", []))
     if state["stage"] == "blend" and not a.no_blend:
-        from . import blend
-
         log.info("blend: selecting the ensemble and post-processing of %d model(s)", len(state.get("selected_models", [])))
         doc = blend.blend_run(run)
         if a.tracker is not None:

@@ -9,6 +9,9 @@ import pytest
 from blend_pools import blob_noise_model, make_truth, noise_model, signal_model, write_run
 
 from steel_ray import blend, oof
+from steel_ray import ppsearch as ps
+from steel_ray.blend import pool as bpool
+from steel_ray.blend import report, tune
 from steel_ray.metric import PostProcess, dice_per_pair
 from steel_ray.ppsearch import blend_cls, blend_u8
 
@@ -510,7 +513,7 @@ def test_streamed_full_resolution_gives_the_same_blend_with_one_class_in_memory(
         out[stream] = (r, tracemalloc.get_traced_memory()[1], pool)
         tracemalloc.stop()
     (mem, peak_mem, _), (st, peak_st, pool_st) = out[False], out[True]
-    assert isinstance(pool_st.full, blend._StreamedFull) and not isinstance(out[False][2].full, blend._StreamedFull)
+    assert isinstance(pool_st.full, bpool._StreamedFull) and not isinstance(out[False][2].full, bpool._StreamedFull)
     assert r.settings["selection_resolution"] == "ds4"
     for k in ("in_sample", "cross_fitted", "nested", "best_single", "baseline", "all_empty", "nested_segmentation_only"):
         assert st.scores[k] == pytest.approx(mem.scores[k], abs=1e-12), k
@@ -548,7 +551,7 @@ def test_nested_selection_on_masked_folds_equals_selection_on_a_copy(tmp_path):
     b = (np.where(fold2[..., None, None], good[0], bad[0]), np.where(fold2, good[1], bad[1]))
     write_run(tmp_path, masks, {"a": a, "b": b})
     pool = blend.load_blend_pool(tmp_path)
-    grids = [blend.ps.default_grid(pool.shape)] * 4
+    grids = [ps.default_grid(pool.shape)] * 4
 
     def run_selection(ds, folds, clf):
         w, _ = blend.select(ds, folds, pool.n_folds, grids, max_members=5)
@@ -556,7 +559,7 @@ def test_nested_selection_on_masked_folds_equals_selection_on_a_copy(tmp_path):
 
     picks = []
     for f in range(pool.n_folds):
-        masked = blend._select_without(pool, pool.full, f, run_selection)[0]
+        masked = tune._select_without(pool, pool.full, f, run_selection)[0]
         keep = pool.folds != f
         copy = run_selection([d.subset(keep) for d in pool.full], pool.folds[keep], None)[0]
         np.testing.assert_array_equal(masked, copy)
@@ -612,7 +615,6 @@ def test_report_reads_plainly(tmp_path):
     import pandas as pd
     from blend_pools import false_positive_model, write_classifiers
 
-    from steel_ray import report
 
     rng = np.random.default_rng(5)
     masks = make_truth(rng, n=60, shape=(32, 64), p_defect=0.6)
@@ -694,15 +696,15 @@ def test_a_re_blend_goes_beside_the_runs_own_blend_unless_asked_to_replace_it(pl
 def test_blocks_equal_concatenation_across_block_boundaries(monkeypatch):
     """The OOF reader's growable array: pieces of any size (empty, inside one block, spanning
     several) come out equal to np.concatenate, for 1-D and (M, n) layouts."""
-    monkeypatch.setattr(blend._Blocks, "FIRST", 12)  # blocks of 12, 24, 48, 48 ... bytes
-    monkeypatch.setattr(blend._Blocks, "BLOCK", 48)
+    monkeypatch.setattr(bpool._Blocks, "FIRST", 12)  # blocks of 12, 24, 48, 48 ... bytes
+    monkeypatch.setattr(bpool._Blocks, "BLOCK", 48)
     rng = np.random.default_rng(0)
     for lead, dtype in [((), np.int32), ((3,), np.uint8), ((), bool)]:
-        b = blend._Blocks(lead, dtype)
+        b = bpool._Blocks(lead, dtype)
         pieces = [rng.integers(0, 200, (*lead, k)).astype(dtype) for k in (5, 0, 16, 1, 37, 11)]
         for p in pieces:
             b.add(p)
         assert len(b.blocks) >= 3  # the planted sizes cross block boundaries, at the cap too
         out = b.finish()
         assert out.dtype == np.dtype(dtype) and np.array_equal(out, np.concatenate(pieces, axis=-1)) and not b.blocks
-    assert blend._Blocks((2,), np.uint8).finish().shape == (2, 0)
+    assert bpool._Blocks((2,), np.uint8).finish().shape == (2, 0)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from steel_ray import blend
 from steel_ray import ppsearch as ps
+from steel_ray.blend import selection
 from steel_ray.metric import PostProcess, dice_per_pair
 
 
@@ -327,7 +327,7 @@ def test_levels_below_the_pruning_level_are_refused():
     with pytest.raises(ValueError, match="grid level 20 is below the pruning level 40"):
         ps.area_inter_filled(ps.blend_u8(d.vals, [0.5, 0.5]), d, lambda i: None, (8, 8), low.levels)
     with pytest.raises(ValueError, match="grid level 20 is below the pruning level 40"):
-        blend._forward([d] * 4, np.zeros(3, int), 1, [low] * 4, [0, 1], 2, [], range(4))
+        selection._forward([d] * 4, np.zeros(3, int), 1, [low] * 4, [0, 1], 2, [], range(4))
 
 
 def _gate_case(n_lucky, n=40):

@@ -95,6 +95,27 @@ def test_skip_bad_and_missing_checkpoint(tiny_run, tiny_set, tmp_path):
     assert r.returncode == 2 and "missing checkpoint(s): " + str(tmp_path / "gone" / "best.pt") in r.stderr
 
 
+@pytest.mark.parametrize("change, says", [
+    (lambda d: d.update(version=0), "blend.json schema version 0; this steel_ray reads version 1"),
+    (lambda d: d.clear() or d.update(members=[], weights=[1.0]), "not a steel_ray blend.json"),
+    (lambda d: d["postprocess"].pop("3"), "postprocess of class 3 missing entirely"),
+    (lambda d: d["postprocess"]["2"].pop("min_area"), "postprocess of class 2 missing ['min_area']"),
+    (lambda d: d["postprocess"]["4"].update(gate_source="soft"), "class 4's gate_source 'soft' is not one of"),
+    (lambda d: d["members"][0].pop("checkpoints"), "member 0 needs 'model_id' (text) and 'checkpoints' (a list)"),
+])
+def test_an_old_foreign_or_damaged_blend_json_is_one_line_naming_the_file(tiny_run, tiny_set, tmp_path, change, says):
+    run, _ = tiny_run
+    doc = blend.load_blend(run / "blend" / "blend.json")
+    assert doc["version"] == blend.SCHEMA_VERSION and doc["members"]
+    change(doc)
+    bj = tmp_path / "blend.json"
+    bj.write_text(json.dumps(doc))
+    r = _predict("--run", run, "--images", tiny_set / "test_images", "--out", tmp_path / "sub.csv", "--blend", bj, "--workers", 0)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith(f"error: {bj}: ") and says in err[0], r.stderr[-2000:]
+    assert not (tmp_path / "sub.csv").exists()
+
+
 def test_tta_list_means_exactly_those_views():
     from steel_ray.infer import tta_views
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .data import N_CLASSES
-from .io import atomic_write_text
-from .run import results_path
+from ..data import N_CLASSES
+from ..io import atomic_write_text
+from ..run import read_state, results_path
 
 __all__ = ["write_report"]
 
@@ -296,11 +298,6 @@ def warnings(doc: dict) -> list[tuple[str, str]]:
 def _submit_cmd(run: Path, out_dir: Path) -> str:
     """The predict command for this blend, with the run's own test images (beside its training data)
     and the Python this report was made with."""
-    import os
-    import sys
-
-    from .run import read_state
-
     data = (read_state(run) or {}).get("data")
     images = Path(data) / "test_images" if data and (Path(data) / "test_images").is_dir() else "DATA/test_images"
     py = Path(sys.executable)
@@ -358,7 +355,7 @@ def write_report(doc: dict, pool, run, out_dir, overlays: bool = True) -> Path:
             h.append(f"<img alt='{pkey}' src='data:image/png;base64,{plots[pkey]}'/>")
             md += [f"(plot `{pkey}` in report.html)", ""]
     if overlays:
-        from .overlay import report_section
+        from ..overlay import report_section  # lazy on purpose: overlay reads images through dataset (torch)
 
         h.append(report_section(run, doc, out_dir / "blend.json"))
         md += ["## Masks", "", "(out-of-fold examples and the holdout's worst pairs drawn with outlines: in report.html, or "

@@ -1,0 +1,251 @@
+"""The blend's pool: every member's OOF maps per class, read from the run's Parquet files, pruned
+at the grid's lowest level, at full resolution and 4x downsampled (:class:`BlendPool`), and the
+classifiers' presence. Full-resolution maps can be streamed one class at a time."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .. import oof, rle
+from .. import ppsearch as ps
+from .. import run as layout
+from ..data import N_CLASSES, DataError
+
+log = logging.getLogger("steel_ray.blend")
+
+
+@dataclass
+class BlendPool:
+    """Everything the optimizer needs, per class, at both resolutions (pixels pruned at t_min)."""
+
+    model_ids: list[str]
+    image_ids: list[str]
+    folds: np.ndarray
+    n_folds: int
+    shape: tuple[int, int]
+    full: list[ps.ClassData]  # 4 classes, full resolution (or a _StreamedFull reading one class at a time)
+    ds: list[ps.ClassData]  # 4 classes, 4x downsampled
+    left_out: list[str] = field(default_factory=list)
+    checkpoints: dict = field(default_factory=dict)  # model_id -> [best.pt per fold]
+    truth: oof.Truth | None = None  # ground truth (RLE per image x class), for --fill-holes
+    classifiers: list[str] = field(default_factory=list)  # task: classify models of the pool
+    clf: np.ndarray | None = None  # (Mc, N, 4) float32 classifier presence (OOF), None without classifiers
+
+    def truth_mask(self, c: int):
+        """``i -> (H, W) bool`` truth of class ``c`` (None where empty), decoded on demand."""
+        def get(i):
+            s = self.truth.rles[i, c]
+            return rle.decode(s, self.shape) if s else None
+
+        return get
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.image_ids) * N_CLASSES
+
+
+def _truth_ds(mask: np.ndarray) -> np.ndarray:
+    """4x area-downsampled truth (a cell is true when at least half of it is)."""
+    h, w = mask.shape
+    hh, ww = -(-h // oof.DS), -(-w // oof.DS)
+    return cv2.resize(mask.astype(np.float32), (ww, hh), interpolation=cv2.INTER_AREA) >= 0.5
+
+
+def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_holes=False, stream="auto") -> BlendPool:
+    """Stream the run's OOF pool into pruned per-class arrays (memory ~ kept pixels x models).
+
+    ``fill_holes`` also keeps each kept pixel's position (4 bytes a pixel) for the hole-filling search.
+    ``stream`` (``auto``: when the selection runs on the 4x maps, i.e. images at least 128 px high)
+    keeps only the 4x maps of every class in memory and reads one class at full resolution at a
+    time from the Parquet files, when the blend asks for it (:class:`_StreamedFull`): peak memory
+    is then about one class's kept full-resolution pixels, however many fire where.
+    """
+    run = Path(run)
+    truth = oof.read_truth(run)
+    present = oof.list_pool(run)
+    folds_all = sorted(set(truth.folds.tolist()))
+    candidates = list(model_ids) if model_ids is not None else sorted(present)
+    gaps = [(m, f) for m in candidates for f in folds_all if f not in present.get(m, [])]
+    left_out = sorted({m for m, _ in gaps})
+    if gaps and not allow_partial:
+        raise oof.PoolGapError(gaps)
+    models = [m for m in candidates if m not in left_out]
+    if not models:
+        raise DataError(f"{run}: no model has OOF for every fold ({len(folds_all)} folds); nothing to blend")
+    tasks = {m: oof.task_of(run, m, folds_all) for m in models}
+    classifiers = [m for m in models if tasks[m] == "classify"]
+    models = [m for m in models if tasks[m] == "segment"]
+    if not models:
+        raise DataError(f"{run}: the pool has classifiers {classifiers} but no segmentation model; a blend needs masks")
+    clf = np.stack([oof.read_presence(run, m, truth, folds_all) for m in classifiers]) if classifiers else None
+    grid = ps.default_grid(truth.shape)
+    t_min = grid.t_min if t_min is None else t_min
+    n, h, w = len(truth.image_ids), *truth.shape
+    streamed = stream is True or (stream == "auto" and min(h, w) >= 128)
+    reader = _ClassReader(run, models, truth, folds_all, t_min, fill_holes)
+    if streamed:
+        ds = list(reader.read(range(N_CLASSES), ("ds",))["ds"].values())
+        full = _StreamedFull(reader)
+        log.info("pool: %d models x %d images, kept %.2f%% of 4x pixels (t_min %d); full resolution streamed class by class",
+                 len(models), n, 100 * sum(d.vals.shape[1] for d in ds) / (N_CLASSES * n * -(-h // oof.DS) * -(-w // oof.DS)), t_min)
+    else:
+        both = reader.read(range(N_CLASSES), ("full", "ds"))
+        full, ds = list(both["full"].values()), list(both["ds"].values())
+        log.info("pool: %d models x %d images, kept %.2f%% of full-res pixels (t_min %d)", len(models), n,
+                 100 * sum(d.vals.shape[1] for d in full) / (N_CLASSES * n * h * w), t_min)
+    ckpts = {m: [str(layout.best_weights(run, m, f)) for f in folds_all] for m in models + classifiers}
+    if classifiers:
+        log.info("pool: %d classifier(s) for the gate: %s", len(classifiers), classifiers)
+    return BlendPool(models, list(truth.image_ids), truth.folds, len(folds_all), (h, w), full, ds,
+                     left_out, ckpts, truth if fill_holes else None, classifiers, clf)
+
+
+class _ClassReader:
+    """Reads chosen classes at chosen resolutions from a pool's OOF files into pruned ClassData,
+    batch by batch (only the needed map columns are read); every file is checked first."""
+
+    def __init__(self, run, models, truth, folds_all, t_min, fill_holes):
+        self.run, self.models, self.truth, self.folds_all = run, models, truth, folds_all
+        self.t_min, self.fill_holes = t_min, fill_holes
+        self.passes = 0  # reads of the files (each reads only the asked-for columns)
+        self.buffers = {}  # resolution -> reused batch buffer
+
+    def _buffer(self, res, shape) -> np.ndarray:
+        """A reused uint8 array of ``shape`` per resolution (fresh pages cost as much as the copy)."""
+        size = int(np.prod(shape))
+        if res not in self.buffers or self.buffers[res].size < size:
+            self.buffers[res] = np.empty(size, np.uint8)
+        return self.buffers[res][:size].reshape(shape)
+
+    def batches(self, classes, resolutions):
+        """Yield ``(rows, cls, {resolution: {class: ClassData of the batch's images}})`` over the pool,
+        one batch of images at a time (``rows``: the images' indices; ``cls``: (M, B, 4) presence)."""
+        models, truth, t_min = self.models, self.truth, self.t_min
+        h, w = truth.shape
+        hh, ww = -(-h // oof.DS), -(-w // oof.DS)
+        classes = list(classes)
+        cols = ["image_id", "cls"] + [f"p{c + 1}{'' if r == 'full' else f'_ds{oof.DS}'}" for r in resolutions for c in classes]
+        self.passes += 1
+        for f in self.folds_all:
+            # the one OOF reader: files checked (split, size, image set), read in lockstep
+            for rows, batches, paths in oof.iter_fold_batches(self.run, models, truth, f, cols):
+                cls = np.stack([np.asarray(b.column("cls").to_pylist(), np.float32) for b in batches])
+                out = {r: {} for r in resolutions}
+                for c in classes:
+                    tmask = truth.masks(rows, [c])[:, 0]
+                    for res in resolutions:
+                        col, shape = (f"p{c + 1}", (h, w)) if res == "full" else (f"p{c + 1}_ds{oof.DS}", (hh, ww))
+                        # every model's maps copied once into one reused (M, B, h, w) buffer
+                        probs = self._buffer(res, (len(models), len(rows), *shape))
+                        for mi, (b, p) in enumerate(zip(batches, paths)):
+                            oof.maps(b, col, shape, p, out=probs[mi])
+                        if res == "full":
+                            tm, scale = tmask, 1.0
+                        else:
+                            tm, scale = np.stack([_truth_ds(t) for t in tmask]), float(oof.DS * oof.DS)
+                        out[res][c] = ps.ClassData.from_dense(probs, tm, cls[:, :, c], t_min, scale,
+                                                              positions=self.fill_holes and res == "full")
+                yield rows, cls, out
+
+    def read(self, classes, resolutions) -> dict:
+        """``{resolution: {class: ClassData}}`` for the given classes and resolutions (``full``, ``ds``)."""
+        n = len(self.truth.image_ids)
+        classes = list(classes)
+        m = len(self.models)
+        idt = np.int32 if n < 2**23 else np.int64
+        pos = self.fill_holes and "full" in resolutions
+        # kept pixels go into blocks as they are read, then into one array per column block by block
+        # (_Blocks): the kept count is known only after the last batch, and concatenating the
+        # batches' pieces would hold the pool twice for a moment
+        parts = {r: {c: {"img": _Blocks((), idt), "vals": _Blocks((m,), np.uint8), "truth": _Blocks((), bool),
+                         **({"pix": _Blocks((), np.int32)} if pos and r == "full" else {})} for c in classes} for r in resolutions}
+        cls = np.zeros((m, n, N_CLASSES), np.float32)
+        true_area = {r: np.zeros((N_CLASSES, n), np.int64) for r in resolutions}
+        for rows, cls_b, out in self.batches(classes, resolutions):
+            cls[:, rows] = cls_b
+            for res in resolutions:
+                for c in classes:
+                    d, p = out[res][c], parts[res][c]
+                    true_area[res][c, rows] = d.true_area
+                    p["img"].add(rows[d.img].astype(idt, copy=False))
+                    p["vals"].add(d.vals)
+                    p["truth"].add(d.truth)
+                    if "pix" in p:
+                        p["pix"].add(d.pix)
+        out = {}
+        for res in resolutions:
+            scale = 1.0 if res == "full" else float(oof.DS * oof.DS)
+            out[res] = {}
+            for c in classes:
+                p = {k: b.finish() for k, b in parts[res].pop(c).items()}
+                out[res][c] = ps.ClassData(p["img"], p["vals"], p["truth"], true_area[res][c], cls[:, :, c].copy(), scale,
+                                           self.t_min, p.get("pix"))
+        return out
+
+
+class _Blocks:
+    """An array of shape ``(*lead, n)`` built by appending pieces along its last axis, for an ``n``
+    known only at the end. Pieces are copied into blocks as they come (1 MiB, doubling up to 64 MiB:
+    a small pool does not pay for large blocks, whose first touch commits whole huge pages, and
+    numpy takes the large ones from mmap, so freeing one gives its memory back at once); ``finish``
+    allocates the result (pages committed as they are written) and moves the blocks in one by one,
+    freeing each: the peak is the result plus one block, where ``np.concatenate`` over the pieces
+    holds the pieces and the result together. Written here because numpy has no growable array
+    with this property."""
+
+    FIRST, BLOCK = 1 << 20, 64 << 20
+
+    def __init__(self, lead: tuple, dtype):
+        self.lead, self.dtype = tuple(lead), np.dtype(dtype)
+        self.col_bytes = max(1, int(np.prod(self.lead))) * self.dtype.itemsize
+        self.blocks, self.fill = [], 0  # fill: columns used in the last block
+
+    def add(self, piece: np.ndarray) -> None:
+        off, n = 0, piece.shape[-1]
+        while off < n:
+            if not self.blocks or self.fill == self.blocks[-1].shape[-1]:
+                size = min(self.BLOCK, self.FIRST << len(self.blocks))
+                self.blocks.append(np.empty((*self.lead, max(1, size // self.col_bytes)), self.dtype))
+                self.fill = 0
+            k = min(n - off, self.blocks[-1].shape[-1] - self.fill)
+            self.blocks[-1][..., self.fill:self.fill + k] = piece[..., off:off + k]
+            self.fill, off = self.fill + k, off + k
+
+    def finish(self) -> np.ndarray:
+        total = sum(b.shape[-1] for b in self.blocks[:-1]) + self.fill
+        out = np.empty((*self.lead, total), self.dtype)
+        off = 0
+        while self.blocks:
+            block = self.blocks.pop(0)
+            k = block.shape[-1] if self.blocks else self.fill
+            out[..., off:off + k] = block[..., :k]
+            off += k
+            del block
+        return out
+
+
+class _StreamedFull:
+    """``pool.full[c]`` of a streamed pool: class ``c`` at full resolution, read from the Parquet
+    files on use and kept until another class is asked for. The optimizer does not use it (it
+    reads batches, :func:`_full_counts`); it serves ad-hoc access such as tests and reports."""
+
+    def __init__(self, reader: _ClassReader):
+        self.reader, self.loaded, self.data = reader, None, None
+
+    def __len__(self) -> int:
+        return N_CLASSES
+
+    def __getitem__(self, c: int) -> ps.ClassData:
+        if self.loaded != c:
+            self.data = None  # release the previous class before reading the next
+            self.data = self.reader.read([c], ("full",))["full"][c]
+            self.loaded = c
+        return self.data
+
+    def __iter__(self):
+        return (self[c] for c in range(N_CLASSES))
+
