@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from steel_ray import blend
-from steel_ray import ppsearch as ps
+from steel_ray import postprocess as ps
 from steel_ray.blend import pool as bpool
 from steel_ray.blend import selection as bselect
 from steel_ray.blend import tune

@@ -27,8 +27,7 @@ import numpy as np
 
 from steel_ray import oof, rle
 from steel_ray.data import N_CLASSES
-from steel_ray.metric import PostProcess
-from steel_ray.ppsearch import blend_cls, blend_u8, gate_signal
+from steel_ray.postprocess import PostProcess, blend_cls, blend_u8, gate_signal
 from steel_ray.predict import Prediction, member_weights
 from steel_ray.pseudo import image_confidence
 from steel_ray.score import pair_dice

@@ -1,27 +1,15 @@
-"""The competition metric (mean Dice over image x class pairs) and post-processing primitives.
+"""The competition metric: mean Dice over image x class pairs.
 
 The Severstal metric is the mean over every (image, class) pair of
 ``2|X∩Y| / (|X|+|Y|)``, where a pair with both masks empty scores 1. It is *not* a
-per-batch, per-image-over-4-channels or flattened-batch Dice.
+per-batch, per-image-over-4-channels or flattened-batch Dice. The post-processing rule lives in
+:mod:`steel_ray.postprocess`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
-from scipy import ndimage
 
-__all__ = [
-    "dice_from_counts",
-    "dice_per_pair",
-    "mean_dice",
-    "dice_per_pair_torch",
-    "threshold",
-    "remove_small",
-    "gate",
-    "fill_holes",
-    "PostProcess",
-]
+__all__ = ["dice_from_counts", "dice_per_pair", "mean_dice", "dice_per_pair_torch"]
 
 
 def dice_from_counts(inter, pred_area, true_area):
@@ -71,65 +59,3 @@ def dice_per_pair_torch(pred, truth):
     d = 2.0 * inter.double() / denom.clamp(min=1).double()
     return torch.where(denom > 0, d, torch.ones_like(d))
 
-
-def threshold(prob: np.ndarray, t: float) -> np.ndarray:
-    """Pixel threshold: on where ``prob >= t``. uint8 input is read as ``prob/255``."""
-    prob = np.asarray(prob)
-    if prob.dtype == np.uint8:
-        return prob >= _u8_level(t)
-    return prob >= t
-
-
-def _u8_level(t: float) -> int:
-    """Smallest uint8 level ``k`` with ``k/255 >= t`` (exact, no float drift at k/255)."""
-    k = int(np.ceil(round(float(t) * 255.0, 9)))
-    return min(max(k, 0), 256)
-
-
-def remove_small(mask: np.ndarray, min_area: float) -> np.ndarray:
-    """Whole-mask minimum area: empty every ``(..., H, W)`` mask whose area < ``min_area``."""
-    mask = np.asarray(mask, dtype=bool)
-    keep = mask.sum(axis=(-2, -1)) >= min_area
-    return mask & keep[..., None, None]
-
-
-def gate(mask: np.ndarray, cls_prob, cls_threshold: float) -> np.ndarray:
-    """Classifier gate: empty masks whose presence probability < ``cls_threshold``."""
-    mask = np.asarray(mask, dtype=bool)
-    keep = np.asarray(cls_prob) >= cls_threshold
-    return mask & np.asarray(keep)[..., None, None]
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill holes of each 2-D mask in ``(..., H, W)`` (scipy's binary_fill_holes)."""
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim == 2:
-        return ndimage.binary_fill_holes(mask)
-    out = np.empty_like(mask)
-    for idx in np.ndindex(mask.shape[:-2]):
-        out[idx] = ndimage.binary_fill_holes(mask[idx])
-    return out
-
-
-@dataclass(frozen=True)
-class PostProcess:
-    """One class's post-processing, applied in this order: threshold, fill holes, min area, gate."""
-
-    pixel_threshold: float = 0.5
-    min_area: float = 0.0
-    cls_threshold: float = 0.0
-    fill_holes: bool = False
-    gate_source: str = "segmentation"  # which presence the caller passes as cls_prob (see ppsearch.GATE_SOURCES)
-
-    def apply(self, prob: np.ndarray, cls_prob=None) -> np.ndarray:
-        """``prob`` is ``(..., H, W)`` (uint8 = prob*255, or float); ``cls_prob`` is ``(...)``."""
-        mask = threshold(prob, self.pixel_threshold)
-        if self.fill_holes:
-            mask = fill_holes(mask)
-        mask = remove_small(mask, self.min_area)
-        if cls_prob is not None and self.cls_threshold > 0:
-            mask = gate(mask, cls_prob, self.cls_threshold)
-        return mask
-
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -36,8 +36,8 @@ from .blend.document import load_blend
 from .data import N_CLASSES, DataError, list_images, read_labels
 from .dataset import read_image
 from .io import atomic_write_bytes, atomic_write_text
-from .metric import PostProcess, dice_per_pair
-from .ppsearch import apply_blend, member_weights
+from .metric import dice_per_pair
+from .postprocess import PostProcess, apply_blend, member_weights
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ this process without Ray (the same code; the submission is identical).
 Each member's fold models are averaged (mean probability), quantised to uint8 exactly as the
 OOF maps were, blended with the blend's weights and post-processed as blend.json defines it
 (each class gated by its ``gate_source``: the members' presence, the classifiers', or their mean),
-through the same functions the blend used for scoring (``ppsearch.blend_u8``,
-``metric.PostProcess``). TTA defaults to each member's own OOF TTA. Images are streamed in
+through the same functions the blend used for scoring (``postprocess.blend_u8``,
+``postprocess.PostProcess``). TTA defaults to each member's own OOF TTA. Images are streamed in
 batches; the CSV is written atomically.
 """
 from __future__ import annotations
@@ -40,8 +40,7 @@ from .data import N_CLASSES, DataError, list_images
 from .dataset import build_transforms, read_image
 from .infer import pick_device, predict_batch, tta_views
 from .io import atomic_write_text
-from .metric import PostProcess
-from .ppsearch import apply_blend, member_weights
+from .postprocess import PostProcess, apply_blend, member_weights
 from .workers import ray_session
 
 __all__ = ["Member", "Prediction", "member_weights", "load_members", "member_maps", "iter_predictions", "rles",

@@ -149,7 +149,7 @@ class _PPCounts:
 
     def score(self, shape) -> float:
         """Mean pair Dice after per-class post-processing chosen on these images (in-sample)."""
-        from . import ppsearch as ps
+        from . import postprocess as ps
 
         h_all, h_true, cls = np.concatenate(self.h_all), np.concatenate(self.h_true), np.concatenate(self.cls)
         grid = ps.default_grid(shape)
@@ -175,7 +175,7 @@ def gate_metrics(presence: np.ndarray, truth: np.ndarray) -> dict:
     """
     from sklearn.metrics import roc_auc_score
 
-    from .ppsearch import default_grid
+    from .postprocess import default_grid
 
     truth = np.asarray(truth, bool)
     out = {"val_dice": float(((presence >= 0.5) == truth).mean()), "val_all_empty": float((~truth).mean())}

@@ -9,11 +9,11 @@ import pytest
 from blend_pools import blob_noise_model, make_truth, noise_model, signal_model, write_run
 
 from steel_ray import blend, oof
-from steel_ray import ppsearch as ps
+from steel_ray import postprocess as ps
 from steel_ray.blend import pool as bpool
 from steel_ray.blend import report, tune
-from steel_ray.metric import PostProcess, dice_per_pair
-from steel_ray.ppsearch import blend_cls, blend_u8
+from steel_ray.metric import dice_per_pair
+from steel_ray.postprocess import PostProcess, blend_cls, blend_u8
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_sigterm_leaves_no_nested_worker_running(tmp_path):
 
 
 def test_fill_holes_blend_equals_dense_reference(planted):
-    from steel_ray import ppsearch as ps
+    from steel_ray import postprocess as ps
 
     run, _, masks = planted
     pool = blend.load_blend_pool(run, fill_holes=True)

@@ -40,30 +40,3 @@ def test_torch_matches_numpy():
     ref = metric.dice_per_pair(pred, truth)
     got = metric.dice_per_pair_torch(torch.from_numpy(pred), torch.from_numpy(truth)).numpy()
     np.testing.assert_allclose(got, ref)
-
-
-def test_threshold_uint8_is_exact_at_levels():
-    p = np.arange(256, dtype=np.uint8)
-    assert metric.threshold(p, 0.5).sum() == 256 - 128  # 128/255 >= 0.5 > 127/255
-    assert metric.threshold(p, 128 / 255).sum() == 128
-    assert metric.threshold(p, 0.0).all()
-    assert not metric.threshold(p, 1.01).any()
-
-
-def test_postprocess_order_and_gate():
-    prob = np.zeros((2, 6, 6), np.uint8)
-    prob[0, :3, :3] = 200  # area 9
-    prob[1, :2, :2] = 200  # area 4
-    pp = metric.PostProcess(pixel_threshold=0.5, min_area=5, cls_threshold=0.6)
-    out = pp.apply(prob, cls_prob=np.array([0.9, 0.9]))
-    assert out[0].sum() == 9 and out[1].sum() == 0
-    out = pp.apply(prob, cls_prob=np.array([0.5, 0.9]))
-    assert out.sum() == 0
-
-
-def test_fill_holes():
-    m = np.zeros((5, 5), bool)
-    m[1:4, 1:4] = True
-    m[2, 2] = False
-    assert metric.fill_holes(m).sum() == 9
-    assert metric.fill_holes(np.stack([m, m])).sum() == 18

@@ -203,7 +203,7 @@ def test_fold_k_classifier_reproduces_its_stored_oof_presence(gated_run):
 def test_predict_applies_the_gate_exactly_as_the_blend_scored_it(gated_run):
     """Fold-k models predicting fold k's images through predict_images give, pair by pair, the Dice
     the blend computes from the OOF pool for the same gate sources and post-processing."""
-    from steel_ray import ppsearch as ps
+    from steel_ray import postprocess as ps
     from steel_ray.score import pair_dice
 
     run, data, doc, clf_id = gated_run

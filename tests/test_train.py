@@ -121,7 +121,7 @@ def test_cli(tiny_set, tmp_path):
 
 def test_post_processed_val_dice_equals_the_blend_search_on_the_same_maps():
     """The streamed per-image histograms give the same score as the blend's exact search on dense maps."""
-    from steel_ray import ppsearch as ps
+    from steel_ray import postprocess as ps
     from steel_ray.train import _PPCounts
 
     rng = np.random.default_rng(0)

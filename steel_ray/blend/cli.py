@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .. import console
-from .. import ppsearch as ps
+from .. import postprocess as ps
 from .. import run as layout
 from ..config import model_ids
 from ..data import DataError

@@ -10,7 +10,7 @@ from typing import TypedDict
 import numpy as np
 
 from .. import oof
-from .. import ppsearch as ps
+from .. import postprocess as ps
 from .. import run as layout
 from ..data import N_CLASSES, DataError
 from ..io import write_json
@@ -39,7 +39,7 @@ class ClassRule(TypedDict):
     min_area: float
     cls_threshold: float
     fill_holes: bool
-    gate_source: str  # a key of ppsearch.GATE_SOURCES
+    gate_source: str  # a key of GATE_SOURCES
 
 
 class BlendDoc(TypedDict, total=False):

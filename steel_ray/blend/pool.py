@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from .. import oof, rle
-from .. import ppsearch as ps
+from .. import postprocess as ps
 from .. import run as layout
 from ..data import N_CLASSES, DataError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import ppsearch as ps
+from .. import postprocess as ps
 from ..data import N_CLASSES
 
 
@@ -113,7 +113,7 @@ def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_member
     Starts from no classifier (the segmentation-only score); returns the classifier weights (Mc,)
     at the best step (all zero when no classifier beats segmentation-only gating) and the
     trajectory [(slots, summed score)]. Stops after ``patience`` steps without a gain. A class
-    counts a classifier's gate only where it clears the noise (``margin``, :class:`ppsearch.GateEvidence`).
+    counts a classifier's gate only where it clears the noise (``margin``, :class:`steel_ray.postprocess.GateEvidence`).
     """
     n_clf = clf.shape[0]
     counts = {c: ps.area_inter(ps.blend_u8(datas[c].vals, seg_weights[c]), datas[c], grid.levels) for c in range(N_CLASSES)}
@@ -158,7 +158,7 @@ def _tables(counts, d: ps.ClassData, gate, folds, n_folds, grid):
 
 def _gate_tables(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, grid, seg_tables=None) -> dict:
     """{gate source: (K, T, A, G) tables} of one class: the segmentation gate alone when there is no
-    classifier presence ``q``, else every source of :data:`ppsearch.GATE_SOURCES` (``seg_tables``:
+    classifier presence ``q``, else every source of :data:`GATE_SOURCES` (``seg_tables``:
     the segmentation tables when already computed)."""
     out = {"segmentation": _tables(counts, d, seg_cls, folds, n_folds, grid) if seg_tables is None else seg_tables}
     if q is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import ppsearch as ps
+from .. import postprocess as ps
 from ..console import sigterm_as_exit
 from ..data import N_CLASSES
 from .pool import BlendPool, _StreamedFull
@@ -113,9 +113,9 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     segmentation blend fixed; only with classifiers in the pool); final per-class tuning at full
     resolution (gate source, pixel threshold, min area, gate threshold); best single model and
     baseline; nested (all of it without fold k, scored on fold k). ``choice`` is how a point is
-    chosen from a Dice table (``smooth`` or ``argmax``, see :class:`ppsearch.Grid`), everywhere;
+    chosen from a Dice table (``smooth`` or ``argmax``, see :class:`steel_ray.postprocess.Grid`), everywhere;
     ``gate_margin`` how far a classifier's gate must beat the segmentation gate (standard errors of
-    the per-image gain, :class:`ppsearch.GateEvidence`; 0: any gain), everywhere too.
+    the per-image gain, :class:`steel_ray.postprocess.GateEvidence`; 0: any gain), everywhere too.
     """
     t0 = time.time()
     grid = ps.default_grid(pool.shape, choice)

@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from steel_ray import ppsearch as ps
+from steel_ray import postprocess as ps
 from steel_ray.blend import selection
-from steel_ray.metric import PostProcess, dice_per_pair
+from steel_ray.metric import dice_per_pair
+from steel_ray.postprocess import PostProcess
 
 
 def _pool(seed, m=3, n=30, h=12, w=20):
@@ -366,3 +367,31 @@ def test_a_classifier_gate_must_clear_the_noise_of_its_per_image_gain():
     assert ps.choose_source(tables, grid, evidence=ev) == ("classifier", gated)
     total, picks = ps.cross_fitted_source(tables, grid, ev)  # each fold has 2 lucky images: t = sqrt(2) < 1.645
     assert [s for s, _ in picks] == ["segmentation", "segmentation"] and total == pytest.approx(36.0)
+
+
+# the rule's primitives (moved from metric with the rule)
+def test_threshold_uint8_is_exact_at_levels():
+    p = np.arange(256, dtype=np.uint8)
+    assert ps.threshold(p, 0.5).sum() == 256 - 128  # 128/255 >= 0.5 > 127/255
+    assert ps.threshold(p, 128 / 255).sum() == 128
+    assert ps.threshold(p, 0.0).all()
+    assert not ps.threshold(p, 1.01).any()
+
+
+def test_postprocess_order_and_gate():
+    prob = np.zeros((2, 6, 6), np.uint8)
+    prob[0, :3, :3] = 200  # area 9
+    prob[1, :2, :2] = 200  # area 4
+    pp = ps.PostProcess(pixel_threshold=0.5, min_area=5, cls_threshold=0.6)
+    out = pp.apply(prob, cls_prob=np.array([0.9, 0.9]))
+    assert out[0].sum() == 9 and out[1].sum() == 0
+    out = pp.apply(prob, cls_prob=np.array([0.5, 0.9]))
+    assert out.sum() == 0
+
+
+def test_fill_holes():
+    m = np.zeros((5, 5), bool)
+    m[1:4, 1:4] = True
+    m[2, 2] = False
+    assert ps.fill_holes(m).sum() == 9
+    assert ps.fill_holes(np.stack([m, m])).sum() == 18

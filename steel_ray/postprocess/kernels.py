@@ -7,7 +7,7 @@ writing a full-length temporary (the blend's sums, the rounding lookup, the hist
 numpy has no segmented histogram (``np.bincount`` over (image, value) keys costs an int64 key
 per pixel and scattered writes). Written by hand because no library fuses them: one loop reads
 each kept pixel's bytes once, rounds the blend, maps the value to its threshold bin and counts
-it in its image's row. Pixels come in runs of one image (:class:`steel_ray.ppsearch.RunIndex`),
+it in its image's row. Pixels come in runs of one image (:class:`steel_ray.postprocess.RunIndex`),
 so the image index is read once per run, not once per pixel. ``nogil`` so threads could share it;
 the blend runs it in worker processes.
 """
@@ -81,7 +81,7 @@ CHUNK = 2048  # pixels blended at a time: the float64 sums stay in L1 and each m
 
 @numba.njit(cache=True, nogil=True)
 def binned_counts_weighted(starts, ends, run_img, truth, vals, members, weights, bins, n, n_bins):
-    """Like :func:`binned_counts` for the blend rule of :func:`steel_ray.ppsearch.blend_u8`,
+    """Like :func:`binned_counts` for the blend rule of :func:`steel_ray.postprocess.blend_u8`,
     ``floor(sum_j weights[j] * vals[members[j], i] + 0.5 + 1e-9)``, summed in the same order with
     the same float64 operations (so bit-identical), then ``bins[value]``. The sums are built a
     chunk of pixels at a time, member by member (contiguous rows: the loop vectorises)."""
