@@ -511,7 +511,7 @@ def main():
         diff_rows = []
         for c in range(4):
             wc = res.weights[c]
-            (counts,), meta = tune._full_counts(pool, c, [wc], False, grid.levels)
+            (counts,), _, meta = tune._full_counts(pool, c, [wc], False, grid.levels)
             tf = bselect._tables(counts, meta, ps.blend_cls(meta.cls, wc), pool.folds, a.folds, grid)
             td = ps.fold_tables(ps.blend_u8(pool.ds[c].vals, wc), ps.blend_cls(pool.ds[c].cls, wc), pool.ds[c], pool.folds, a.folds, grid)
             ch_full, ch_ds = ps.choose(tf, grid), ps.choose(td, grid)

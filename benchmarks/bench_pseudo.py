@@ -27,7 +27,7 @@ import numpy as np
 
 from steel_ray import oof, rle
 from steel_ray.data import N_CLASSES
-from steel_ray.postprocess import PostProcess, blend_cls, blend_u8, gate_signal
+from steel_ray.postprocess import PostProcess, apply_blend
 from steel_ray.predict import Prediction, member_weights
 from steel_ray.pseudo import image_confidence
 from steel_ray.score import pair_dice
@@ -46,10 +46,10 @@ def oof_labels(run: Path, doc: dict):
     post = [PostProcess(**doc["postprocess"][str(c + 1)]) for c in range(N_CLASSES)]
     conf, labels = np.zeros(len(pool.image_ids)), []
     for i, img in enumerate(pool.image_ids):
-        blended = np.stack([blend_u8(pool.probs[:, i, c], w[c]) for c in range(N_CLASSES)])
-        gate = np.array([gate_signal(blend_cls(pool.cls[:, i:i + 1, c], w[c]), None if q is None else q[i:i + 1, c],
-                                     post[c].gate_source)[0] for c in range(N_CLASSES)])
-        masks = np.stack([post[c].apply(blended[c][None], gate[c:c + 1])[0] for c in range(N_CLASSES)])
+        # predict's own rule, one class at a time (apply_blend: the blend, the gate source, the post-processing)
+        out = [apply_blend(pool.probs[:, i:i + 1, c], pool.cls[:, i:i + 1, c], w[c], None if q is None else q[i:i + 1, c], post[c])
+               for c in range(N_CLASSES)]
+        blended, gate, masks = (np.stack([o[j][0] for o in out]) for j in range(3))
         conf[i] = image_confidence(Prediction(img, masks, blended, gate))[0]
         labels.append([rle.encode(m) for m in masks])
     order = [truth.image_ids.index(i) for i in pool.image_ids]

@@ -82,6 +82,6 @@ def test_bench_value_scores_each_move_on_the_same_holdout_images(tiny_set, tmp_p
     assert float(ens[4]) == pytest.approx(docs["best_single"]["scores"]["holdout"], abs=5e-5)
     assert float(ens[5].split()[0]) == pytest.approx(float(ens[3]) - float(ens[4]), abs=1.5e-4)
     assert float(ens[6]) == pytest.approx(docs["default"]["scores"]["nested"] - docs["best_single"]["scores"]["nested"], abs=5e-5)
-    assert "soft gate" in r.stdout and "reproduce: " in r.stdout
+    assert "complete-by" in r.stdout and "reproduce: " in r.stdout
     looks = json.loads((run / "holdout.json").read_text())["looks"]
     assert len(looks) == 1 + 4 and all("bench_value" in x["command"] for x in looks[1:])

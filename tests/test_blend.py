@@ -485,6 +485,51 @@ def test_a_classifier_that_wins_by_one_lucky_image_per_class_is_not_kept(tmp_pat
     assert r.settings["gate_margin"] == pytest.approx(1.645)
 
 
+def test_the_soft_gate_wins_where_the_best_pixel_threshold_depends_on_the_presence(tmp_path):
+    """Class 1 has three kinds of images (20 each). A: a faint true defect (0.5) and a sure
+    classifier (0.99). B: a strong true defect (0.95) in a halo of false pixels (0.6) and an unsure
+    classifier (0.5). C: empty, with a strong false blob (0.95) and a classifier near 0 (0.05). No
+    pixel threshold keeps A's defects and drops B's halo, whatever the gate; the pixel probability
+    times the presence does (A 0.495, B 0.475 vs halo 0.3, C 0.05): the soft gate is chosen, and
+    predict's rule (PostProcess with gate_source product) reproduces its in-sample Dice."""
+    from blend_pools import write_classifiers
+
+    n, shape = 60, (32, 64)
+    masks = np.zeros((n, 4, *shape), bool)
+    probs = np.zeros((n, 4, *shape))
+    presence = np.full((n, 4), 0.05, np.float32)
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        y, x = rng.integers(6, 18), rng.integers(6, 40)
+        box = (slice(y, y + 8), slice(x, x + 16))
+        if i < 40:
+            masks[i, 0][box] = True
+        if i < 20:
+            probs[i, 0][box], presence[i, 0] = 0.5, 0.99
+        elif i < 40:
+            probs[i, 0][y - 3:y + 11, x - 3:x + 19] = 0.6
+            probs[i, 0][box], presence[i, 0] = 0.95, 0.5
+        else:
+            probs[i, 0][box] = 0.95
+    write_run(tmp_path, masks, {"seg": (probs, np.full((n, 4), 0.9, np.float32))})
+    write_classifiers(tmp_path, masks, {"clf": presence})
+    pool = blend.load_blend_pool(tmp_path)
+    r = blend.optimize(pool, max_members=2, selection_resolution="full")
+    pp, pc = r.postprocess["1"], r.per_class["1"]
+    assert pp["gate_source"] == "product", r.postprocess
+    assert pc["dice"] == pytest.approx(1.0) and pc["dice_segmentation_only"] < 0.9, pc
+    assert r.scores["nested"] > r.scores["nested_segmentation_only"] + 0.05, r.scores
+    hard = blend.optimize(pool, max_members=2, selection_resolution="full", gate_sources=["segmentation", "classifier", "mean"])
+    assert hard.postprocess["1"]["gate_source"] != "product" and hard.per_class["1"]["dice"] < 0.95, hard.per_class["1"]
+    assert hard.settings["gate_sources"] == ["segmentation", "classifier", "mean"]
+    # the submission rule on the same maps: the blend's in-sample Dice, pair by pair
+    from steel_ray.postprocess import PostProcess
+
+    post = PostProcess(**pp)
+    u8 = np.round(probs[:, 0] * 255).astype(np.uint8)
+    assert dice_per_pair(post.apply(u8, presence[:, 0]), masks[:, 0]).mean() == pytest.approx(pc["dice"])
+
+
 def test_pool_of_classifiers_only_is_refused(tmp_path):
     from blend_pools import write_classifiers
 

@@ -23,13 +23,14 @@ def _pool(seed, m=3, n=30, h=12, w=20):
     return probs, truth, cls, folds
 
 
-def _brute(blend, truth, cls_b, folds, grid, fill=False):
-    """Threshold, fill, area-filter, gate and score each mask explicitly."""
+def _brute(blend, truth, cls_b, folds, grid, fill=False, source="segmentation"):
+    """Threshold, fill, area-filter, gate and score each mask explicitly (with ``source`` product:
+    the soft gate, pixel probability times ``cls_b``)."""
     out = np.zeros((3, len(grid.levels), len(grid.min_areas), len(grid.cls_thresholds)))
     for t, lv in enumerate(grid.levels):
         for a, ma in enumerate(grid.min_areas):
             for g, ct in enumerate(grid.cls_thresholds):
-                pp = PostProcess(pixel_threshold=lv / 255, min_area=ma, cls_threshold=ct, fill_holes=fill)
+                pp = PostProcess(pixel_threshold=lv / 255, min_area=ma, cls_threshold=ct, fill_holes=fill, gate_source=source)
                 d = dice_per_pair(pp.apply(blend, cls_b), truth)
                 for k in range(3):
                     out[k, t, a, g] = d[folds == k].sum()
@@ -54,6 +55,37 @@ def test_fast_tables_equal_brute_force(seed, grid):
     fast = ps.fold_tables(blended_sparse, cls_b, data, folds, 3, grid)
     brute = _brute(ps.blend_u8(probs, w), truth, cls_b, folds, grid)
     np.testing.assert_allclose(fast, brute, rtol=0, atol=1e-9)
+
+
+def test_product_levels_are_the_first_value_product_on_turns_on():
+    rng = np.random.default_rng(0)
+    q = np.r_[rng.random(3000), [0.0, 1.0, 0.5, 1 / 3, 2 / 3, 0.1, 0.7, 1e-9, 254 / 255]]
+    levels = np.arange(1, 256)
+    b = np.arange(256, dtype=np.uint8)
+    got = ps.product_levels(q, levels)
+    for i in range(len(q)):
+        on = ps.product_on(np.broadcast_to(b, (len(levels), 1, 256)), np.full(len(levels), q[i]), levels[:, None, None])[:, 0]
+        np.testing.assert_array_equal(got[i], np.where(on.any(1), on.argmax(1), 256), err_msg=f"presence {q[i]!r}")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("grid", GRIDS)
+def test_soft_gate_tables_equal_brute_force(seed, grid):
+    """The soft gate's tables from the counts at every level, read at per-image levels, equal
+    thresholding the pixel probability times the presence mask by mask (then min area, then the
+    gate on the same presence)."""
+    probs, truth, _, folds = _pool(seed)
+    q = np.random.default_rng(seed + 10).random(probs.shape[1])
+    q[:3] = (0.0, 1.0, 0.5)
+    w = np.array([0.5, 0.25, 0.25])
+    data = ps.ClassData.from_dense(probs, truth, np.zeros((3, probs.shape[1]), np.float32), t_min=grid.t_min)
+    every = ps.area_inter(ps.blend_u8(data.vals, w), data, ps.all_levels(data.t_min))
+    area, inter = ps.product_counts(every, data.t_min, q, grid.levels)
+    fast = ps.tables_from_counts(area, inter, data.true_area, 1.0, q, folds, 3, grid)
+    brute = _brute(ps.blend_u8(probs, w), truth, q, folds, grid, source="product")
+    np.testing.assert_allclose(fast, brute, rtol=0, atol=1e-9)
+    plain = ps.fold_tables(ps.blend_u8(data.vals, w), q, data, folds, 3, grid)
+    assert not np.allclose(fast, plain)  # the soft gate is not the plain threshold here
 
 
 def test_fill_holes_dense_path_equals_brute_force():

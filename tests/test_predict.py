@@ -163,7 +163,8 @@ def test_predict_uses_each_members_precision_and_views(tiny_run, monkeypatch):
 @pytest.fixture(scope="module")
 def gated_run(tiny_set, tmp_path_factory):
     """A segmentation model and a classifier on 2 folds, blended; blend.json then set to gate each
-    class from a different source (the blend alone may not pick a 1-epoch classifier)."""
+    class from a different source (the blend alone may not pick a 1-epoch classifier); class 3 with
+    the soft gate (pixel probability times the classifier's presence)."""
     run = tmp_path_factory.mktemp("gatedrun")
     data = prepare_run(tiny_set, run, 2)
     seg = TrialConfig.from_dict({"encoder": "tu-test_resnet", "epochs": 1, "batch_size": 8, "tta": "hflip", "lr": 3e-3,
@@ -177,8 +178,9 @@ def gated_run(tiny_set, tmp_path_factory):
     assert doc["classifier_pool"] == [clf.model_id()]
     doc["classifiers"] = [{"model_id": clf.model_id(), "weight": 1.0,
                            "checkpoints": [str(run / "checkpoints" / clf.model_id() / f"fold={k}" / "best.pt") for k in range(2)]}]
-    for c, src in zip("1234", ["classifier", "mean", "segmentation", "classifier"]):
+    for c, src in zip("1234", ["classifier", "mean", "product", "classifier"]):
         doc["postprocess"][c].update(gate_source=src, cls_threshold=0.3)
+    doc["postprocess"]["3"].update(pixel_threshold=64 / 255, min_area=0.0)  # some pixels on, some the soft gate turns off
     return run, data, doc, clf.model_id()
 
 
@@ -202,7 +204,8 @@ def test_fold_k_classifier_reproduces_its_stored_oof_presence(gated_run):
 
 def test_predict_applies_the_gate_exactly_as_the_blend_scored_it(gated_run):
     """Fold-k models predicting fold k's images through predict_images give, pair by pair, the Dice
-    the blend computes from the OOF pool for the same gate sources and post-processing."""
+    the blend computes from the OOF pool for the same gate sources and post-processing; the soft
+    gate (class 3) from the counts at per-image levels the blend's search uses."""
     from steel_ray import postprocess as ps
     from steel_ray.score import pair_dice
 
@@ -211,13 +214,21 @@ def test_predict_applies_the_gate_exactly_as_the_blend_scored_it(gated_run):
     w = np.array([m["weight"] for m in doc["members"]])
     q = pool.clf[pool.classifiers.index(clf_id)]
     expected = np.zeros((len(pool.image_ids), 4))
+    softened = 0
     for c in range(4):
         pp, d = doc["postprocess"][str(c + 1)], pool.full[c]
         full_w = np.array([w[[m["model_id"] for m in doc["members"]].index(mid)] if mid in [m["model_id"] for m in doc["members"]]
                            else 0.0 for mid in pool.model_ids])
         gate = ps.gate_signal(ps.blend_cls(d.cls, full_w), q[:, c], pp["gate_source"])
         ch = ps.Choice(int(round(pp["pixel_threshold"] * 255)), pp["min_area"], pp["cls_threshold"])
-        expected[:, c] = ps.score_point(ps.blend_u8(d.vals, full_w), gate, d, ch)
+        blended = ps.blend_u8(d.vals, full_w)
+        if pp["gate_source"] == "product":
+            every = ps.area_inter(blended, d, ps.all_levels(d.t_min))
+            area, inter = ps.product_counts(every, d.t_min, q[:, c], [ch.level])
+            expected[:, c] = ps.score_counts(area[:, 0], inter[:, 0], d.true_area, d.area_scale, gate, ch)
+            softened = int((area[:, 0] < ps.area_inter(blended, d, [ch.level])[0][:, 0]).sum())
+        else:
+            expected[:, c] = ps.score_point(blended, gate, d, ch)
     members = predict.load_members(doc, "blend.json", torch.device("cpu"))
     ts = data.train
     gated = 0
@@ -232,6 +243,7 @@ def test_predict_applies_the_gate_exactly_as_the_blend_scored_it(gated_run):
         np.testing.assert_allclose(got, expected[pos], atol=1e-9)
         gated += int(sum((q[p, c] < 0.3) for p in pos for c in (0, 3)))
     assert gated > 0  # the classifier gate really emptied some pairs
+    assert softened > 0  # and the soft gate really turned pixels off
 
 
 def test_workers_write_the_single_process_submission_fetching_weights_from_s3(tiny_run, tiny_set, tmp_path, monkeypatch):

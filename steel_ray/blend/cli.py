@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-margin", type=float, default=ps.GATE_MARGIN, metavar="Z",
                     help="a classifier's gate replaces the segmentation gate in a class only when its per-image Dice gain "
                          "exceeds Z standard errors on the images it is chosen on (default 1.645: one-sided 5%%; 0: any gain)")
+    ap.add_argument("--gate-sources", nargs="+", choices=list(ps.GATE_SOURCES), metavar="SOURCE",
+                    help="the gate sources that compete in each class (default: all: segmentation, classifier, mean, "
+                         "product = the soft gate, pixel probability times the classifiers' presence); segmentation always does")
     ap.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                     help="read full-resolution maps one class at a time from the Parquet files (auto: when the selection "
                          "runs on the 4x maps); off keeps every class in memory")
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
                   max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
                   init_sorted=a.init_sorted, allow_partial=a.allow_partial, fill_holes=a.fill_holes, nested=not a.no_nested,
                   workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice,
-                  gate_margin=a.gate_margin,
+                  gate_margin=a.gate_margin, gate_sources=None if a.gate_sources is None else ["segmentation", *a.gate_sources],
                   stream={"auto": "auto", "on": True, "off": False}[a.stream])
         if a.mlflow:
             from ..tracking import open_tracker, resolve_uri  # lazy on purpose: mlflow loads only with --mlflow

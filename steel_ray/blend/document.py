@@ -137,8 +137,9 @@ def blend_json(result: BlendResult, pool: BlendPool, run) -> dict:
                       "emptied when its area (pixels at image resolution) < min_area or when its gate < cls_threshold. "
                       "The gate depends on the class's gate_source: segmentation = sum_m weight_m * cls_m over members "
                       "(aux head, or max pixel probability); classifier = sum_j weight_j * presence_j over classifiers; "
-                      "mean = the mean of the two. Each member's (and classifier's) output is the mean of its fold "
-                      "models' probabilities; maps are quantised."),
+                      "mean = the mean of the two; product = the classifier's presence, and the pixel test is "
+                      "blended_u8 * presence >= 255 * pixel_threshold instead (the soft gate). Each member's (and "
+                      "classifier's) output is the mean of its fold models' probabilities; maps are quantised."),
         "members": members,
         "classifiers": classifiers,
         "classifier_pool": list(result.classifiers),

@@ -105,7 +105,7 @@ def select(datas, folds, n_folds, grids, max_members=25, bags=1, bag_fraction=0.
     return weights / max(1, bags), first_traj
 
 
-def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_members=25, patience=5, margin=ps.GATE_MARGIN):
+def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_members=25, patience=5, gates=ps.GatePolicy()):
     """Greedy forward selection with replacement of the classifier ensemble, with the segmentation
     blend ``seg_weights`` (4, M) fixed: the objective is the summed cross-fitted Dice where each
     class's gate source (segmentation, classifier, mean) is chosen with its post-processing.
@@ -113,10 +113,13 @@ def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_member
     Starts from no classifier (the segmentation-only score); returns the classifier weights (Mc,)
     at the best step (all zero when no classifier beats segmentation-only gating) and the
     trajectory [(slots, summed score)]. Stops after ``patience`` steps without a gain. A class
-    counts a classifier's gate only where it clears the noise (``margin``, :class:`steel_ray.postprocess.GateEvidence`).
+    counts a classifier's gate only where it clears the noise, among ``gates``' sources (:class:`steel_ray.postprocess.GatePolicy`).
     """
     n_clf = clf.shape[0]
-    counts = {c: ps.area_inter(ps.blend_u8(datas[c].vals, seg_weights[c]), datas[c], grid.levels) for c in range(N_CLASSES)}
+    # every level from the pruning level up, for the soft gate's per-image levels; the grid's are among them
+    all_counts = {c: ps.area_inter(ps.blend_u8(datas[c].vals, seg_weights[c]), datas[c], ps.all_levels(datas[c].t_min))
+                  for c in range(N_CLASSES)}
+    counts = {c: at_levels(all_counts[c], datas[c].t_min, grid.levels) for c in range(N_CLASSES)}
     seg_cls = {c: ps.blend_cls(datas[c].cls, seg_weights[c]) for c in range(N_CLASSES)}
     seg_tables = {c: _tables(counts[c], datas[c], seg_cls[c], folds, n_folds, grid) for c in range(N_CLASSES)}
 
@@ -124,8 +127,10 @@ def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_member
         if not k_counts.sum():
             return sum(ps.cross_fitted(seg_tables[c], grid)[0] for c in range(N_CLASSES))
         q = np.tensordot(k_counts / k_counts.sum(), clf, axes=1)  # (N, 4)
-        return sum(ps.cross_fitted_source(_gate_tables(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, grid, seg_tables[c]),
-                                          grid, _gate_evidence(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, margin))[0]
+        return sum(ps.cross_fitted_source(_gate_tables(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, grid, seg_tables[c],
+                                                       all_counts[c], gates.sources),
+                                          grid, _gate_evidence(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, gates.margin,
+                                                               grid, all_counts[c]))[0]
                    for c in range(N_CLASSES))
 
     k_counts = np.zeros(n_clf, np.int64)
@@ -156,21 +161,33 @@ def _tables(counts, d: ps.ClassData, gate, folds, n_folds, grid):
     return ps.tables_from_counts(area, inter, d.true_area, d.area_scale, gate, folds, n_folds, grid)
 
 
-def _gate_tables(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, grid, seg_tables=None) -> dict:
+def at_levels(all_counts, t_min: int, levels):
+    """The (N, T) counts at ``levels`` out of counts at every level from ``t_min`` (:func:`postprocess.all_levels`)."""
+    idx = np.asarray(levels, np.int64) - int(t_min)
+    return all_counts[0][:, idx], all_counts[1][:, idx]
+
+
+def _gate_tables(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, grid, seg_tables=None, all_counts=None,
+                 sources=tuple(ps.GATE_SOURCES)) -> dict:
     """{gate source: (K, T, A, G) tables} of one class: the segmentation gate alone when there is no
     classifier presence ``q``, else every source of :data:`GATE_SOURCES` (``seg_tables``:
-    the segmentation tables when already computed)."""
+    the segmentation tables when already computed); the soft gate ``product`` only with the blend's
+    counts at every level (``all_counts``; not with filled holes); only ``sources`` compete."""
     out = {"segmentation": _tables(counts, d, seg_cls, folds, n_folds, grid) if seg_tables is None else seg_tables}
     if q is not None:
         for src in ("classifier", "mean"):
-            out[src] = _tables(counts, d, ps.gate_signal(seg_cls, q, src), folds, n_folds, grid)
+            if src in sources:
+                out[src] = _tables(counts, d, ps.gate_signal(seg_cls, q, src), folds, n_folds, grid)
+        if all_counts is not None and "product" in sources:
+            out["product"] = _tables(ps.product_counts(all_counts, d.t_min, q, grid.levels), d, q, folds, n_folds, grid)
     return out
 
 
-def _gate_evidence(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, margin) -> ps.GateEvidence | None:
+def _gate_evidence(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, margin, grid=None, all_counts=None) -> ps.GateEvidence | None:
     """The per-image evidence a classifier's gate must clear in a class (None: no classifier, or no margin)."""
     if q is None or margin <= 0:
         return None
     gates = {src: ps.gate_signal(seg_cls, q, src) for src in ps.GATE_SOURCES}
-    return ps.GateEvidence(*counts, d.true_area, d.area_scale, gates, folds, n_folds, margin)
+    extra = {} if all_counts is None else {"product": ps.product_counts(all_counts, d.t_min, q, grid.levels)}
+    return ps.GateEvidence(*counts, d.true_area, d.area_scale, gates, folds, n_folds, margin, extra)
 

@@ -15,7 +15,7 @@ from .. import postprocess as ps
 from ..console import sigterm_as_exit
 from ..data import N_CLASSES
 from .pool import BlendPool, _StreamedFull
-from .selection import _gate_evidence, _gate_tables, _tables, select, select_classifiers
+from .selection import _gate_evidence, _gate_tables, _tables, at_levels, select, select_classifiers
 
 log = logging.getLogger("steel_ray.blend")
 
@@ -26,9 +26,11 @@ BASELINE_AREAS = (500, 500, 1000, 2000)  # px at 256x1600 (the original solution
 BASELINE_LEVEL = 128  # pixel threshold 0.5 as a uint8 level (a level of the default grid)
 
 
-def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels) -> tuple[list, ps.ClassData]:
+def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels, n_all: int = 0) -> tuple[list, list, ps.ClassData]:
     """Class ``c`` at full resolution for every weight vector of ``vectors``: ``[(area, inter)]``,
-    each (N, T) at ``levels``, and the class's pixel-free data (true areas, presence, scale).
+    each (N, T) at ``levels``; for the first ``n_all`` vectors also the counts at every level from
+    the pruning level up (the soft gate's, :func:`postprocess.product_counts`; not with filled
+    holes); and the class's pixel-free data (true areas, presence, scale).
 
     A streamed pool is read once, a batch of images at a time, and every vector is evaluated on
     the batch before the next is read: peak memory is one batch of maps plus (N, T) counts per
@@ -38,6 +40,11 @@ def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels) -> 
     vectors = [np.asarray(v, np.float64) for v in vectors]
     area = np.zeros((len(vectors), n, len(levels)), np.int64)
     inter = np.zeros_like(area)
+    t_min = pool.ds[c].t_min if pool.ds else pool.full[c].t_min
+    every = ps.all_levels(t_min)
+    n_all = 0 if fill_holes else n_all
+    area_all = np.zeros((n_all, n, len(every)), np.int64)
+    inter_all = np.zeros_like(area_all)
     true_area = np.zeros(n, np.int64)
     streamed = isinstance(pool.full, _StreamedFull)
     batches = (((rows, out["full"][c]) for rows, _, out in pool.full.reader.batches([c], ("full",))) if streamed
@@ -51,15 +58,19 @@ def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels) -> 
                 blended = d.vals[int(np.argmax(v))] if single else ps.blend_u8(d.vals, v)
                 a_, i_ = ps.area_inter_filled(blended, d, lambda i: truth_mask(rows[i]), pool.shape, levels,
                                               desc=f"fill holes, class {c + 1}")
+            elif j < n_all:  # every level, the grid's among them
+                all_ = (d.run_index().counts(every, d.vals[int(np.argmax(v))]) if single
+                        else d.run_index().counts_weighted(every, d.vals, v))
+                area_all[j, rows], inter_all[j, rows] = all_
+                a_, i_ = at_levels(all_, t_min, levels)
             elif single:
                 a_, i_ = d.run_index().counts(levels, d.vals[int(np.argmax(v))])
             else:  # the blend rule computed inside the counting pass (no blended map)
                 a_, i_ = d.run_index().counts_weighted(levels, d.vals, v)
             area[j, rows], inter[j, rows] = a_, i_
     cls = pool.ds[c].cls if pool.ds else pool.full[c].cls
-    meta = ps.ClassData(np.zeros(0, np.int32), np.zeros((m_all, 0), np.uint8), np.zeros(0, bool), true_area, cls, 1.0,
-                        pool.ds[c].t_min if pool.ds else pool.full[c].t_min)
-    return list(zip(area, inter)), meta
+    meta = ps.ClassData(np.zeros(0, np.int32), np.zeros((m_all, 0), np.uint8), np.zeros(0, bool), true_area, cls, 1.0, t_min)
+    return list(zip(area, inter)), list(zip(area_all, inter_all)), meta
 
 
 @dataclass
@@ -106,7 +117,8 @@ def _gate_stats(gate, truth_present, threshold, q) -> dict:
 
 def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_weights: bool = False,
              init_sorted: int = 0, fill_holes: bool = False, nested: bool = True, workers: int = 1, seed: int = 0,
-             selection_resolution: str = "auto", choice: str = "smooth", gate_margin: float = ps.GATE_MARGIN) -> BlendResult:
+             selection_resolution: str = "auto", choice: str = "smooth", gate_margin: float = ps.GATE_MARGIN,
+             gate_sources=None) -> BlendResult:
     """Select the ensemble, tune per-class post-processing and compute the honest scores.
 
     Steps: segmentation selection (greedy, on the selection maps); classifier selection (greedy,
@@ -115,12 +127,15 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     baseline; nested (all of it without fold k, scored on fold k). ``choice`` is how a point is
     chosen from a Dice table (``smooth`` or ``argmax``, see :class:`steel_ray.postprocess.Grid`), everywhere;
     ``gate_margin`` how far a classifier's gate must beat the segmentation gate (standard errors of
-    the per-image gain, :class:`steel_ray.postprocess.GateEvidence`; 0: any gain), everywhere too.
+    the per-image gain, :class:`steel_ray.postprocess.GateEvidence`; 0: any gain) and ``gate_sources``
+    which sources compete (default: all of :data:`postprocess.GATE_SOURCES`), everywhere too.
     """
     t0 = time.time()
     grid = ps.default_grid(pool.shape, choice)
+    gates = ps.GatePolicy(gate_margin, tuple(ps.GATE_SOURCES) if gate_sources is None else tuple(gate_sources))
     settings = {"max_members": max_members, "bags": bags, "per_class_weights": per_class_weights,
                 "init_sorted": init_sorted, "seed": seed, "choice": choice, "gate_margin": gate_margin,
+                "gate_sources": list(gates.sources),
                 "grid": {"pixel_levels": grid.levels.tolist(), "min_areas": grid.min_areas.tolist(),
                          "cls_thresholds": grid.cls_thresholds.tolist(), "gate_sources": list(ps.GATE_SOURCES)}}
     if selection_resolution == "auto":
@@ -130,10 +145,10 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     if selection_resolution not in ("ds4", "full"):
         raise ValueError(f"selection_resolution={selection_resolution!r}; choose 'auto', 'ds4' or 'full'")
     settings["selection_resolution"] = selection_resolution
-    rule = _Selection(pool.n_folds, grid, max_members, bags, per_class_weights, init_sorted, seed, gate_margin)
+    rule = _Selection(pool.n_folds, grid, max_members, bags, per_class_weights, init_sorted, seed, gates)
     (weights, clf_w, traj, clf_traj), picks = _selections(pool, rule, selection_resolution, nested, workers)
     timings = {"selections": time.time() - t0}
-    full = _full_resolution(pool, weights, clf_w, picks, fill_holes, grid, gate_margin, workers)
+    full = _full_resolution(pool, weights, clf_w, picks, fill_holes, grid, gates, workers)
     timings.update(full.timings)
     settings["timings"] = {k_: round(v, 2) for k_, v in timings.items()}
     settings["classifier_trajectory"] = [{"slots": int(n), "cross_fitted": float(v) / pool.n_pairs} for n, v in clf_traj]
@@ -156,7 +171,7 @@ class _Selection:
     per_class_weights: bool
     init_sorted: int
     seed: int
-    gate_margin: float
+    gates: ps.GatePolicy
 
     def run(self, ds, folds, clf):
         """(segmentation weights (4, M), classifier weights (Mc,) or None, trajectories)."""
@@ -174,7 +189,7 @@ class _Selection:
             w = np.tile(w, (N_CLASSES, 1))
         if clf is None:
             return w, None, tr, []
-        cw, ctr = select_classifiers(ds, w, clf, folds, k, self.grid, self.max_members, margin=self.gate_margin)
+        cw, ctr = select_classifiers(ds, w, clf, folds, k, self.grid, self.max_members, gates=self.gates)
         return w, cw, tr, ctr
 
 
@@ -223,7 +238,7 @@ class _Tuned:
                 "baseline": s["baseline"], "all_empty": s["all_empty"]}
 
 
-def _full_resolution(pool: BlendPool, weights, clf_w, picks, fill_holes: bool, grid, gate_margin: float, workers: int) -> _Tuned:
+def _full_resolution(pool: BlendPool, weights, clf_w, picks, fill_holes: bool, grid, gates: ps.GatePolicy, workers: int) -> _Tuned:
     """Everything at full resolution, one pass over each class (classes in parallel; a streamed pool
     reads each class once): the blend, every nested fold's blend, each model alone and the
     baseline's plain mean, counted on each batch as it is read; then each class's tuning and scores."""
@@ -239,17 +254,21 @@ def _full_resolution(pool: BlendPool, weights, clf_w, picks, fill_holes: bool, g
     mean_w = np.full(m_all, 1.0 / m_all)
     t1 = time.time()
     vectors = [[weights[c], *[w[c] for w, _ in picks or []], *np.eye(m_all), mean_w] for c in range(N_CLASSES)]
-    per_class = _map(lambda c: _full_counts(pool, c, vectors[c], fill_holes, grid.levels), list(range(N_CLASSES)), workers)
+    # the blend's and each nested fold's counts at every level too, for the soft gate (with classifiers)
+    n_all = (1 + n_nested) if pool.clf is not None else 0
+    per_class = _map(lambda c: _full_counts(pool, c, vectors[c], fill_holes, grid.levels, n_all), list(range(N_CLASSES)), workers)
     out.timings["full_resolution_pass"] = time.time() - t1
     t2 = time.time()
-    for c, (counts, meta) in enumerate(per_class):
-        _tune_class(meta, c, weights[c], counts[0], q_all, q_report, pool.folds, pool.n_folds, fill_holes, grid, out, gate_margin)
+    for c, (counts, every, meta) in enumerate(per_class):
+        every = every + [None] * (1 + n_nested - len(every))  # None: no soft gate
+        _tune_class(meta, c, weights[c], counts[0], q_all, q_report, pool.folds, pool.n_folds, fill_holes, grid, out, gates,
+                    every[0])
         single_sums += [ps.cross_fitted(_tables(counts[1 + n_nested + mi], meta, meta.cls[mi], pool.folds, pool.n_folds, grid),
                                         grid)[0] for mi in range(m_all)]
         out.sums["baseline"] += _baseline_class(counts[-1], meta, mean_w, c, pool.shape, grid)
         for f, ((w, _), q) in enumerate(zip(picks or [], nested_q)):
             s_all, s_seg = _nested_score(meta, counts[1 + f], f, w[c], None if q is None else q[:, c], pool.folds, pool.n_folds, grid,
-                                         gate_margin)
+                                         gates, every[1 + f])
             out.nested += s_all
             out.nested_seg += s_seg
     out.timings["tuning_and_scores"] = time.time() - t2
@@ -258,15 +277,16 @@ def _full_resolution(pool: BlendPool, weights, clf_w, picks, fill_holes: bool, g
 
 
 def _tune_class(d: ps.ClassData, c: int, w, counts, q_all, q_report, folds, n_folds, fill_holes: bool, grid, out: "_Tuned",
-                margin: float = ps.GATE_MARGIN) -> None:
-    """Class ``c`` at full resolution (``counts``: the blend's (N, T) area and intersection, ``d``
-    the class's true areas and presence): its gate source and post-processing (in-sample), the
+                gates: ps.GatePolicy = ps.GatePolicy(), all_counts=None) -> None:
+    """Class ``c`` at full resolution (``counts``: the blend's (N, T) area and intersection, ``all_counts``
+    the same at every level for the soft gate, or None; ``d`` the class's true areas and presence):
+    its gate source and post-processing (in-sample), the
     cross-fitted scores with and without classifiers, curves and statistics, added to ``out``."""
     n = d.n_images
     seg_cls = ps.blend_cls(d.cls, w)
     q = None if q_all is None else q_all[:, c]
-    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid)
-    ev = _gate_evidence(counts, d, seg_cls, q, folds, n_folds, margin)
+    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid, all_counts=all_counts, sources=gates.sources)
+    ev = _gate_evidence(counts, d, seg_cls, q, folds, n_folds, gates.margin, grid, all_counts)
     s_in, src, ch = ps.in_sample_source(tabs, grid, ev)
     s_in_seg, _ = ps.in_sample(tabs["segmentation"], grid)
     out.sums["in_sample"] += s_in
@@ -290,7 +310,7 @@ def _tune_class(d: ps.ClassData, c: int, w, counts, q_all, q_report, folds, n_fo
           "gate": {"source": src, "threshold": ch.cls_threshold,
                    **_gate_stats(gate, ~empty, ch.cls_threshold, None if q_report is None else q_report[:, c])}}
     if not fill_holes:
-        area, _ = counts
+        area, _ = ps.product_counts(all_counts, d.t_min, q, grid.levels) if src == "product" else counts
         kept = (area[:, ti] > 0) & (area[:, ti] * d.area_scale >= ch.min_area) & (gate >= ch.cls_threshold)
         pc["fp_rate_on_empty"] = float(kept[empty].mean()) if empty.any() else 0.0
     out.per_class[str(c + 1)] = pc
@@ -317,14 +337,15 @@ def _select_without(pool: BlendPool, sel_data, f, run_selection):
     return run_selection(sel_data, folds, pool.clf)
 
 
-def _nested_score(d: ps.ClassData, counts, f: int, w, q, folds, n_folds, grid, margin=ps.GATE_MARGIN) -> tuple[float, float]:
+def _nested_score(d: ps.ClassData, counts, f: int, w, q, folds, n_folds, grid, gates=ps.GatePolicy(), all_counts=None) -> tuple[float, float]:
     """Held-out Dice sums of one class on fold ``f`` (with the classifiers, segmentation gate only)
     for segmentation weights ``w`` and classifier presence ``q`` (N,) chosen without fold ``f``
     (``counts``: that blend's (N, T) area and intersection); the post-processing is chosen on the
     other folds too."""
     seg_cls = ps.blend_cls(d.cls, w)
-    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid)
-    src, ch = ps.choose_source(tabs, grid, exclude=f, evidence=_gate_evidence(counts, d, seg_cls, q, folds, n_folds, margin))
+    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid, all_counts=all_counts, sources=gates.sources)
+    ev = _gate_evidence(counts, d, seg_cls, q, folds, n_folds, gates.margin, grid, all_counts)
+    src, ch = ps.choose_source(tabs, grid, exclude=f, evidence=ev)
     ch_seg = ps.choose(tabs["segmentation"], grid, exclude=f)
     return float(tabs[src][(f, *grid.index(ch))]), float(tabs["segmentation"][(f, *grid.index(ch_seg))])
 

@@ -23,6 +23,7 @@ from .counts import (
                      ClassData,
                      Grid,
                      RunIndex,
+                     all_levels,
                      area_inter,
                      area_inter_dense,
                      area_inter_filled,
@@ -31,6 +32,7 @@ from .counts import (
                      default_grid,
                      image_histograms,
                      level_bins,
+                     product_counts,
 )
 from .rule import (
                      GATE_SOURCES,
@@ -43,12 +45,15 @@ from .rule import (
                      gate,
                      gate_signal,
                      member_weights,
+                     product_levels,
+                     product_on,
                      remove_small,
                      threshold,
 )
 from .tables import (
                      GATE_MARGIN,
                      GateEvidence,
+    GatePolicy,
                      choose,
                      choose_source,
                      cross_fitted,
@@ -65,6 +70,7 @@ from .tables import (
 __all__ = ["Grid", "CHOICE_RULES", "default_grid", "smoothed", "ClassData", "blend_u8", "blend_cls", "fold_tables",
            "tables_from_counts", "area_inter", "RunIndex", "level_bins", "counts_from_bins", "image_histograms",
            "area_inter_dense", "area_inter_filled", "counts_from_histograms", "Choice", "choose", "cross_fitted", "in_sample",
-           "score_point", "score_counts", "GATE_SOURCES", "GATE_MARGIN", "GateEvidence", "gate_signal", "choose_source",
+           "score_point", "score_counts", "GATE_SOURCES", "GATE_MARGIN", "GateEvidence", "GatePolicy", "gate_signal", "choose_source",
            "cross_fitted_source", "in_sample_source", "SEVERSTAL_AREA", "member_weights", "apply_blend", "PostProcess",
-           "threshold", "remove_small", "gate", "fill_holes"]
+           "threshold", "remove_small", "gate", "fill_holes", "all_levels", "product_counts", "product_levels",
+           "product_on"]

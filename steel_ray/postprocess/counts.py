@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
-from .rule import Choice
+from .rule import Choice, product_levels
 from .rule import fill_holes as fill
 
 SEVERSTAL_AREA = 256 * 1600
@@ -220,6 +220,22 @@ def area_inter(blended: np.ndarray, d: ClassData, levels: np.ndarray):
     uniq, inv = np.unique(levels, return_inverse=True)
     area, inter = d.run_index().counts(uniq, blended)
     return (area, inter) if uniq.size == levels.size and np.all(inv == np.arange(levels.size)) else (area[:, inv], inter[:, inv])
+
+
+def all_levels(t_min: int) -> np.ndarray:
+    """Every uint8 level from the pruning level up: the counts the soft gate's per-image levels read."""
+    return np.arange(int(t_min), 256)
+
+
+def product_counts(all_counts, t_min: int, presence, levels) -> tuple[np.ndarray, np.ndarray]:
+    """(N, T) area and intersection of the soft gate (``blended * presence >= level``) at ``levels``,
+    from a blend's counts at :func:`all_levels` (each (N, 256 - t_min)): image ``i`` at level ``t``
+    is its plain count at level :func:`product_levels` ``[i, t]`` (>= the level, so never below the
+    pruning level: exact on the pruned pool)."""
+    area, inter = all_counts
+    idx = product_levels(presence, levels) - int(t_min)  # in 0 .. 256 - t_min (the last: nothing on)
+    pad = np.zeros((area.shape[0], 1), area.dtype)
+    return (np.take_along_axis(np.hstack([area, pad]), idx, 1), np.take_along_axis(np.hstack([inter, pad]), idx, 1))
 
 
 def area_inter_dense(blended: np.ndarray, truth: np.ndarray, levels: np.ndarray, fill_holes: bool = False):

@@ -52,7 +52,11 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PostProcess:
-    """One class's post-processing, applied in this order: threshold, fill holes, min area, gate."""
+    """One class's post-processing, applied in this order: threshold, fill holes, min area, gate.
+
+    With ``gate_source`` ``product`` (the soft gate, 4th place) the threshold applies to the pixel
+    probability times the presence (:func:`product_on`): ``prob`` must be uint8 and ``cls_prob`` given.
+    """
 
     pixel_threshold: float = 0.5
     min_area: float = 0.0
@@ -62,7 +66,12 @@ class PostProcess:
 
     def apply(self, prob: np.ndarray, cls_prob=None) -> np.ndarray:
         """``prob`` is ``(..., H, W)`` (uint8 = prob*255, or float); ``cls_prob`` is ``(...)``."""
-        mask = threshold(prob, self.pixel_threshold)
+        if self.gate_source == "product":
+            if cls_prob is None or np.asarray(prob).dtype != np.uint8:
+                raise ValueError("gate_source 'product' needs uint8 maps and the presence (cls_prob)")
+            mask = product_on(prob, cls_prob, _u8_level(self.pixel_threshold))
+        else:
+            mask = threshold(prob, self.pixel_threshold)
         if self.fill_holes:
             mask = fill_holes(mask)
         mask = remove_small(mask, self.min_area)
@@ -111,9 +120,35 @@ def blend_cls(cls: np.ndarray, weights) -> np.ndarray:
 
 
 # The presence signal that gates a class's masks: the segmentation members' (aux head or max
-# pixel), the classifier ensemble's, or their mean. Listed in tie-break order: on equal scores
-# the simpler gate (no classifier) wins.
-GATE_SOURCES = {"segmentation": 0.0, "classifier": 1.0, "mean": 0.5}
+# pixel), the classifier ensemble's, or their mean; ``product`` also gates with the classifier
+# ensemble's presence, after thresholding the pixel probability times that presence (the soft
+# gate of the 4th place). Listed in tie-break order: on equal scores the simpler gate wins.
+GATE_SOURCES = {"segmentation": 0.0, "classifier": 1.0, "mean": 0.5, "product": 1.0}
+
+
+def product_on(blended: np.ndarray, presence, level: int) -> np.ndarray:
+    """The soft gate's pixels: on where ``blended * presence >= level`` (uint8 maps (..., H, W),
+    presence (...), float64 products): the one definition the search counts exactly
+    (:func:`product_levels`) and predict applies."""
+    q = np.asarray(presence, np.float64)[..., None, None]
+    return np.asarray(blended).astype(np.float64) * q >= level
+
+
+def product_levels(presence, levels) -> np.ndarray:
+    """(N, T) smallest uint8 value ``b`` with ``b * presence_i >= levels[t]`` as :func:`product_on`
+    computes it (256: none), so that the soft gate's pixels at level ``t`` of image ``i`` are its
+    pixels with ``blended >= product_levels[i, t]``: the plain counts at per-image levels."""
+    q = np.asarray(presence, np.float64)[:, None]
+    lv = np.asarray(levels, np.float64)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.where(q > 0, np.ceil(lv / np.where(q > 0, q, 1.0)), 256.0)
+    b = np.clip(b, 0, 256)
+    # the division rounds: settle each candidate with the product itself, as product_on does
+    lower = (b >= 1) & ((b - 1) * q >= lv)
+    b = np.where(lower, b - 1, b)
+    higher = (b <= 255) & (b * q < lv)
+    b = np.where(higher, b + 1, b)
+    return np.where(b * q >= lv, b, 256).astype(np.int64)
 
 
 def gate_signal(seg_cls: np.ndarray, clf: np.ndarray | None, source: str) -> np.ndarray:

@@ -3,7 +3,7 @@ grid, the point chosen in-sample or cross-fitted (on the other folds), and the g
 must clear its noise to replace the segmentation gate (:class:`GateEvidence`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -126,11 +126,26 @@ def score_counts(area, inter, true_area, area_scale, cls_b, choice: Choice) -> n
 GATE_MARGIN = 1.645
 
 
+@dataclass(frozen=True)
+class GatePolicy:
+    """Which gate sources compete in a class (the segmentation gate always does) and how far one
+    with a classifier in it must beat the segmentation gate (``margin``, :class:`GateEvidence`)."""
+
+    margin: float = GATE_MARGIN
+    sources: tuple = tuple(GATE_SOURCES)
+
+    def __post_init__(self):
+        bad = [s for s in self.sources if s not in GATE_SOURCES]
+        if bad:
+            raise ValueError(f"gate sources {bad} unknown; choose among {list(GATE_SOURCES)}")
+
+
 @dataclass
 class GateEvidence:
     """What the per-image Dice of a class at any (gate source, grid point) needs: the blend's
     (N, T) predicted areas and intersections at the grid's levels, the true areas, each source's
-    gate signal (N,), and the images' folds (-1: left out)."""
+    gate signal (N,), and the images' folds (-1: left out); ``source_counts`` the (area, inter) of a
+    source that thresholds other pixels (the soft gate, ``product``)."""
 
     area: np.ndarray
     inter: np.ndarray
@@ -140,10 +155,12 @@ class GateEvidence:
     folds: np.ndarray
     n_folds: int
     margin: float = GATE_MARGIN
+    source_counts: dict = field(default_factory=dict)
 
     def dice(self, source: str, choice: Choice, grid: Grid) -> np.ndarray:
         t = grid.index(choice)[0]
-        return score_counts(self.area[:, t], self.inter[:, t], self.true_area, self.area_scale, self.gates[source], choice)
+        area, inter = self.source_counts.get(source, (self.area, self.inter))
+        return score_counts(area[:, t], inter[:, t], self.true_area, self.area_scale, self.gates[source], choice)
 
     def gain(self, source: str, choice: Choice, base: Choice, grid: Grid, exclude=None) -> tuple[float, float]:
         """(mean, standard error) of the per-image Dice gain of ``source`` at ``choice`` over the
