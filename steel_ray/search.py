@@ -34,6 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import blend, console
@@ -76,6 +77,11 @@ def _args(argv=None):
                     help="configs Optuna proposes per space in the explore stage (default: the space's num_samples, else 16)")
     ap.add_argument("--top", type=int, default=None,
                     help="configs of each space trained on every fold (default: the space's top, else 3)")
+    ap.add_argument("--complete-by", choices=["single", "ensemble"], default="single",
+                    help="which explored configs of a segmentation space the complete stage trains on every fold: single "
+                         "(the --top best by their own screening-fold score) or ensemble (the --top the blend's greedy "
+                         "selection picks first on the screening fold's OOF, cross-fitted on an inner split; finished "
+                         "trials only). The explore summary shows both")
     ap.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what resources allow)")
     ap.add_argument("--cpus-per-trial", type=float, default=1.0)
     ap.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
@@ -131,6 +137,7 @@ def _load_state(run: Path, a) -> dict:
         "space": layout.where(a.space[0]), "spaces": [layout.where(p) for p in a.space], "data": layout.where(a.data),
         "folds": a.folds, "holdout": a.holdout,
         "num_samples": a.num_samples, "top": a.top, "seed": a.seed, "storage": storage, "smoke": a.smoke,
+        "complete_by": getattr(a, "complete_by", "single"),
         "stage": "explore", "explored": [], "selected": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # the run's identity: what it writes under --storage lives under STORAGE/<run_id>/, so two
         # runs with the same --out name never share a pool, an experiment or a checkpoint
@@ -360,8 +367,29 @@ def _start_ray(a, run: Path, state: dict) -> None:
         require_shared(run, unshared_nodes(run))
 
 
-def _explore_stage(spaces, state: dict, run: Path, rows: list, trainable, storage_path, a, logfile) -> list:
-    """Each space not yet explored: its explore trials, then its ``top`` configs join ``state["selected"]``."""
+def _select_ensemble(run: Path, pool: str, rows: list[dict], top: int, by_single: list[dict], seed: int) -> list[dict]:
+    """``top`` configs of one segmentation space in the order the blend's greedy selection picks them
+    on the screening fold's OOF (:func:`blend.ensemble_order`), filled up by single score. Only
+    finished trials have OOF (ASHA's stopped ones do not): with fewer than two, the single ranking."""
+    from .tune_adapter import sync_pool
+
+    done: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: -r[METRIC] if r[METRIC] == r[METRIC] else np.inf):
+        if r["status"] == "TERMINATED" and r["model_id"] and r["model_id"] not in done:
+            done[r["model_id"]] = json.loads(r["config"])
+    sync_pool(pool, run)
+    done = {m: c for m, c in done.items() if layout.oof_path(run, m, SCREEN_FOLD).exists()}
+    if len(done) < 2:
+        return by_single
+    chosen = [done[m] for m in blend.ensemble_order(run, list(done), SCREEN_FOLD, seed=seed)][:top]
+    ids = set(model_ids(chosen))
+    chosen += [c for c in by_single if TrialConfig.from_dict(c).model_id() not in ids][:top - len(chosen)]
+    return chosen
+
+
+def _explore_stage(spaces, state: dict, run: Path, rows: list, trainable, storage_path, a, logfile, pool: str) -> list:
+    """Each space not yet explored: its explore trials, then its ``top`` configs join ``state["selected"]``
+    (for a segmentation space by the rule ``state["complete_by"]``; both rules' picks are logged and kept)."""
     for sp in spaces:
         if sp.name in state.setdefault("explored", []):
             continue
@@ -371,7 +399,16 @@ def _explore_stage(spaces, state: dict, run: Path, rows: list, trainable, storag
             a.tracker.finish_stage(_explore_name(sp, len(spaces)), new)
         rows += new
         _write_results(run, rows)
-        chosen = _select_top(new, _per_space(state, sp, "top"), sp.name)
+        top = _per_space(state, sp, "top")
+        chosen = _select_top(new, top, sp.name)
+        if chosen and sp.task == "segment":
+            rule = state.get("complete_by", "single")
+            by_ensemble = _select_ensemble(run, pool, new, top, chosen, state["seed"])
+            picks = {"single": model_ids(chosen), "ensemble": model_ids(by_ensemble)}
+            state.setdefault("completion", {})[sp.name] = {"rule": rule, **picks}
+            for r_, ids in picks.items():
+                log.info("%s: complete by %s%s: %s", _explore_name(sp, len(spaces)), r_, " (this run)" if r_ == rule else "", ids)
+            chosen = by_ensemble if rule == "ensemble" else chosen
         if not chosen:
             errors = sorted({r["error"] for r in new if r["error"]})
             first = f"; {'first ' if len(errors) > 1 else ''}error: {errors[0]}" if errors else ""
@@ -473,7 +510,7 @@ def _stages(a, run: Path, state: dict, spaces, data, logfile) -> int:
         rows = [r for r in pd.read_parquet(layout.results_path(run)).to_dict("records")
                 if r["stage"] != state["stage"] or (r["stage"] == "explore" and r.get("space") in explored)]
     if state["stage"] == "explore":
-        rows = _explore_stage(spaces, state, run, rows, trainable, storage_path, a, logfile)
+        rows = _explore_stage(spaces, state, run, rows, trainable, storage_path, a, logfile, pool)
         state["stage"] = "complete"
         _save_state(run, state)
     if state["stage"] == "complete":

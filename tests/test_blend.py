@@ -530,6 +530,23 @@ def test_the_soft_gate_wins_where_the_best_pixel_threshold_depends_on_the_presen
     assert dice_per_pair(post.apply(u8, presence[:, 0]), masks[:, 0]).mean() == pytest.approx(pc["dice"])
 
 
+def test_ensemble_order_skips_a_near_duplicate_for_a_model_that_adds(tmp_path):
+    """--complete-by ensemble's order on one fold: the best model, then the one whose errors differ,
+    not the best model's near-copy (which the single ranking puts second)."""
+    rng = np.random.default_rng(0)
+    masks = make_truth(rng, n=90, shape=(32, 64), p_defect=0.6)
+    best = signal_model(rng, masks, 0.42, 0.6)
+    near = best  # a config that trains to the same maps (another learning rate, say)
+    other = signal_model(rng, masks, 0.40, 0.62)  # weaker alone, but its own noise: averaging with it helps
+    write_run(tmp_path, masks, {"best": best, "near": near, "other": other})
+    single = blend.optimize(blend.load_blend_pool(tmp_path), max_members=1, nested=False, selection_resolution="full").singles
+    assert single["best"] == single["near"] > single["other"], single  # the single ranking completes best and near
+    order = blend.ensemble_order(tmp_path, ["best", "near", "other"], 0)
+    assert order[:2] == ["best", "other"], order
+    pool0 = blend.load_blend_pool(tmp_path, ["best", "near", "other"], folds=[0])
+    assert len(pool0.image_ids) == 30 and set(pool0.folds.tolist()) == {0}  # fold 0's images only
+
+
 def test_pool_of_classifiers_only_is_refused(tmp_path):
     from blend_pools import write_classifiers
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from dashboards import dashboard_trials, same_trials
 
-from steel_ray import oof
+from steel_ray import blend, oof
 
 SPACE = """
 fixed: {batch_size: 8, crop_height: 32, epochs: 2, tta: none}
@@ -306,9 +306,17 @@ def test_two_spaces_one_run_segmentation_and_classifier(tiny_set, tmp_path):
                    "params:\n  pool: {type: categorical, choices: [max, avg]}\n")
     run = tmp_path / "run"
     r = _search("--space", seg, "--space", clf, "--data", tiny_set, "--out", run, "--folds", 2, "--num-samples", 2,
-                "--top", 1, "--max-concurrent", 2)
+                "--top", 1, "--max-concurrent", 2, "--complete-by", "ensemble")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
+    # --complete-by ensemble: the segmentation space completes the blend's first pick on the screening
+    # fold; both rules' picks are logged and kept (the classifier space: by single score)
+    picks = json.loads((run / "search.json").read_text())["completion"]
+    explore_seg = pd.read_parquet(run / "results.parquet").query("stage == 'explore' and space == 'seg'")
+    assert set(picks) == {"seg"} and picks["seg"]["rule"] == "ensemble"
+    assert picks["seg"]["single"] == [explore_seg.sort_values("best_val_dice_pp", ascending=False).model_id.iloc[0]]
+    assert picks["seg"]["ensemble"] == blend.ensemble_order(run, list(explore_seg.model_id), 0)[:1]
+    assert "explore-seg: complete by ensemble (this run): " in out and "explore-seg: complete by single: " in out
     assert "explore-seg: 2 of 2 trial(s) ended" in out and "explore-gate: 2 of 2 trial(s) ended" in out
     table = pd.read_parquet(run / "results.parquet")
     explore = table[table.stage == "explore"]
@@ -318,6 +326,7 @@ def test_two_spaces_one_run_segmentation_and_classifier(tiny_set, tmp_path):
     assert studies == {"explore-seg": 2, "explore-gate": 2}
     state = json.loads((run / "search.json").read_text())
     assert len(state["selected_models"]) == 2 and sum(m.startswith("cls-") for m in state["selected_models"]) == 1
+    assert picks["seg"]["ensemble"][0] in state["selected_models"]
     clf_id = next(m for m in state["selected_models"] if m.startswith("cls-"))
     assert oof.list_pool(run)[clf_id] == [0, 1] and oof.task_of(run, clf_id, [0, 1]) == "classify"
     doc = json.loads((run / "blend" / "blend.json").read_text())

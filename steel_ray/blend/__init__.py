@@ -14,8 +14,8 @@ from .document import SCHEMA_VERSION, BlendDoc, blend_json, load_blend, summary_
 from .holdout import record_look, score_holdout
 from .pool import BlendPool, load_blend_pool
 from .selection import select, select_classifiers
-from .tune import BlendResult, optimize
+from .tune import BlendResult, ensemble_order, optimize
 
 __all__ = ["BlendPool", "load_blend_pool", "optimize", "BlendResult", "select", "select_classifiers", "write_blend_json",
            "blend_json", "load_blend", "BlendDoc", "SCHEMA_VERSION", "blend_run", "search_models", "summary_lines",
-           "score_holdout", "record_look", "main"]
+           "score_holdout", "record_look", "ensemble_order", "main"]

@@ -55,17 +55,22 @@ def _truth_ds(mask: np.ndarray) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), (ww, hh), interpolation=cv2.INTER_AREA) >= 0.5
 
 
-def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_holes=False, stream="auto") -> BlendPool:
+def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_holes=False, stream="auto", folds=None) -> BlendPool:
     """Stream the run's OOF pool into pruned per-class arrays (memory ~ kept pixels x models).
 
     ``fill_holes`` also keeps each kept pixel's position (4 bytes a pixel) for the hole-filling search.
     ``stream`` (``auto``: when the selection runs on the 4x maps, i.e. images at least 128 px high)
     keeps only the 4x maps of every class in memory and reads one class at full resolution at a
     time from the Parquet files, when the blend asks for it (:class:`_StreamedFull`): peak memory
-    is then about one class's kept full-resolution pixels, however many fire where.
+    is then about one class's kept full-resolution pixels, however many fire where. ``folds`` keeps
+    only those folds' images (e.g. the screening fold of an explore stage, whose models have no other).
     """
     run = Path(run)
     truth = oof.read_truth(run)
+    if folds is not None:
+        keep = np.isin(truth.folds, list(folds))
+        truth = oof.Truth([i for i, k in zip(truth.image_ids, keep) if k], truth.folds[keep], truth.rles[keep], truth.areas[keep],
+                          truth.shape, truth.folds_hash)
     present = oof.list_pool(run)
     folds_all = sorted(set(truth.folds.tolist()))
     candidates = list(model_ids) if model_ids is not None else sorted(present)

@@ -14,7 +14,7 @@ import numpy as np
 from .. import postprocess as ps
 from ..console import sigterm_as_exit
 from ..data import N_CLASSES
-from .pool import BlendPool, _StreamedFull
+from .pool import BlendPool, _StreamedFull, load_blend_pool
 from .selection import _gate_evidence, _gate_tables, _tables, at_levels, select, select_classifiers
 
 log = logging.getLogger("steel_ray.blend")
@@ -158,6 +158,23 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
     log.info("scores: %s (%.1fs)", {k_: (round(v, 6) if isinstance(v, float) else v) for k_, v in scores.items()}, time.time() - t0)
     return BlendResult(pool.model_ids, weights, full.post, scores, full.per_class, traj_out, full.curves, nested_weights,
                        fill_holes, full.singles, pool.left_out, settings, list(pool.classifiers), clf_w)
+
+
+def ensemble_order(run, model_ids, fold: int, inner_folds: int = 3, max_members: int = 25, seed: int = 0) -> list[str]:
+    """The models of ``model_ids`` in the order the blend's greedy selection picks them on fold
+    ``fold``'s OOF alone (an explore stage's screening fold), cross-fitted on an inner split of its
+    images into ``inner_folds``: the members of the best step first, then the models it adds after.
+    The complete stage's ``--complete-by ensemble`` completes the first ``top``."""
+    pool = load_blend_pool(run, model_ids, folds=[fold], stream=False)
+    inner = np.random.default_rng(seed).permutation(len(pool.image_ids)) % inner_folds
+    grid = ps.default_grid(pool.shape)
+    data = pool.ds if min(pool.shape) >= 128 else [pool.full[c] for c in range(N_CLASSES)]
+    weights, traj = select(data, inner, inner_folds, [grid] * N_CLASSES, max_members, seed=seed)
+    order = [pool.model_ids[m] for m in np.flatnonzero(weights > 0)]
+    order.sort(key=lambda mid: next(i for i, (_, _, c) in enumerate(traj) if c[pool.model_ids.index(mid)] > 0))
+    for _, _, counts in traj:
+        order += [pool.model_ids[m] for m in np.flatnonzero(counts) if pool.model_ids[m] not in order]
+    return order
 
 
 @dataclass(frozen=True)
