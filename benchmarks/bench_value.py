@@ -18,11 +18,12 @@ difference beside it (the nested estimate has no per-image record: no interval).
   default margin and on any gain;
 - fill holes, and the smooth vs argmax post-processing choice, each against the default;
 - each pseudo-label round (``--round``) against its parent: their own blends' holdout
-  submissions, no new look.
+  submissions, no new look;
+- another search of the same data and holdout (``--versus RUN_B``, e.g. ``--complete-by ensemble``
+  against ``single`` at the same explore budget): the two runs' own blends, no new look.
 
 Every variant's holdout score is a look at the holdout and is recorded in RUN/holdout.json
-``looks`` like any other: run this after the choices are made, not to make them. Moves this
-version does not have (``--complete-by ensemble``) are listed as not available.
+``looks`` like any other: run this after the choices are made, not to make them.
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ from steel_ray import run as layout
 from steel_ray.data import read_labels
 from steel_ray.score import pair_dice, pair_rles
 
-NOT_AVAILABLE = [("complete-by ensemble vs single", "not in this version")]
 HARD = ["segmentation", "classifier", "mean"]  # every gate source but the soft gate
 
 
@@ -75,10 +75,18 @@ def variant(run: Path, name: str, models=None, **opts) -> dict:
     return doc
 
 
+def _rule(run: Path) -> str:
+    """How a search chose the configs it completed (its --complete-by)."""
+    state = layout.read_state(run) or {}
+    return f"complete-by {state.get('complete_by', 'single')}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a searched run with a holdout (its own blend in RUN/blend)")
-    ap.add_argument("--round", nargs="*", default=[], metavar="RUN2", help="pseudo-label rounds of the run, each against its parent")
+    ap.add_argument("--round", action="extend", nargs="+", default=[], metavar="RUN2", help="pseudo-label rounds of the run, each against its parent")
+    ap.add_argument("--versus", action="extend", nargs="+", default=[], metavar="RUN_B",
+                    help="other searches of the same data and holdout: the run's own blend against each one's")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples over images")
     a = ap.parse_args(argv)
     run = Path(a.run)
@@ -115,19 +123,23 @@ def main(argv=None) -> int:
         m, lo, hi = paired(da, db, a.boot)
         nested = va["scores"]["nested"] - ref["scores"]["nested"]
         print(f"| {move} | {vname} | {rname} | {da.mean():.4f} | {db.mean():.4f} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {nested:+.4f} |")
-    for r2 in map(Path, a.round):
-        child = blend.load_blend(layout.blend_json(r2))
-        ids_c, dc = holdout_dice(run, Path(child["holdout"]["submission"]))
-        ids_p, dp = holdout_dice(run, Path(own["holdout"]["submission"]))
-        assert ids_c == ids_p
-        m, lo, hi = paired(dc, dp, a.boot)
-        print(f"| pseudo round {r2.name} vs parent | {r2.name} | {run.name} | {dc.mean():.4f} | {dp.mean():.4f} | "
-              f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {child['scores']['nested'] - own['scores']['nested']:+.4f} |")
-    for move, why in NOT_AVAILABLE:
-        print(f"| {move} | - | - | - | - | {why} | - |")
+    others = [(f"pseudo round {r.name} vs parent", Path(r), run) for r in a.round]
+    others += [(f"{_rule(run)} vs {_rule(Path(r))}", run, Path(r)) for r in a.versus]
+    for move, ra, rb in others:
+        da_doc, db_doc = blend.load_blend(layout.blend_json(ra)), blend.load_blend(layout.blend_json(rb))
+        ids_a, da = holdout_dice(run, Path(da_doc["holdout"]["submission"]))
+        ids_b, db = holdout_dice(run, Path(db_doc["holdout"]["submission"]))
+        if ids_a != ids_b:
+            print(f"error: {ra} and {rb} scored different holdout images", file=sys.stderr)
+            return 2
+        m, lo, hi = paired(da, db, a.boot)
+        nested = (da_doc["scores"].get("nested") or float("nan")) - (db_doc["scores"].get("nested") or float("nan"))
+        print(f"| {move} | {ra.name} | {rb.name} | {da.mean():.4f} | {db.mean():.4f} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+              f"{nested:+.4f} |")
     looks = len(json.loads(layout.holdout_path(run).read_text()).get("looks", []))
     print(f"\nholdout looks recorded so far: {looks}")
-    print(f"reproduce: .venv/bin/python benchmarks/bench_value.py --run {run}" + "".join(f" --round {r}" for r in a.round))
+    print(f"reproduce: .venv/bin/python benchmarks/bench_value.py --run {run}" + "".join(f" --round {r}" for r in a.round)
+          + "".join(f" --versus {r}" for r in a.versus))
     return 0
 
 

@@ -68,7 +68,8 @@ def test_bench_value_scores_each_move_on_the_same_holdout_images(tiny_set, tmp_p
         for k in range(2):
             fit_fold(TrialConfig.from_dict(cfg), k, data, run, progress=False)
     own = blend.blend_run(run, max_members=2, nested=False)
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_value.py"), "--run", str(run), "--boot", "200"],
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_value.py"), "--run", str(run), "--boot", "200",
+                        "--versus", str(run)],
                        capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ") for line in r.stdout.splitlines()
@@ -82,6 +83,7 @@ def test_bench_value_scores_each_move_on_the_same_holdout_images(tiny_set, tmp_p
     assert float(ens[4]) == pytest.approx(docs["best_single"]["scores"]["holdout"], abs=5e-5)
     assert float(ens[5].split()[0]) == pytest.approx(float(ens[3]) - float(ens[4]), abs=1.5e-4)
     assert float(ens[6]) == pytest.approx(docs["default"]["scores"]["nested"] - docs["best_single"]["scores"]["nested"], abs=5e-5)
-    assert "complete-by" in r.stdout and "reproduce: " in r.stdout
+    versus = rows["complete-by single vs complete-by single"]  # the run against itself: its own blend, no new look
+    assert versus[3] == versus[4] and versus[5] == "+0.0000 [+0.0000, +0.0000]" and f"--versus {run}" in r.stdout
     looks = json.loads((run / "holdout.json").read_text())["looks"]
     assert len(looks) == 1 + 4 and all("bench_value" in x["command"] for x in looks[1:])
