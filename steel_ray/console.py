@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from .run import logs_dir
+
 __all__ = ["setup", "log_dir", "route_ray_logs", "sigterm_as_exit", "progress", "LineProgress"]
 
 _FMT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -28,8 +30,6 @@ class _OursOnly(logging.Filter):
 
 
 def log_dir(run_dir) -> Path:
-    from .run import logs_dir
-
     return logs_dir(run_dir)
 
 

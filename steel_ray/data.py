@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import rle
+from .io import atomic_write_text
 
 __all__ = [
     "N_CLASSES",
@@ -277,7 +278,5 @@ def folds_hash(image_ids, folds) -> str:
 
 def write_folds(path: str | Path, image_ids, folds) -> None:
     """Save the fold table (image_id, fold) as CSV, atomically."""
-    from .io import atomic_write_text
-
     df = pd.DataFrame({"image_id": list(image_ids), "fold": np.asarray(folds, dtype=int)})
     atomic_write_text(path, df.to_csv(index=False))

@@ -22,7 +22,6 @@ on a machine with half its speed per core). An interrupted demo continues where 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -67,15 +66,15 @@ def main(argv=None) -> int:
         log.info("generating the synthetic set %s (%d train + %d test images, %dx%d)", data, DEMO["n_train"], DEMO["n_test"],
                  DEMO["height"], DEMO["width"])
         synth.generate(data, n_train=DEMO["n_train"], n_test=DEMO["n_test"], height=DEMO["height"], width=DEMO["width"], seed=0)
-    state = layout.state_path(run)
-    done = state.exists() and json.loads(state.read_text()).get("stage") == "done"
+    saved = layout.read_state(run)
+    done = saved is not None and saved.stage == "done"
     uri = a.mlflow or f"sqlite:///{run.parent.as_posix()}/mlflow.db"
     uri = None if uri == "none" else uri
     if not done:
         # a resumed demo logs where it started (its search state keeps the URI)
         rc = search.search(run, a.space or DEMO["spaces"], data, folds=a.folds, max_concurrent=2, holdout=a.holdout,
-                           num_samples=a.num_samples, top=a.top, resume=state.exists(), verbose=a.verbose,
-                           mlflow=None if state.exists() else uri)
+                           num_samples=a.num_samples, top=a.top, resume=saved is not None, verbose=a.verbose,
+                           mlflow=None if saved is not None else uri)
         if rc:
             return rc
     sub = run / "submission.csv"
@@ -107,7 +106,8 @@ def main(argv=None) -> int:
     print(f"  submission                 {test:.6f}  {_vs(test, test_empty)}")
     print(f"submission: {sub}")
     print(f"report:     {run / 'blend' / 'report.html'}  (and report.md)")
-    tracked = (layout.read_state(run) or {}).get("mlflow")
+    state = layout.read_state(run)
+    tracked = state.mlflow if state is not None else None
     bindir = Path(os.path.relpath(Path(sys.executable).parent))  # .venv/bin: where make install put the tools
     print("open the run in your tools:")
     print(f"  {bindir / 'tensorboard'} --logdir {run / 'ray'}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import weights
 from .config import ARCHS, ConfigError, ModelConfig
 
 __all__ = ["build_model", "check_model_config", "SteelNet", "SteelClassifier", "supports_attention", "encoder_parameters"]
@@ -164,8 +165,6 @@ def build_model(cfg: ModelConfig) -> SteelNet | SteelClassifier:
     if has_aux and not classify:
         kwargs["aux_params"] = {"classes": N_CLASSES, "dropout": 0.2}
     factory = smp.encoders.get_encoder if classify else _arch_class(cfg.arch)
-    from . import weights
-
     # a node whose setup could not fetch these weights (python -m steel_ray.weights) fails at once
     weights.check(cfg.encoder, cfg.encoder_weights)
     try:

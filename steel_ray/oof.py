@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
+from . import __version__, rle
 from . import run as layout
 from .config import ID_SCHEME, ID_SCHEME_CHANGE, TASKS
 from .data import N_CLASSES, DataError
@@ -210,8 +210,6 @@ class Truth:
 
     def masks(self, idx, classes=range(N_CLASSES)) -> np.ndarray:
         """(len(idx), len(classes), H, W) bool full-resolution ground truth of images ``idx``."""
-        from . import rle
-
         h, w = self.shape
         out = np.zeros((len(idx), len(classes), h, w), bool)
         for j, i in enumerate(idx):
@@ -290,6 +288,19 @@ def list_pool(run) -> dict[str, list[int]]:
         if folds:
             out[mdir.name.split("=", 1)[1]] = folds
     return out
+
+
+def finished(meta: dict | None, folds_hash: str | None, where) -> dict | None:
+    """Is a (model, fold) done? ``meta`` is its OOF file's metadata (None: no file; the file is the
+    "fold done" marker, weights alone do not count). Returns the metadata of a fold finished on this
+    split (``folds_hash``; None: any), None when there is nothing to reuse; an OOF of another split
+    is refused naming ``where``. The one answer for training, trials and the search driver."""
+    if meta is None:
+        return None
+    if folds_hash is not None and meta.get("folds_hash") != folds_hash:
+        raise DataError(f"{where}: OOF of another fold split (folds_hash {meta.get('folds_hash')} != {folds_hash}); "
+                        "it is not reused: use a new run folder")
+    return meta
 
 
 def read_meta(path, filesystem=None) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import oof, rle
+from . import console, oof, rle
 from . import run as layout
 from .blend.document import load_blend
 from .data import N_CLASSES, DataError, list_images, read_labels
@@ -38,6 +38,7 @@ from .dataset import read_image
 from .io import atomic_write_bytes, atomic_write_text
 from .metric import dice_per_pair
 from .postprocess import PostProcess, apply_blend, member_weights
+from .score import pair_dice, pair_rles
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ def _legend() -> str:
 
 
 def _images_dir(run) -> Path | None:
-    data = (layout.read_state(run) or {}).get("data")
+    state = layout.read_state(run)
+    data = state.data if state is not None else None
     return Path(data) / "train_images" if data else None
 
 
@@ -223,8 +225,6 @@ def _holdout_worst(run, doc: dict, blend_path, k: int, max_width: int = 800) -> 
         return {}
     held = json.loads(layout.holdout_path(run).read_text())
     shape = tuple(doc["image_shape"])
-    from .score import pair_dice, pair_rles
-
     truth_rles = np.array(held["rles"], dtype=object)
     pred_rles = pair_rles(read_labels(h["submission"]), held["image_ids"])
     dice = pair_dice(truth_rles, pred_rles, shape, "holdout truth", h["submission"])
@@ -232,7 +232,7 @@ def _holdout_worst(run, doc: dict, blend_path, k: int, max_width: int = 800) -> 
     rows = sorted({int(i) for p in picks.values() for i in p})
     if not rows:
         return {}
-    from . import predict
+    from . import predict  # lazy: torch, only when overlays predict images
 
     paths = [Path(held["images_dir"]) / held["image_ids"][i] for i in rows]
     members = predict.load_members(doc, blend_path, predict.pick_device("cpu"))
@@ -272,8 +272,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max", type=int, default=50, help="at most N PNGs (default 50)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (prediction only)")
     a = ap.parse_args(argv)
-    from . import console
-
     console.setup(None, False)
     try:
         n, out = write_overlays(a)
@@ -302,7 +300,7 @@ def write_overlays(a) -> tuple[int, Path]:
             raise DataError(f"{a.submission}: no rows for {len(missing)} image(s) of {images} (e.g. {missing[0]})")
         preds = {i: ([rle.decode(sub.get((i, c + 1), ""), shape) for c in range(N_CLASSES)], None) for i in names}
     else:
-        from . import predict
+        from . import predict  # lazy: torch, only when overlays predict images
 
         members = predict.load_members(doc, blend_path, predict.pick_device(a.device))
         preds = {p.image_id: (list(p.masks), p.gate) for _, p in

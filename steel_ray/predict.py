@@ -36,12 +36,14 @@ import torch
 from . import oof, rle
 from . import run as layout
 from .blend.document import load_blend
+from .console import progress as progress_bar
 from .data import N_CLASSES, DataError, list_images
 from .dataset import build_transforms, read_image
 from .infer import pick_device, predict_batch, tta_views
 from .io import atomic_write_text
 from .postprocess import PostProcess, apply_blend, member_weights
-from .workers import ray_session
+from .train import load_weights
+from .workers import map_predictions, ray_session
 
 __all__ = ["Member", "Prediction", "member_weights", "load_members", "member_maps", "iter_predictions", "rles",
            "predict_images", "predict_rows", "predict_folder", "write_submission", "main"]
@@ -70,8 +72,6 @@ def _views(spec: str | None, default: str) -> list:
 def load_members(doc: dict, blend_path, device, tta: str | None = None) -> list[Member]:
     """Load every fold checkpoint of every member and of every classifier of the gate (task
     ``classify``, listed after the members); missing checkpoints are listed by path."""
-    from .train import load_weights
-
     entries = [(m, "segment") for m in doc["members"]] + [(m, "classify") for m in doc.get("classifiers", [])]
     missing = [p for m, _ in entries for p in m["checkpoints"] if not Path(p).exists()]
     if missing:
@@ -123,8 +123,6 @@ def iter_predictions(doc: dict, members: list[Member], paths: list[Path], shape,
     With ``skip_bad`` an unreadable or wrongly sized image is yielded as ``(name, None)`` and its
     error appended to ``bad``; otherwise it raises, naming the file.
     """
-    from .console import progress as progress_bar
-
     post = [PostProcess(**doc["postprocess"][str(c + 1)]) for c in range(N_CLASSES)]
     clfs = [m for m in members if m.task == "classify"]
     members = [m for m in members if m.task == "segment"]
@@ -173,8 +171,6 @@ def predict_images(doc: dict, members: list[Member], paths: list[Path], shape, s
 def predict_rows(doc: dict, paths: list[Path], shape, blend_path="blend.json", **options) -> list[tuple[str, list[str]]]:
     """(image_id, [rle per class]) for every image (empty masks for a skipped bad one), on Ray's
     workers when Ray runs (``options`` as in :func:`steel_ray.workers.map_predictions`)."""
-    from .workers import map_predictions
-
     out = map_predictions(doc, paths, shape, rles, blend_path=blend_path, **options)
     return [(Path(p).name, [""] * N_CLASSES if r is None else r) for p, r in zip(paths, out)]
 

@@ -35,13 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import console
+from . import console, search
 from . import run as layout
 from .blend.document import load_blend
 from .blend.report import fmt_score
 from .config import ID_SCHEME, model_ids
 from .data import N_CLASSES, DataError, check_shapes, list_images
-from .io import atomic_write_text, write_json
+from .io import atomic_write_text
+from .oof import read_truth
 from .run import where
 from .tracking import resolve_uri
 
@@ -82,7 +83,7 @@ def image_confidence(pred, select: str = "confidence") -> tuple[float, np.ndarra
 
 def _label(pred, select: str = "confidence") -> dict:
     """What a worker sends back for one image: its confidences, classes and RLE strings."""
-    from .predict import rles
+    from .predict import rles  # lazy: torch, after the round's input is checked
 
     conf, per_class = image_confidence(pred, select)
     return {"confidence": round(conf, 6), **{f"class_{c + 1}": bool(pred.masks[c].any()) for c in range(N_CLASSES)},
@@ -96,7 +97,7 @@ def label_images(doc: dict, blend_path, paths: list[Path], shape, min_confidence
     images.csv, {image_id: [rle x 4]} of the kept images); ``select``: :func:`image_confidence`."""
     import functools
 
-    from .workers import map_predictions
+    from .workers import map_predictions  # lazy: Ray, after the round's input is checked
 
     labels = map_predictions(doc, paths, shape, functools.partial(_label, select=select), blend_path=blend_path, device=device)
     rows = [{"image_id": Path(p).name, "confidence": r["confidence"], "kept": r["confidence"] >= min_confidence,
@@ -114,7 +115,7 @@ def label_images(doc: dict, blend_path, paths: list[Path], shape, min_confidence
 
 def _write_csvs(out: Path, rows: list[dict], labels: dict, suffix: str = "") -> tuple[Path, Path]:
     """RUN/pseudo/labels<suffix>.csv (the kept images' labels) and images<suffix>.csv (every image's row)."""
-    from .predict import write_submission
+    from .predict import write_submission  # lazy: torch, after the round's input is checked
 
     lab = layout.pseudo_dir(out) / f"labels{suffix}.csv"
     write_submission(sorted(labels.items()), lab, "new")  # the Kaggle new format, as a submission
@@ -201,8 +202,6 @@ def _args(argv=None):
 def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
     """Check the input, then (``start_ray()``) label the images and write OUT's search state (stage
     complete: retrain the members)."""
-    from .oof import read_truth
-
     parent_state_path = layout.state_path(run)
     blend_path = layout.blend_json(run)
     for p in (parent_state_path, blend_path):
@@ -212,7 +211,7 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
         raise DataError(f"{out} already exists and is not empty; pass --resume to continue it, or choose a new --out")
     if not a.images:
         raise DataError("--images is required for a new round")
-    parent, doc = json.loads(parent_state_path.read_text()), load_blend(blend_path)
+    parent, doc = layout.read_state(run), load_blend(blend_path)
     images = Path(a.images).resolve()
     names = list_images(images)
     train_ids = set(read_truth(run).image_ids)
@@ -239,7 +238,7 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
     # what fold k trains on: labels made by the parent's fold-k models only, which never trained
     # on fold k's labels, so the round's fold-k OOF stays independent of them
     by_fold, tables, n_by_fold = {}, {}, {}
-    for k in range(parent["folds"]):
+    for k in range(parent.folds):
         log.info("labelling with the parent's fold-%d models (the labels fold %d trains on)", k, k)
         rows_k, labels_k = label_images(fold_doc(doc, k), blend_path, paths, shape, a.min_confidence, a.max_images,
                                         select=a.select)
@@ -251,24 +250,21 @@ def _start_round(a, run: Path, out: Path, start_ray=lambda: None) -> dict:
             log.warning("fold %d: no image reaches confidence %s with the fold-%d models; the fold trains without "
                         "pseudo labels", k, a.min_confidence, k)
     per_class = {str(c + 1): int(sum(bool(v[c]) for v in labels.values())) for c in range(N_CLASSES)}
-    state = {
-        "space": None, "spaces": [], "data": parent["data"], "folds": parent["folds"], "holdout": parent.get("holdout", 0.0),
-        "num_samples": None, "top": None, "seed": parent.get("seed", 0), "storage": where(a.storage), "smoke": False,
-        "stage": "complete", "explored": [], "selected": configs,
-        "selected_models": model_ids(configs),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": f"{out.name}-{uuid.uuid4().hex[:12]}",
-        "id_scheme": ID_SCHEME, "mlflow": resolve_uri(a.mlflow),
-        "pseudo": {"parent": str(run), "round": int(parent.get("pseudo", {}).get("round", 0)) + 1, "labels": str(lab),
+    state = layout.SearchState(
+        data=parent.data, folds=parent.folds, holdout=parent.holdout, seed=parent.seed, storage=where(a.storage),
+        stage="complete", selected=tuple(configs), selected_models=tuple(model_ids(configs)),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"), run_id=f"{out.name}-{uuid.uuid4().hex[:12]}",
+        id_scheme=ID_SCHEME, mlflow=resolve_uri(a.mlflow),
+        pseudo={"parent": str(run), "round": int((parent.pseudo or {}).get("round", 0)) + 1, "labels": str(lab),
                    "labels_by_fold": by_fold, "image_tables_by_fold": tables, "n_images_by_fold": n_by_fold,
                    "images": str(images), "image_table": str(imgs), "min_confidence": a.min_confidence, "select": a.select,
                    "max_images": a.max_images, "members": " ".join(a.members),
                    "n_candidates": len(rows), "n_images": len(labels), "per_class": per_class,
                    "parent_scores": {k: doc["scores"].get(k) for k in ("nested", "holdout", "all_empty", "cross_fitted")},
-                   "parent_holdout_all_empty": doc.get("holdout", {}).get("all_empty")},
-    }
-    write_json(layout.state_path(out), state)
+                   "parent_holdout_all_empty": doc.get("holdout", {}).get("all_empty")})
+    layout.write_state(out, state)
     log.info("kept %d of %d images with the whole blend (defects per class %s), per fold %s; retraining %d model(s) on "
-             "%d folds", len(labels), len(rows), per_class, n_by_fold, len(configs), parent["folds"])
+             "%d folds", len(labels), len(rows), per_class, n_by_fold, len(configs), parent.folds)
     return state
 
 
@@ -276,8 +272,7 @@ def main(argv=None) -> int:
     a = _args(argv)
     out, run = Path(a.out).resolve(), Path(a.run).resolve()
     console.setup(None, a.verbose)
-    from . import search
-    from .workers import ray_session
+    from .workers import ray_session  # lazy: Ray, after the round's input is checked
 
     # one Ray for the round, started once the input is checked: the labelling runs on its workers,
     # then the retraining's trials
@@ -288,7 +283,7 @@ def main(argv=None) -> int:
         try:
             if a.resume and layout.state_path(out).exists():
                 state = layout.read_state(out)
-                if "pseudo" not in state:
+                if state.pseudo is None:
                     raise DataError(f"{out}: not a pseudo-labelling round")
             else:
                 state = _start_round(a, run, out, start_ray)
@@ -302,7 +297,7 @@ def main(argv=None) -> int:
     if rc:
         return rc
     doc = load_blend(layout.blend_json(out))
-    for line in round_lines(state["pseudo"], doc):
+    for line in round_lines(state.pseudo, doc):
         print(line)
     return 0
 

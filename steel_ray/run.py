@@ -17,13 +17,18 @@ Every module asks here for a path instead of spelling it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .data import DataError
+from .io import write_json
 
 __all__ = [
     "STATE", "RESULTS", "FOLDS", "TRUTH", "HOLDOUT", "state_path", "results_path", "folds_path", "truth_path", "holdout_path",
     "oof_root", "oof_path", "checkpoint_dir", "best_weights", "blend_dir", "blend_json", "pseudo_dir", "logs_dir",
-    "trial_log", "optuna_db", "read_state", "run_id", "join_uri", "storage_root", "pool_uri", "ray_storage",
+    "trial_log", "optuna_db", "SearchState", "STAGES", "read_state", "write_state", "run_id", "join_uri", "storage_root", "pool_uri", "ray_storage",
 ]
 
 STATE = "search.json"
@@ -98,16 +103,85 @@ def where(uri: str | None) -> str | None:
     return uri if uri is None or "://" in uri else str(Path(uri).resolve())
 
 
-def read_state(run) -> dict | None:
+STAGES = ("explore", "complete", "blend", "done")
+
+
+@dataclass(frozen=True)
+class SearchState:
+    """RUN/search.json: a search's settings (fixed when it starts) and its progress. Frozen: a
+    change is a new state (:meth:`replace`) that :func:`write_state` saves; :func:`read_state` is
+    the one reader. A pseudo-labelling round's state has ``pseudo`` (its parent and labels)."""
+
+    data: str
+    folds: int
+    spaces: tuple = ()  # the space files (absolute paths)
+    holdout: float = 0.0
+    num_samples: int | None = None  # per space (None: the space's own)
+    top: int | None = None
+    seed: int = 0
+    storage: str | None = None  # shared storage root, or None: the run folder
+    smoke: bool = False
+    complete_by: str = "single"
+    stage: str = "explore"  # one of STAGES
+    explored: tuple = ()  # spaces whose explore stage ended
+    selected: tuple = ()  # the configs (dicts) the complete stage trains on every fold
+    selected_models: tuple = ()  # their model ids: the blend's models
+    completion: dict = field(default_factory=dict)  # space -> {rule, single, ensemble}: both rules' picks
+    started: str = ""
+    run_id: str = ""
+    id_scheme: int = 1
+    mlflow: str | None = None
+    pseudo: dict | None = None
+
+    def replace(self, **changes) -> "SearchState":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(spaces=list(self.spaces), explored=list(self.explored), selected=list(self.selected),
+                 selected_models=list(self.selected_models), space=self.spaces[0] if self.spaces else None)
+        return {k: v for k, v in d.items() if not (k == "pseudo" and v is None)}
+
+    @classmethod
+    def from_dict(cls, d: dict, path="search.json") -> "SearchState":
+        d = dict(d)
+        if "spaces" not in d and d.get("space"):
+            d["spaces"] = [d["space"]]  # states from before several spaces
+        d.pop("space", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise DataError(f"{path}: unknown key(s) {unknown} in a search state; expected some of {sorted(names)}")
+        missing = [k for k in ("data", "folds") if k not in d]
+        if missing:
+            raise DataError(f"{path}: a search state needs {missing}")
+        if d.get("stage", "explore") not in STAGES:
+            raise DataError(f"{path}: stage {d['stage']!r} is not one of {list(STAGES)}")
+        for k in ("spaces", "explored", "selected", "selected_models"):
+            d[k] = tuple(d.get(k) or ())
+        return cls(**d)
+
+
+def read_state(run) -> SearchState | None:
     """The saved search state (RUN/search.json), or None for a run without one."""
     p = state_path(run)
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        return SearchState.from_dict(json.loads(p.read_text()), p)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not a JSON document ({e})") from None
 
 
-def run_id(state: dict, run) -> str:
+def write_state(run, state: SearchState) -> None:
+    """Save ``state`` as RUN/search.json (atomically)."""
+    write_json(state_path(run), state.to_dict())
+
+
+def run_id(state: SearchState | None, run) -> str:
     """The run's id (made when the search starts, kept in its state); runs from before ids
-    existed use their folder name, as their storage did."""
-    return state.get("run_id") or Path(run).name
+    existed (or without a state) use their folder name, as their storage did."""
+    return (state.run_id if state is not None else "") or Path(run).name
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -118,18 +192,18 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
 
 
-def storage_root(state: dict, run) -> str | None:
+def storage_root(state: SearchState, run) -> str | None:
     """``STORAGE/<run id>`` when the run writes to ``--storage``, else None (everything in RUN)."""
-    return join_uri(state["storage"], run_id(state, run)) if state.get("storage") else None
+    return join_uri(state.storage, run_id(state, run)) if state.storage else None
 
 
-def pool_uri(state: dict, run) -> str:
+def pool_uri(state: SearchState, run) -> str:
     """Where trials write their OOF and weights: ``STORAGE/<run id>/pool``, else the run folder itself."""
     root = storage_root(state, run)
     return join_uri(root, "pool") if root else str(run)
 
 
-def ray_storage(state: dict, run) -> str:
+def ray_storage(state: SearchState, run) -> str:
     """Where Ray keeps the experiments and trial checkpoints: ``STORAGE/<run id>/ray``, else ``RUN/ray``."""
     root = storage_root(state, run)
     return join_uri(root, "ray") if root else str(Path(run) / "ray")

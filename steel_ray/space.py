@@ -232,7 +232,7 @@ def _check_samples(space: SearchSpace, n: int = 64) -> None:
     """Draw configs from the space with a throwaway sampler: each must be a valid trial config."""
     import optuna
 
-    from .models import check_model_config, supports_attention
+    from .models import check_model_config, supports_attention  # lazy: smp and torch, only to check a space's architectures
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

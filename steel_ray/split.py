@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import oof
 from . import run as layout
-from .data import DataError, TrainSet, folds_hash, load_train, make_folds, make_holdout, write_folds
+from .data import DataError, TrainSet, folds_hash, load_labelled, load_train, make_folds, make_holdout, write_folds
 from .io import write_json
 
 __all__ = ["FOLD_SEED", "FoldData", "prepare_run"]
@@ -105,8 +105,6 @@ def prepare_run(data_dir, run_dir, n_folds: int, fold_seed: int = FOLD_SEED, hol
 
 
 def _load_pseudo(pseudo: dict, train_ids: set, shape, which: str = "every fold") -> TrainSet:
-    from .data import load_labelled
-
     extra = load_labelled(pseudo["labels"], pseudo["images"])
     clash = sorted(set(extra.image_ids) & train_ids)
     if clash:

@@ -27,6 +27,7 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter1d
 
 from . import rle
+from .console import progress
 from .io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,6 @@ def _image_ids(rng, n, taken):
 
 
 def write_split(out: Path, subdir: str, ids, seeds, h, w, desc):
-    from .console import progress
-
     folder = out / subdir
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

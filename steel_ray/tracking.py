@@ -29,6 +29,9 @@ import os
 import time
 from pathlib import Path
 
+from . import run as layout
+from .config import ConfigError, TrialConfig
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Tracker", "open_tracker", "resolve_uri"]
@@ -148,11 +151,14 @@ class Tracker:
             self.client.log_batch(rid, metrics=items[i:i + 1000])
 
     # -- the search --------------------------------------------------------------------------
-    def start_search(self, state: dict) -> str:
-        keep = ("data", "spaces", "folds", "holdout", "num_samples", "top", "seed", "storage", "smoke", "run_id", "id_scheme")
-        params = {k: json.dumps(state.get(k)) if not isinstance(state.get(k), str) else state[k] for k in keep}
-        if state.get("pseudo"):
-            ps = state["pseudo"]
+    def start_search(self, state) -> str:
+        """The search's parent run, with the settings of ``state`` (a :class:`run.SearchState`) as params."""
+        keep = ("data", "spaces", "folds", "holdout", "num_samples", "top", "seed", "storage", "smoke", "run_id", "id_scheme",
+                "complete_by")
+        d = state.to_dict()
+        params = {k: json.dumps(d.get(k)) if not isinstance(d.get(k), str) else d[k] for k in keep}
+        if state.pseudo:
+            ps = state.pseudo
             params.update({f"pseudo.{k}": ps.get(k) for k in ("parent", "round", "min_confidence", "max_images", "members",
                                                                "n_images")})
         self.parent_id = self._run("search", self.run.name, {"role": "search", "run_folder": str(self.run.resolve())},
@@ -164,8 +170,6 @@ class Tracker:
             self.client.set_terminated(self.parent_id, status=status)
 
     def trial_started(self, stage: str, trial_id: str, config: dict) -> str:
-        from .config import ConfigError, TrialConfig
-
         spec = dict(config.get("spec", config))
         fold = int(spec.pop("fold", 0))
         try:
@@ -263,10 +267,8 @@ class Tracker:
         return rid
 
 
-def open_tracker(uri: str | None, run: Path, state: dict | None) -> Tracker | None:
+def open_tracker(uri: str | None, run: Path, state) -> Tracker | None:
     """The run's tracker (None without a URI); its experiment is named by the run's id."""
     if not uri:
         return None
-    from . import run as layout
-
-    return Tracker(uri, Path(run), layout.run_id(state or {}, run))
+    return Tracker(uri, Path(run), layout.run_id(state, run))

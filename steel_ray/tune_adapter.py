@@ -20,6 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 from . import oof
 from . import run as layout
 from .config import TrialConfig
+from .console import progress
 from .train import FoldData, checkpoint_dir, fit_fold
 from .weights import WeightsUnavailable
 
@@ -97,8 +98,6 @@ class ProgressCallback(tune.Callback):
 
     def _ensure_bar(self):
         if self.bar is None:
-            from .console import progress
-
             self.bar = progress(total=self.total, desc=self.stage, unit="trials",
                                 bar_format="{desc}: {n_fmt}/{total_fmt} trials |{bar:20}| {elapsed}<{remaining} {postfix}")
         return self.bar
@@ -389,10 +388,7 @@ def run_trial(config: dict, data: FoldData = None, pool: str = "", default_fold:
     info = {"model_id": model_id, "fold": fold, **_node_info()}
     check_environment(driver_env, f"{info['node_ip']} ({info['node_id'][:12]})")
 
-    done = pool_meta(pool, model_id, fold)
-    if done is not None and done.get("folds_hash") != data.folds_hash:
-        raise ValueError(f"{pool}: the OOF of {model_id} fold {fold} belongs to another fold split "
-                         f"({done.get('folds_hash')} != {data.folds_hash}); it is not reused")
+    done = oof.finished(pool_meta(pool, model_id, fold), data.folds_hash, f"{pool}: {model_id} fold {fold}")
     if done is not None:
         log.info("%s fold %d: OOF already in the pool, reusing it", model_id, fold)
         best = float(done.get("best_val_dice", float("nan")))

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .io import write_json
+from .space import load_space
 
 __all__ = ["WeightsUnavailable", "status_path", "check", "record", "unavailable", "encoders_of", "fetch", "main"]
 
@@ -84,8 +85,6 @@ def unavailable(encoder: str, weights: str, error: BaseException) -> WeightsUnav
 
 def encoders_of(space_paths: list[str]) -> list[tuple[str, str]]:
     """The (encoder, weights) pairs the spaces can train from pretrained weights."""
-    from .space import load_space
-
     out: list[tuple[str, str]] = []
     for p in space_paths:
         sp = load_space(p)

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import run as layout
+from .console import progress as progress_bar
+from .console import route_ray_logs
+from .data import DataError
 
 __all__ = ["map_predictions", "ray_session", "checkpoint_sources", "default_workers"]
 
@@ -39,16 +42,15 @@ def checkpoint_sources(doc: dict) -> dict[str, tuple[str, str] | None]:
     for m in [*doc["members"], *doc.get("classifiers", [])]:
         for p in map(Path, m["checkpoints"]):
             run = p.parents[3]  # RUN/checkpoints/<model>/fold=<k>/best.pt
-            state = layout.read_state(run) or {}
-            out[str(p)] = (layout.pool_uri(state, run), p.relative_to(run).as_posix()) if state.get("storage") else None
+            state = layout.read_state(run)
+            out[str(p)] = (layout.pool_uri(state, run), p.relative_to(run).as_posix()) if state and state.storage else None
     return out
 
 
 def _localise(doc: dict, sources: dict, scratch: Path) -> dict:
     """The document with each checkpoint path replaced by where this node has the file: the path
     itself when it exists here, else a copy fetched from the run's pool into ``scratch``."""
-    from .data import DataError
-    from .tune_adapter import get_file, is_remote
+    from .tune_adapter import get_file, is_remote  # lazy: Ray and torch, on the workers only
 
     def where(p: str) -> str:
         if Path(p).exists():
@@ -84,9 +86,9 @@ class Predictor:
     def __init__(self, doc: dict, sources: dict, tta: str | None, threads: int):
         import torch
 
-        from .infer import pick_device
-        from .predict import load_members
-        from .tune_adapter import scratch_dir
+        from .infer import pick_device  # lazy: torch, on the workers only
+        from .predict import load_members  # lazy: torch, on the workers only
+        from .tune_adapter import scratch_dir  # lazy: Ray and torch, on the workers only
 
         torch.set_num_threads(max(1, int(threads)))
         self.scratch = scratch_dir()
@@ -100,8 +102,7 @@ class Predictor:
         errors, node id). Errors name the caller's paths, not this worker's copies."""
         import torch
 
-        from .data import DataError
-        from .predict import iter_predictions
+        from .predict import iter_predictions  # lazy: torch, on the workers only
 
         folder = self.scratch / f"shard-{time.monotonic_ns()}"
         folder.mkdir()
@@ -158,9 +159,6 @@ def map_predictions(doc: dict, paths: list[Path], shape, reduce: Callable, *, tt
     bad = [] if bad is None else bad
     if workers == 0 or not ray.is_initialized():
         return _in_process(doc, paths, shape, reduce, tta, batch_size, skip_bad, bad, progress, blend_path, device)
-    from .console import progress as progress_bar
-    from .data import DataError
-
     sources = checkpoint_sources(doc)
     missing = [p for p, s in sources.items() if s is None and not Path(p).exists()]
     if missing:
@@ -219,8 +217,8 @@ def map_predictions(doc: dict, paths: list[Path], shape, reduce: Callable, *, tt
 def _in_process(doc, paths, shape, reduce, tta, batch_size, skip_bad, bad, progress, blend_path, device) -> list:
     import torch
 
-    from .infer import pick_device
-    from .predict import iter_predictions, load_members
+    from .infer import pick_device  # lazy: torch, on the workers only
+    from .predict import iter_predictions, load_members  # lazy: torch, on the workers only
 
     members = load_members(doc, blend_path, pick_device(device), tta)
     with torch.inference_mode():
@@ -233,8 +231,6 @@ def ray_session(address: str | None = None, verbose: bool = False):
     """Join ``address`` or start an embedded Ray for the block (nothing when Ray is already running);
     Ray is shut down at the end only when this block started it."""
     import ray
-
-    from .console import route_ray_logs
 
     if ray.is_initialized():
         yield

@@ -129,7 +129,7 @@ def test_search_run_blends_its_completed_models_only(planted, tmp_path):
     extra = work / "oof" / "model_id=d_screen_only"
     shutil.copytree(work / "oof" / "model_id=c_noise" / "fold=0", extra / "fold=0")
     assert blend.main(["--run", str(work), "--no-nested"]) == 2  # the whole pool has a gap
-    (work / "search.json").write_text(json.dumps({"selected_models": ["a_good", "b_good2"]}))
+    (work / "search.json").write_text(json.dumps({"data": "/d", "folds": 3, "selected_models": ["a_good", "b_good2"]}))
     assert blend.main(["--run", str(work), "--no-nested", "--max-members", "3"]) == 0
     doc = json.loads((work / "blend" / "blend.json").read_text())
     assert {m["model_id"] for m in doc["members"]} <= {"a_good", "b_good2"}
@@ -640,7 +640,8 @@ def test_report_lists_the_choices_each_score_saw(tmp_path):
         run = tmp_path / f"{policy}{explored}"
         write_run(run, masks, models, configs={m: {"oof_epoch": policy} for m in models})
         if explored:
-            (run / "search.json").write_text(json.dumps({"stage": "done", "explored": ["demo"], "selected_models": ["a", "b"]}))
+            (run / "search.json").write_text(json.dumps({"data": "/d", "folds": 3, "stage": "done", "explored": ["demo"],
+                                                              "selected_models": ["a", "b"]}))
         doc = blend.blend_run(run, max_members=3, nested=False)
         inc = doc["scores_include"]
         assert inc["all_empty"] == [] and inc["holdout"] == []
@@ -656,7 +657,8 @@ def test_report_lists_the_choices_each_score_saw(tmp_path):
         ps = {"min_confidence": 0.6, "max_images": 5, "parent": "r0", "round": 1, "n_images": 5, "n_candidates": 9,
               "per_class": {"1": 0, "2": 0, "3": 1, "4": 0}, "parent_scores": {"nested": 0.8},
               **({"labels_by_fold": {"0": "l0.csv"}, "n_images_by_fold": {"0": 3, "1": 0}} if per_fold else {})}
-        (run / "search.json").write_text(json.dumps({"stage": "done", "explored": [], "selected_models": ["a", "b"], "pseudo": ps}))
+        (run / "search.json").write_text(json.dumps({"data": "/d", "folds": 3, "stage": "done", "explored": [],
+                                                              "selected_models": ["a", "b"], "pseudo": ps}))
         inc = blend.blend_run(run, max_members=3, nested=False)["scores_include"]
         item = [x for x in inc["nested"] if x.startswith("pseudo labels")]
         assert len(item) == 1 and "confidence cut-off 0.6, at most 5 images" in item[0]
@@ -688,7 +690,8 @@ def test_report_reads_plainly(tmp_path):
                                         "random": rng.random(present.shape).astype(np.float32)})
     data = tmp_path / "data"
     (data / "test_images").mkdir(parents=True)
-    (tmp_path / "search.json").write_text(json.dumps({"stage": "done", "data": str(data), "selected_models": ["seg_fp", "perfect", "random"]}))
+    (tmp_path / "search.json").write_text(json.dumps({"stage": "done", "data": str(data), "folds": 3,
+                                                               "selected_models": ["seg_fp", "perfect", "random"]}))
     pd.DataFrame([{"stage": "explore", "model_id": "seg_fp", "fold": 0, "status": "TERMINATED", "epochs_run": 3,
                    "best_val_dice_pp": 0.8123456789, "best_val_dice": 0.7, "wall_s": 12.3456, "error": None},
                   {"stage": "explore", "model_id": "cls-perfect", "fold": 0, "status": "TERMINATED", "epochs_run": 2,

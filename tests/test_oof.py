@@ -134,3 +134,17 @@ def test_a_pool_of_an_older_model_id_scheme_is_refused_naming_the_file(run):
     with pytest.raises(data.DataError, match=f"{f}: written by steel_ray .* model ids of scheme 1; .*new folder"):
         oof.check_fold_file(f, truth, 0)
     assert oof.read_meta(f)["model_id"] == "m1"  # the rest of the metadata is untouched
+
+
+def test_finished_is_the_one_fold_done_answer():
+    """train (a local fold), a trial (the pool) and the search driver (pending folds) ask oof.finished:
+    no OOF file is not done; one of this split is reused; one of another split is refused, named."""
+    import pytest
+
+    from steel_ray.data import DataError
+
+    meta = {"folds_hash": "abc", "epochs_run": 3}
+    assert oof.finished(None, "abc", "x") is None
+    assert oof.finished(meta, "abc", "x") is meta and oof.finished(meta, None, "x") is meta
+    with pytest.raises(DataError, match=r"^s3://b/pool: m fold 1: OOF of another fold split \(folds_hash abc != def\)"):
+        oof.finished(meta, "def", "s3://b/pool: m fold 1")

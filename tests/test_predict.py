@@ -268,8 +268,8 @@ def test_workers_write_the_single_process_submission_fetching_weights_from_s3(ti
         # a copy of the run whose weights are only in its pool: STORAGE/<run id>/pool/checkpoints/...
         run = tmp_path / "run"
         shutil.copytree(src, run)
-        (run / "search.json").write_text(json.dumps({"storage": storage, "run_id": "r1"}))
-        pool = layout.pool_uri({"storage": storage, "run_id": "r1"}, run)
+        (run / "search.json").write_text(json.dumps({"data": "/d", "folds": 2, "storage": storage, "run_id": "r1"}))
+        pool = layout.pool_uri(layout.SearchState(data="/d", folds=2, storage=storage, run_id="r1"), run)
         doc = json.loads((run / "blend" / "blend.json").read_text())
         for m in doc["members"]:
             m["checkpoints"] = [p.replace(str(src), str(run)) for p in m["checkpoints"]]

@@ -273,7 +273,9 @@ def test_resume_checks_saved_settings(tmp_path):
     with pytest.raises(search.SearchError, match="--data /other differs from the interrupted search's /d"):
         search._load_state(run, search._args(["--out", str(run), "--resume", "--data", "/other"]))
     state = search._load_state(run, search._args(["--out", str(run), "--resume", "--folds", "7"]))
-    assert state["data"] == "/d" and state["folds"] == 3  # the saved split wins
+    assert state.data == "/d" and state.folds == 3  # the saved split wins
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['fold'\]"):
+        search.search(run, fold=3)  # a typo is refused before anything runs
     with pytest.raises(search.SearchError, match="already exists"):
         search._load_state(run, search._args(["--out", str(run), "--space", "x", "--data", "y"]))
 

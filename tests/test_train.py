@@ -122,7 +122,7 @@ def test_cli(tiny_set, tmp_path):
 def test_post_processed_val_dice_equals_the_blend_search_on_the_same_maps():
     """The streamed per-image histograms give the same score as the blend's exact search on dense maps."""
     from steel_ray import postprocess as ps
-    from steel_ray.train import _PPCounts
+    from steel_ray.validate import PPCounts as _PPCounts
 
     rng = np.random.default_rng(0)
     n, h, w = 12, 32, 64
@@ -242,7 +242,7 @@ def test_classifier_learns_presence_and_writes_a_classify_oof(tmp_path):
 
 
 def test_gate_metrics_by_hand():
-    from steel_ray.train import gate_metrics
+    from steel_ray.validate import gate_metrics
 
     truth = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0]], bool)
     pres = np.array([[0.9, 0.1, 0.2, 0.1], [0.6, 0.0, 0.4, 0.1], [0.4, 0.2, 0.8, 0.0], [0.1, 0.3, 0.3, 0.2]])

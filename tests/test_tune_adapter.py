@@ -47,7 +47,7 @@ def test_crash_between_uploads_leaves_a_fold_the_next_resume_retrains(tiny_set, 
     import pyarrow.fs as pafs
     import pytest
 
-    from steel_ray import search, tune_adapter
+    from steel_ray import results, tune_adapter
     from steel_ray.config import TrialConfig
     from steel_ray.train import fit_fold, prepare_run
 
@@ -71,10 +71,10 @@ def test_crash_between_uploads_leaves_a_fold_the_next_resume_retrains(tiny_set, 
     root = bucket / "runs/r1-0123456789ab/pool"
     assert (root / "checkpoints" / res.model_id / "fold=0" / "best.pt").exists()
     assert not list(root.rglob("*.parquet"))
-    assert search.pending_folds([cfg], 2, pool) == [{**cfg, "fold": 0}, {**cfg, "fold": 1}]  # fold 0 is retrained
+    assert results.pending_folds([cfg], 2, pool) == [{**cfg, "fold": 0}, {**cfg, "fold": 1}]  # fold 0 is retrained
     monkeypatch.setattr(tune_adapter, "put_file", real_put)
     tune_adapter.upload_fold(local, res.weights_path, res.oof_path, pool)
-    assert search.pending_folds([cfg], 2, pool) == [{**cfg, "fold": 1}]
+    assert results.pending_folds([cfg], 2, pool) == [{**cfg, "fold": 1}]
 
 
 def test_a_worker_with_other_code_or_versions_fails_its_trial_naming_both_sides():

@@ -128,10 +128,7 @@ def search_models(run) -> list[str] | None:
     saved = layout.read_state(run)
     if saved is None:
         return None
-    models = saved.get("selected_models")
-    if models is None and saved.get("selected"):
-        models = model_ids(saved["selected"])
-    return models or None
+    return list(saved.selected_models or model_ids(saved.selected)) or None
 
 
 def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, stream="auto", out=None,
@@ -159,9 +156,9 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
         else:
             n = len(json.loads(layout.holdout_path(run).read_text()).get("looks", []))
             log.info("the holdout is not scored (looked at %d time(s) so far): pass --score-holdout to look at it", n)
-    state = layout.read_state(run) or {}
-    if "pseudo" in state:  # a pseudo-labelling round (steel_ray.pseudo)
-        doc["pseudo"] = state["pseudo"]
+    state = layout.read_state(run)
+    if state is not None and state.pseudo is not None:  # a pseudo-labelling round (steel_ray.pseudo)
+        doc["pseudo"] = state.pseudo
     write_blend_json(doc, out / "blend.json")
     html = write_report(doc, pool, run, out, overlays=overlays)
     for line in summary_lines(doc):

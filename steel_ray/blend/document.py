@@ -163,13 +163,13 @@ def score_selections(run, pool: BlendPool) -> dict:
     folds = sorted(set(pool.folds.tolist()))
     configs = {m: oof.read_meta(layout.oof_path(run, m, folds[0])).get("config") or {} for m in pool.model_ids + pool.classifiers}
     best_epoch = [m for m, c in configs.items() if c.get("oof_epoch", "last") == "best"]
-    state = layout.read_state(run) or {}
+    state = layout.read_state(run)
     upstream = []
-    if state.get("explored") or state.get("pseudo"):
+    if state is not None and (state.explored or state.pseudo):
         upstream.append("config choice (explore stage, screening-fold validation Dice)")
     if best_epoch:
         upstream.append(f"epoch choice on each fold's own labels (oof_epoch=best: {len(best_epoch)} of {len(configs)} models)")
-    ps = state.get("pseudo")
+    ps = state.pseudo if state is not None else None
     if ps:
         # fold k trained on labels of the parent's fold-k models (never trained on fold k), but the
         # parent blend that made them chose its members, weights and post-processing on every fold

@@ -298,7 +298,8 @@ def warnings(doc: dict) -> list[tuple[str, str]]:
 def _submit_cmd(run: Path, out_dir: Path) -> str:
     """The predict command for this blend, with the run's own test images (beside its training data)
     and the Python this report was made with."""
-    data = (read_state(run) or {}).get("data")
+    state = read_state(run)
+    data = state.data if state is not None else None
     images = Path(data) / "test_images" if data and (Path(data) / "test_images").is_dir() else "DATA/test_images"
     py = Path(sys.executable)
     rel = os.path.relpath(py)
