@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import resource
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 
 from steel_ray import blend
 from steel_ray import postprocess as ps
+from steel_ray import run as layout
 from steel_ray.blend import pool as bpool
 from steel_ray.blend import selection as bselect
 from steel_ray.blend import tune
@@ -248,7 +248,7 @@ def planted_pool(run: Path, n: int, shape=(128, 800), models=3) -> Path:
     masks = blend_pools.make_truth(rng, n, shape)
     ids = [f"m{j}" for j in range(models)]
     blend_pools.write_run(run, masks, {m: blend_pools.signal_model(rng, masks) for m in ids})
-    (run / "search.json").write_text(json.dumps({"selected_models": ids}))
+    layout.write_state(run, layout.SearchState(data="", folds=3, stage="done", selected_models=tuple(ids)))  # write_run: 3 folds
     return run
 
 

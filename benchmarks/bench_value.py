@@ -77,8 +77,8 @@ def variant(run: Path, name: str, models=None, **opts) -> dict:
 
 def _rule(run: Path) -> str:
     """How a search chose the configs it completed (its --complete-by)."""
-    state = layout.read_state(run) or {}
-    return f"complete-by {state.get('complete_by', 'single')}"
+    state = layout.read_state(run)
+    return f"complete-by {state.complete_by if state is not None else 'single'}"
 
 
 def main(argv=None) -> int:
