@@ -10,6 +10,8 @@ import pytest
 from dashboards import dashboard_trials, progress, same_trials, tensorboard_scalars, trial_dirs
 from test_search import SPACE
 
+from steel_ray.run import SearchState
+
 MLFLOW_END = {"TERMINATED": "FINISHED", "STOPPED": "KILLED", "ERROR": "FAILED"}
 
 
@@ -153,11 +155,11 @@ def test_a_resumed_or_retried_trial_logs_each_epoch_once_into_its_one_run(tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = {"arch": "FPN", "encoder": "tu-test_resnet", "lr": 3e-3, "fold": 1}
     first = Tracker(uri, tmp_path / "run", "run-0123456789ab")
-    first.start_search({"run_id": "run-0123456789ab", "folds": 2})
+    first.start_search(SearchState(data="/d", folds=2, run_id="run-0123456789ab"))
     for epoch, v in ((1, 0.5), (2, 0.6)):
         first.trial_result("explore", "t1", cfg, {"epoch": epoch, "val_dice_pp": v, "node_ip": "10.0.0.1", "node_id": "ab" * 20})
     again = Tracker(uri, tmp_path / "run", "run-0123456789ab")  # the resumed driver
-    again.start_search({"run_id": "run-0123456789ab", "folds": 2})
+    again.start_search(SearchState(data="/d", folds=2, run_id="run-0123456789ab"))
     for epoch, v in ((2, 0.65), (3, 0.7)):  # restored from the epoch-1 checkpoint: epoch 2 again, then 3
         again.trial_result("explore", "t1", cfg, {"epoch": epoch, "val_dice_pp": v})
     # killed after its OOF was written, restored as running: it reports its fold again as reused
