@@ -172,8 +172,10 @@ def map_predictions(doc: dict, paths: list[Path], shape, reduce: Callable, *, tt
     size = max(1, min(shard_size, math.ceil(len(paths) / n)))
     shards = [paths[i:i + size] for i in range(0, len(paths), size)]
     actor = ray.remote(Predictor).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_restarts=1, max_task_retries=1)
-    doc_ref = ray.put(doc)
-    pool = [actor.remote(doc_ref, sources, tta, math.ceil(cpus_per_task)) for _ in range(n)]
+    # the blend document goes by value (a few KB, inlined in each creation task): a restarted actor
+    # needs its constructor arguments, and Ray's core worker warns on the console about any held in
+    # the object store (ray-project/ray#53727)
+    pool = [actor.remote(doc, sources, tta, math.ceil(cpus_per_task)) for _ in range(n)]
     log.info("predicting %d image(s) on %d Ray worker(s) (%s CPU, %s GPU each; %d shard(s) of up to %d)", len(paths), n,
              cpus_per_task, gpus_per_task, len(shards), size)
     results: list = [None] * len(shards)
