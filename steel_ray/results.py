@@ -101,7 +101,8 @@ def select_ensemble(run: Path, pool: str, rows: list[dict], top: int, by_single:
     for r in sorted(rows, key=lambda r: -r[METRIC] if r[METRIC] == r[METRIC] else np.inf):
         if r["status"] == "TERMINATED" and r["model_id"] and r["model_id"] not in done:
             done[r["model_id"]] = json.loads(r["config"])
-    sync_pool(pool, run)
+    # only these models' screening-fold OOF: a cluster's pool also holds every explored trial's weights
+    sync_pool(pool, run, only=[layout.oof_path("", m, SCREEN_FOLD).as_posix().lstrip("/") for m in done])
     done = {m: c for m, c in done.items() if layout.oof_path(run, m, SCREEN_FOLD).exists()}
     if len(done) < 2:
         return by_single

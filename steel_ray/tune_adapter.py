@@ -236,9 +236,10 @@ def get_file(pool: str, rel: str, local: Path) -> bool:
     return True
 
 
-def sync_pool(pool: str, run: Path) -> None:
+def sync_pool(pool: str, run: Path, only: list[str] | None = None) -> None:
     """Bring a remote pool's OOF files, best weights and trial logs into the local run folder (a log
-    is copied again when it changed: a retried trial appends to it)."""
+    is copied again when it changed: a retried trial appends to it); with ``only``, just those
+    files (paths relative to the pool, e.g. some OOF files)."""
     if not is_remote(pool) and Path(pool).resolve() == Path(run).resolve():
         return
     import pyarrow.fs as pafs
@@ -247,7 +248,8 @@ def sync_pool(pool: str, run: Path) -> None:
     logs = layout.trial_log("", "m", 0).parent.as_posix()
     for sub in ("oof", "checkpoints", logs):
         sel = pafs.FileSelector(f"{root}/{sub}", recursive=True, allow_not_found=True)
-        for info in fs.get_file_info(sel):
+        infos = fs.get_file_info(sel) if only is None else fs.get_file_info([f"{root}/{r}" for r in only if r.startswith(sub + "/")])
+        for info in infos:
             if info.type != pafs.FileType.File or Path(info.path).name.startswith("."):
                 continue
             rel = os.path.relpath(info.path, root)

@@ -107,3 +107,21 @@ def test_a_resumed_stage_counts_the_trials_that_ended_before_it():
     cb.on_trial_complete(1, [], None)
     cb.on_experiment_end(ended)  # counted at the first step already
     assert cb.close().startswith("explore: 2 of 3 trial(s) ended (0 failed, 1 ended before this resume)")
+
+
+def test_sync_pool_only_brings_the_files_asked_for(tmp_path):
+    """--complete-by's screening-fold OOF: just those files, not every explored trial's weights."""
+    from steel_ray import run as layout
+    from steel_ray.tune_adapter import sync_pool
+
+    pool, run = tmp_path / "pool", tmp_path / "run"
+    files = [layout.oof_path("", m, 0).as_posix().lstrip("/") for m in ("a", "b")]
+    files += [layout.best_weights("", "a", 0).as_posix().lstrip("/")]
+    for rel in files:
+        (pool / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pool / rel).write_bytes(rel.encode())
+    sync_pool(str(pool), run, only=[files[0], layout.oof_path("", "gone", 0).as_posix().lstrip("/")])
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [files[0]]
+    assert (run / files[0]).read_bytes() == files[0].encode()
+    sync_pool(str(pool), run)  # without only: everything
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == sorted(files)
