@@ -9,7 +9,6 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from . import blend, oof
@@ -70,16 +69,20 @@ def write_results(run: Path, rows: list[dict]) -> pd.DataFrame:
     return df
 
 
+def _ranked(rows: list[dict]) -> list[dict]:
+    """The trials that did not fail, best val_dice_pp first (on a tie, one that ran to the end first)."""
+    ok = [r for r in rows if r["status"] != "ERROR" and r[METRIC] == r[METRIC]]
+    return sorted(ok, key=lambda r: (-r[METRIC], r["status"] != "TERMINATED"))
+
+
 def select_top(rows: list[dict], top: int, space: str = "") -> list[dict]:
     """The ``top`` distinct configs of one space's explore trials (that did not fail) by best val_dice_pp.
 
     Trials ASHA stopped early compete with their best epoch; if one is selected, its screening
     fold is retrained to the end in the complete stage (it has no OOF yet).
     """
-    ok = [r for r in rows if r["status"] != "ERROR" and r[METRIC] == r[METRIC]]
-    ok.sort(key=lambda r: (-r[METRIC], r["status"] != "TERMINATED"))
     seen, out = set(), []
-    for r in ok:
+    for r in _ranked(rows):
         if r["model_id"] not in seen:
             seen.add(r["model_id"])
             out.append(json.loads(r["config"]))
@@ -98,7 +101,7 @@ def select_ensemble(run: Path, pool: str, rows: list[dict], top: int, by_single:
     from .tune_adapter import sync_pool  # lazy: tune_adapter loads Ray and torch; the driver module stays light
 
     done: dict[str, dict] = {}
-    for r in sorted(rows, key=lambda r: -r[METRIC] if r[METRIC] == r[METRIC] else np.inf):
+    for r in _ranked(rows):
         if r["status"] == "TERMINATED" and r["model_id"] and r["model_id"] not in done:
             done[r["model_id"]] = json.loads(r["config"])
     # only these models' screening-fold OOF: a cluster's pool also holds every explored trial's weights

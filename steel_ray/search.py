@@ -106,24 +106,24 @@ def _args(argv=None) -> SearchOptions:
                          "segmentation and a classifier space) in one run; required, except with --resume")
     ap.add_argument("--data", help="Severstal-layout data folder, readable from every node; required, except with --resume")
     ap.add_argument("--out", required=True, help="run folder on this machine")
-    ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--holdout", type=float, default=0.0,
+    ap.add_argument("--folds", type=int)
+    ap.add_argument("--holdout", type=float,
                     help="fraction of the images set aside before the folds (multilabel-stratified): never trained, "
                          "validated, tuned or blended on; the chosen blend is scored on it at the end (default 0: none)")
-    ap.add_argument("--num-samples", type=int, default=None,
+    ap.add_argument("--num-samples", type=int,
                     help="configs Optuna proposes per space in the explore stage (default: the space's num_samples, else 16)")
-    ap.add_argument("--top", type=int, default=None,
+    ap.add_argument("--top", type=int,
                     help="configs of each space trained on every fold (default: the space's top, else 3)")
-    ap.add_argument("--complete-by", choices=["single", "ensemble"], default="single",
+    ap.add_argument("--complete-by", choices=["single", "ensemble"],
                     help="which explored configs of a segmentation space the complete stage trains on every fold: single "
                          "(the --top best by their own screening-fold score) or ensemble (the --top the blend's greedy "
                          "selection picks first on the screening fold's OOF, cross-fitted on an inner split; finished "
                          "trials only). The explore summary shows both")
-    ap.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what resources allow)")
-    ap.add_argument("--cpus-per-trial", type=float, default=1.0)
-    ap.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
-    ap.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its last checkpoint")
-    ap.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    ap.add_argument("--max-concurrent", type=int, help="trials at once (default: what resources allow)")
+    ap.add_argument("--cpus-per-trial", type=float)
+    ap.add_argument("--gpus-per-trial", type=float, help="fractions allowed, e.g. 0.5")
+    ap.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
+    ap.add_argument("--seed", type=int, help="Optuna sampler seed")
     ap.add_argument("--address", help="join a running Ray cluster ('auto', 'ray://host:10001'); default: embedded Ray")
     ap.add_argument("--storage", help="shared storage every node writes to (path on shared FS, or s3://...); default: RUN")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted search in RUN")
@@ -136,6 +136,8 @@ def _args(argv=None) -> SearchOptions:
     ap.add_argument("--verbose", action="store_true",
                     help="show Ray's trial tables, worker output and third-party logs on the console "
                          "(otherwise they go to RUN/logs/search.log)")
+    # one set of defaults: SearchOptions' (search() uses them too)
+    ap.set_defaults(**{f.name: f.default for f in dataclasses.fields(SearchOptions) if f.default is not dataclasses.MISSING})
     a = ap.parse_args(argv)
     return SearchOptions(**{**vars(a), "space": None if a.space is None else tuple(a.space)})
 

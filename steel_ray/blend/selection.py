@@ -116,10 +116,12 @@ def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_member
     counts a classifier's gate only where it clears the noise, among ``gates``' sources (:class:`steel_ray.postprocess.GatePolicy`).
     """
     n_clf = clf.shape[0]
-    # every level from the pruning level up, for the soft gate's per-image levels; the grid's are among them
+    soft = "product" in gates.sources
+    # with the soft gate: every level from the pruning level up, for its per-image levels (the grid's are among them)
     all_counts = {c: ps.area_inter(ps.blend_u8(datas[c].vals, seg_weights[c]), datas[c], ps.all_levels(datas[c].t_min))
-                  for c in range(N_CLASSES)}
-    counts = {c: at_levels(all_counts[c], datas[c].t_min, grid.levels) for c in range(N_CLASSES)}
+                  if soft else None for c in range(N_CLASSES)}
+    counts = {c: at_levels(all_counts[c], datas[c].t_min, grid.levels) if soft
+              else ps.area_inter(ps.blend_u8(datas[c].vals, seg_weights[c]), datas[c], grid.levels) for c in range(N_CLASSES)}
     seg_cls = {c: ps.blend_cls(datas[c].cls, seg_weights[c]) for c in range(N_CLASSES)}
     seg_tables = {c: _tables(counts[c], datas[c], seg_cls[c], folds, n_folds, grid) for c in range(N_CLASSES)}
 
@@ -127,11 +129,13 @@ def select_classifiers(datas, seg_weights, clf, folds, n_folds, grid, max_member
         if not k_counts.sum():
             return sum(ps.cross_fitted(seg_tables[c], grid)[0] for c in range(N_CLASSES))
         q = np.tensordot(k_counts / k_counts.sum(), clf, axes=1)  # (N, 4)
-        return sum(ps.cross_fitted_source(_gate_tables(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, grid, seg_tables[c],
-                                                       all_counts[c], gates.sources),
-                                          grid, _gate_evidence(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, gates.margin,
-                                                               grid, all_counts[c]))[0]
-                   for c in range(N_CLASSES))
+        total = 0.0
+        for c in range(N_CLASSES):
+            prod = soft_counts(all_counts[c], datas[c], q[:, c], grid)
+            tabs = _gate_tables(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, grid, seg_tables[c], prod, gates.sources)
+            ev = _gate_evidence(counts[c], datas[c], seg_cls[c], q[:, c], folds, n_folds, gates.margin, prod)
+            total += ps.cross_fitted_source(tabs, grid, ev)[0]
+        return total
 
     k_counts = np.zeros(n_clf, np.int64)
     best_score = score(k_counts)
@@ -167,27 +171,34 @@ def at_levels(all_counts, t_min: int, levels):
     return all_counts[0][:, idx], all_counts[1][:, idx]
 
 
-def _gate_tables(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, grid, seg_tables=None, all_counts=None,
+def soft_counts(all_counts, d: ps.ClassData, q, grid):
+    """The soft gate's (N, T) area and intersection of one class (:func:`postprocess.product_counts`),
+    computed once for its tables, its evidence and its statistics; None without classifier presence
+    ``q`` or without the blend's counts at every level (``all_counts``: not asked for, or holes filled)."""
+    return None if q is None or all_counts is None else ps.product_counts(all_counts, d.t_min, q, grid.levels)
+
+
+def _gate_tables(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, grid, seg_tables=None, product=None,
                  sources=tuple(ps.GATE_SOURCES)) -> dict:
     """{gate source: (K, T, A, G) tables} of one class: the segmentation gate alone when there is no
     classifier presence ``q``, else every source of :data:`GATE_SOURCES` (``seg_tables``:
-    the segmentation tables when already computed); the soft gate ``product`` only with the blend's
-    counts at every level (``all_counts``; not with filled holes); only ``sources`` compete."""
+    the segmentation tables when already computed); the soft gate ``product`` only with its counts
+    (:func:`soft_counts`); only ``sources`` compete."""
     out = {"segmentation": _tables(counts, d, seg_cls, folds, n_folds, grid) if seg_tables is None else seg_tables}
     if q is not None:
         for src in ("classifier", "mean"):
             if src in sources:
                 out[src] = _tables(counts, d, ps.gate_signal(seg_cls, q, src), folds, n_folds, grid)
-        if all_counts is not None and "product" in sources:
-            out["product"] = _tables(ps.product_counts(all_counts, d.t_min, q, grid.levels), d, q, folds, n_folds, grid)
+        if product is not None and "product" in sources:
+            out["product"] = _tables(product, d, q, folds, n_folds, grid)
     return out
 
 
-def _gate_evidence(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, margin, grid=None, all_counts=None) -> ps.GateEvidence | None:
+def _gate_evidence(counts, d: ps.ClassData, seg_cls, q, folds, n_folds, margin, product=None) -> ps.GateEvidence | None:
     """The per-image evidence a classifier's gate must clear in a class (None: no classifier, or no margin)."""
     if q is None or margin <= 0:
         return None
     gates = {src: ps.gate_signal(seg_cls, q, src) for src in ps.GATE_SOURCES}
-    extra = {} if all_counts is None else {"product": ps.product_counts(all_counts, d.t_min, q, grid.levels)}
+    extra = {} if product is None else {"product": product}
     return ps.GateEvidence(*counts, d.true_area, d.area_scale, gates, folds, n_folds, margin, extra)
 

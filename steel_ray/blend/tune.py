@@ -15,7 +15,7 @@ from .. import postprocess as ps
 from ..console import sigterm_as_exit
 from ..data import N_CLASSES
 from .pool import BlendPool, _StreamedFull, load_blend_pool
-from .selection import _gate_evidence, _gate_tables, _tables, at_levels, select, select_classifiers
+from .selection import _gate_evidence, _gate_tables, _tables, at_levels, select, select_classifiers, soft_counts
 
 log = logging.getLogger("steel_ray.blend")
 
@@ -26,11 +26,11 @@ BASELINE_AREAS = (500, 500, 1000, 2000)  # px at 256x1600 (the original solution
 BASELINE_LEVEL = 128  # pixel threshold 0.5 as a uint8 level (a level of the default grid)
 
 
-def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels, n_all: int = 0) -> tuple[list, list, ps.ClassData]:
+def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels, every_for=()) -> tuple[list, list, ps.ClassData]:
     """Class ``c`` at full resolution for every weight vector of ``vectors``: ``[(area, inter)]``,
-    each (N, T) at ``levels``; for the first ``n_all`` vectors also the counts at every level from
-    the pruning level up (the soft gate's, :func:`postprocess.product_counts`; not with filled
-    holes); and the class's pixel-free data (true areas, presence, scale).
+    each (N, T) at ``levels``; for each vector ``j`` with ``every_for[j]`` also the counts at every
+    level from the pruning level up (the soft gate's, :func:`postprocess.product_counts`; not with
+    filled holes), else None; and the class's pixel-free data (true areas, presence, scale).
 
     A streamed pool is read once, a batch of images at a time, and every vector is evaluated on
     the batch before the next is read: peak memory is one batch of maps plus (N, T) counts per
@@ -42,9 +42,9 @@ def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels, n_a
     inter = np.zeros_like(area)
     t_min = pool.ds[c].t_min if pool.ds else pool.full[c].t_min
     every = ps.all_levels(t_min)
-    n_all = 0 if fill_holes else n_all
-    area_all = np.zeros((n_all, n, len(every)), np.int64)
-    inter_all = np.zeros_like(area_all)
+    wanted = [j for j in range(len(vectors)) if not fill_holes and j < len(every_for) and every_for[j]]
+    area_all = {j: np.zeros((n, len(every)), np.int64) for j in wanted}
+    inter_all = {j: np.zeros((n, len(every)), np.int64) for j in wanted}
     true_area = np.zeros(n, np.int64)
     streamed = isinstance(pool.full, _StreamedFull)
     batches = (((rows, out["full"][c]) for rows, _, out in pool.full.reader.batches([c], ("full",))) if streamed
@@ -58,10 +58,10 @@ def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels, n_a
                 blended = d.vals[int(np.argmax(v))] if single else ps.blend_u8(d.vals, v)
                 a_, i_ = ps.area_inter_filled(blended, d, lambda i: truth_mask(rows[i]), pool.shape, levels,
                                               desc=f"fill holes, class {c + 1}")
-            elif j < n_all:  # every level, the grid's among them
+            elif j in area_all:  # every level, the grid's among them
                 all_ = (d.run_index().counts(every, d.vals[int(np.argmax(v))]) if single
                         else d.run_index().counts_weighted(every, d.vals, v))
-                area_all[j, rows], inter_all[j, rows] = all_
+                area_all[j][rows], inter_all[j][rows] = all_
                 a_, i_ = at_levels(all_, t_min, levels)
             elif single:
                 a_, i_ = d.run_index().counts(levels, d.vals[int(np.argmax(v))])
@@ -70,7 +70,7 @@ def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels, n_a
             area[j, rows], inter[j, rows] = a_, i_
     cls = pool.ds[c].cls if pool.ds else pool.full[c].cls
     meta = ps.ClassData(np.zeros(0, np.int32), np.zeros((m_all, 0), np.uint8), np.zeros(0, bool), true_area, cls, 1.0, t_min)
-    return list(zip(area, inter)), list(zip(area_all, inter_all)), meta
+    return list(zip(area, inter)), [(area_all[j], inter_all[j]) if j in area_all else None for j in range(len(vectors))], meta
 
 
 @dataclass
@@ -170,11 +170,11 @@ def ensemble_order(run, model_ids, fold: int, inner_folds: int = 3, max_members:
     grid = ps.default_grid(pool.shape)
     data = pool.ds if min(pool.shape) >= 128 else [pool.full[c] for c in range(N_CLASSES)]
     weights, traj = select(data, inner, inner_folds, [grid] * N_CLASSES, max_members, seed=seed)
-    order = [pool.model_ids[m] for m in np.flatnonzero(weights > 0)]
-    order.sort(key=lambda mid: next(i for i, (_, _, c) in enumerate(traj) if c[pool.model_ids.index(mid)] > 0))
+    picked: list[int] = []  # every model the greedy selection adds, in the order it first adds it
     for _, _, counts in traj:
-        order += [pool.model_ids[m] for m in np.flatnonzero(counts) if pool.model_ids[m] not in order]
-    return order
+        picked += [int(m) for m in np.flatnonzero(counts) if m not in picked]
+    order = [m for m in picked if weights[m] > 0] + [m for m in picked if weights[m] == 0]
+    return [pool.model_ids[m] for m in order]
 
 
 @dataclass(frozen=True)
@@ -271,13 +271,14 @@ def _full_resolution(pool: BlendPool, weights, clf_w, picks, fill_holes: bool, g
     mean_w = np.full(m_all, 1.0 / m_all)
     t1 = time.time()
     vectors = [[weights[c], *[w[c] for w, _ in picks or []], *np.eye(m_all), mean_w] for c in range(N_CLASSES)]
-    # the blend's and each nested fold's counts at every level too, for the soft gate (with classifiers)
-    n_all = (1 + n_nested) if pool.clf is not None else 0
-    per_class = _map(lambda c: _full_counts(pool, c, vectors[c], fill_holes, grid.levels, n_all), list(range(N_CLASSES)), workers)
+    # the counts at every level too where the soft gate competes: the blend's and each nested fold's
+    # blend that has a classifier ensemble
+    every_for = [q is not None and "product" in gates.sources for q in (q_all, *nested_q)]
+    per_class = _map(lambda c: _full_counts(pool, c, vectors[c], fill_holes, grid.levels, every_for), list(range(N_CLASSES)),
+                     workers)
     out.timings["full_resolution_pass"] = time.time() - t1
     t2 = time.time()
     for c, (counts, every, meta) in enumerate(per_class):
-        every = every + [None] * (1 + n_nested - len(every))  # None: no soft gate
         _tune_class(meta, c, weights[c], counts[0], q_all, q_report, pool.folds, pool.n_folds, fill_holes, grid, out, gates,
                     every[0])
         single_sums += [ps.cross_fitted(_tables(counts[1 + n_nested + mi], meta, meta.cls[mi], pool.folds, pool.n_folds, grid),
@@ -302,8 +303,9 @@ def _tune_class(d: ps.ClassData, c: int, w, counts, q_all, q_report, folds, n_fo
     n = d.n_images
     seg_cls = ps.blend_cls(d.cls, w)
     q = None if q_all is None else q_all[:, c]
-    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid, all_counts=all_counts, sources=gates.sources)
-    ev = _gate_evidence(counts, d, seg_cls, q, folds, n_folds, gates.margin, grid, all_counts)
+    prod = soft_counts(all_counts, d, q, grid)
+    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid, product=prod, sources=gates.sources)
+    ev = _gate_evidence(counts, d, seg_cls, q, folds, n_folds, gates.margin, prod)
     s_in, src, ch = ps.in_sample_source(tabs, grid, ev)
     s_in_seg, _ = ps.in_sample(tabs["segmentation"], grid)
     out.sums["in_sample"] += s_in
@@ -327,7 +329,7 @@ def _tune_class(d: ps.ClassData, c: int, w, counts, q_all, q_report, folds, n_fo
           "gate": {"source": src, "threshold": ch.cls_threshold,
                    **_gate_stats(gate, ~empty, ch.cls_threshold, None if q_report is None else q_report[:, c])}}
     if not fill_holes:
-        area, _ = ps.product_counts(all_counts, d.t_min, q, grid.levels) if src == "product" else counts
+        area, _ = prod if src == "product" else counts
         kept = (area[:, ti] > 0) & (area[:, ti] * d.area_scale >= ch.min_area) & (gate >= ch.cls_threshold)
         pc["fp_rate_on_empty"] = float(kept[empty].mean()) if empty.any() else 0.0
     out.per_class[str(c + 1)] = pc
@@ -360,8 +362,9 @@ def _nested_score(d: ps.ClassData, counts, f: int, w, q, folds, n_folds, grid, g
     (``counts``: that blend's (N, T) area and intersection); the post-processing is chosen on the
     other folds too."""
     seg_cls = ps.blend_cls(d.cls, w)
-    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid, all_counts=all_counts, sources=gates.sources)
-    ev = _gate_evidence(counts, d, seg_cls, q, folds, n_folds, gates.margin, grid, all_counts)
+    prod = soft_counts(all_counts, d, q, grid)
+    tabs = _gate_tables(counts, d, seg_cls, q, folds, n_folds, grid, product=prod, sources=gates.sources)
+    ev = _gate_evidence(counts, d, seg_cls, q, folds, n_folds, gates.margin, prod)
     src, ch = ps.choose_source(tabs, grid, exclude=f, evidence=ev)
     ch_seg = ps.choose(tabs["segmentation"], grid, exclude=f)
     return float(tabs[src][(f, *grid.index(ch))]), float(tabs["segmentation"][(f, *grid.index(ch_seg))])
