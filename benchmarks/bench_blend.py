@@ -9,8 +9,9 @@ Run:  .venv/bin/python benchmarks/bench_blend.py [--images 12568] [--models 20] 
    their own noise, miss some, and fire on some empty pairs (``--density``: more, and each in its
    own place; ``--haze F``: diffuse low probabilities on a fraction F of every image, as the demo's
    under-trained models give, for a kept fraction like a real pool's). Each image comes from its
-   own seed: the 4x maps (block means of the full-resolution ones) are held like the blend holds
-   them, full resolution is regenerated batch by batch when the blend reads it, as it reads the
+   own seed: the selection maps (block means of the full-resolution ones: 4x, or 8x / 16x when the
+   4x maps would not fit ``--selection-memory``, chosen as the blend chooses) are held like the
+   blend holds them, full resolution is regenerated batch by batch when the blend reads it, as it reads the
    Parquet files (their decoding is not timed here).
 2. Ratios of the post-processing search against two baselines on dense maps of a subset of
    images (and of a real pool's maps with ``--pool``), run in the same process: the naive
@@ -18,9 +19,9 @@ Run:  .venv/bin/python benchmarks/bench_blend.py [--images 12568] [--models 20] 
    filter, score, for every grid point; timed on a sample of points and scaled), and the fair one
    a careful user would write: exact and dense, thresholding once per level and treating min
    area and gate as comparisons on the counts. All three give identical tables (asserted).
-3. Times the full blend: selection on the 4x maps, nested selections on worker processes, one
+3. Times the full blend: selection on the selection maps, nested selections on worker processes, one
    pass per class over full resolution; peak memory of all processes (summed PSS, sampled).
-4. The Dice difference between post-processing tuned on the 4x maps and at full resolution.
+4. The Dice difference between post-processing tuned on the selection maps and at full resolution.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from steel_ray.blend import pool as bpool
 from steel_ray.blend import selection as bselect
 from steel_ray.blend import tune
 from steel_ray.metric import dice_per_pair
+from steel_ray.postprocess.counts import reused
 
 H, W = 256, 1600
 T_MIN = ps.default_grid((H, W)).t_min  # pruning level: the grid's lowest threshold
@@ -57,7 +59,7 @@ def _normal(rng, sigma, shape):
 
 class Generated:
     """A generated pool of n images x m models, image by image from its own seed, so any batch of
-    images can be regenerated exactly: the 4x maps are held (as the blend holds them), full
+    images can be regenerated exactly: the selection maps are held (as the blend holds them), full
     resolution is produced batch by batch when the blend reads it (as from the Parquet files).
 
     ``density`` None: the original generator (every model that fires on an empty pair fires
@@ -65,6 +67,8 @@ class Generated:
     (2% x D of pairs) paints its own box at its own place (diverse false positives: the kept
     pixels add up over models), so the kept fraction grows with D.
     """
+
+    HAZE_ALIGN = 16  # haze windows start on multiples of the coarsest selection factor (their block means are exact)
 
     def __init__(self, n, m, seed=0, density=None, haze=0.0):
         self.n, self.m, self.seed, self.density, self.haze = n, m, seed, density, haze
@@ -74,20 +78,42 @@ class Generated:
         fp_rate = 0.02 if density is None else min(1.0, 0.02 * density)  # a model fires on 2% (x D) of pairs
         self.fp = rng.random((4, m, n)) < fp_rate
         self.cls = np.where(self.has[:, None], rng.beta(5, 2, (4, m, n)), rng.beta(1.5, 6, (4, m, n))).astype(np.float32)
+        # haze: one random tile per class, twice the image's width; each image takes its own window
+        # of it (fresh random values per image cost most of the generating at high haze)
+        self.haze_w = max(self.HAZE_ALIGN, int(haze * W) // self.HAZE_ALIGN * self.HAZE_ALIGN) if haze else 0
+        self._tiles = {}
+
+    def haze_tile(self, c, factor=1) -> np.ndarray:
+        """Class ``c``'s haze tile (m, H, 2W) uint8 values T_MIN..51 (0.05-0.2), block-meaned at ``factor``."""
+        if (c, factor) not in self._tiles:
+            if factor == 1:
+                self._tiles[c, 1] = np.random.default_rng([self.seed, c, 2**31]).integers(T_MIN, 52, (self.m, H, 2 * W), dtype=np.uint8)
+            else:
+                self._tiles[c, factor] = _block_mean(self.haze_tile(c), factor)
+        return self._tiles[c, factor]
 
     def boxes(self, c, i):
-        """Image i's boxes of class c: [(probabilities (m, bh, bw) float, truth (bh, bw))]."""
-        has, fp, m = self.has[c, i], self.fp[c, :, i], self.m
+        """Image i's boxes of class c: [(probabilities (m, bh, bw) float, truth (bh, bw))]; the haze
+        is a window ``(c, offset, width)`` of the class's tile (see :meth:`class_data`), as wide as
+        ``--haze`` asks and the other boxes leave room for (at most every pixel of the image kept)."""
+        has, fp = self.has[c, i], self.fp[c, :, i]
         if not (has or fp.any() or self.haze):
             return []
         rng = np.random.default_rng([self.seed, c, i])
+        off = int(rng.integers(0, W // self.HAZE_ALIGN + 1)) * self.HAZE_ALIGN if self.haze else 0
+        out = self._objects(c, i, rng) if (has or fp.any()) else []
+        if self.haze:  # diffuse low probabilities (0.05-0.2) on a fraction of the image, as under-trained models give
+            free = H * W - sum(t.size for _, t in out)
+            w = min(self.haze_w, free // H // self.HAZE_ALIGN * self.HAZE_ALIGN)
+            if w:
+                out.insert(0, ((c, off, w), np.zeros((H, w), bool)))
+        return out
+
+    def _objects(self, c, i, rng):
+        """The defect and false-positive boxes of image i, class c (``rng``: the pair's own)."""
+        has, fp, m = self.has[c, i], self.fp[c, :, i], self.m
         (h0, h1), (w0, w1) = BOX[c]
         out = []
-        if self.haze:  # diffuse low probabilities (0.05-0.2) on a fraction of the image, as under-trained models give
-            hw = max(4, int(self.haze * W) // 4 * 4)
-            out.append((rng.integers(T_MIN, 52, (m, H, hw), dtype=np.uint8), np.zeros((H, hw), bool)))
-        if not (has or fp.any()):
-            return out
         if self.density is None:  # one box per image: the defect and every model's false positive share it
             shrink = 1 if has else 2  # false-positive blobs are smaller than real defects
             bh = int(rng.integers(h0, h1)) // shrink // 4 * 4 + 4
@@ -111,13 +137,19 @@ class Generated:
             out.append((v, np.zeros((bh, bw), bool)))
         return out
 
-    def class_data(self, c, rows, res):
-        """Class c of images ``rows`` (indices 0..len-1 in the result) at ``res`` (full or ds), pruned."""
-        acc = _ClassParts(len(rows), self.m, res)
+    def class_data(self, c, rows, res, factor=4, reuse=None):
+        """Class c of images ``rows`` (indices 0..len-1 in the result) at ``res`` (full, or ds: block
+        means at ``factor``), pruned (``reuse``: see :meth:`_ClassParts.finish`)."""
+        acc = _ClassParts(len(rows), self.m, res, factor)
         for k, i in enumerate(rows):
             for vals_f, truth in self.boxes(c, i):
-                acc.add(k, vals_f, truth)
-        return acc.finish(self.cls[c][:, rows])
+                if isinstance(vals_f, tuple):  # a haze window: sliced from the tile at this resolution
+                    f = 1 if res == "full" else factor
+                    _, off, w = vals_f
+                    acc.add(k, self.haze_tile(c, f)[:, :, off // f:(off + w) // f], truth, ready=True)
+                else:
+                    acc.add(k, vals_f, truth)
+        return acc.finish(self.cls[c][:, rows], reuse)
 
 
 class GeneratedReader:
@@ -126,10 +158,11 @@ class GeneratedReader:
     Its counters live in shared memory: the blend reads classes on forked worker processes.
     """
 
-    def __init__(self, gen: Generated, batch=128):
+    def __init__(self, gen: Generated, batch=32):
         import multiprocessing as mp
 
         self.gen, self.batch = gen, batch
+        self.reuse = {}  # (resolution, class) -> the batch's reused buffers (per process: forked copies)
         self._passes, self._kept = mp.Value("i", 0), mp.Value("q", 0)
         self._seconds = mp.Value("d", 0.0)  # spent generating maps (stands in for reading and decoding the Parquet files)
         self._counted = mp.Array("b", 4 * (-(-gen.n // batch)))  # (class, batch) already in kept
@@ -144,7 +177,9 @@ class GeneratedReader:
         for start in range(0, self.gen.n, self.batch):
             rows = np.arange(start, min(self.gen.n, start + self.batch))
             t = time.perf_counter()
-            out = {r: {c: self.gen.class_data(c, rows, r) for c in classes} for r in resolutions}
+            out = {r: {c: self.gen.class_data(c, rows, r, reuse=self.reuse.setdefault((r, c), {}) if r == "full" else None)
+                       for c in classes}
+                   for r in resolutions}
             with self._seconds.get_lock():
                 self._seconds.value += time.perf_counter() - t
             for c in classes:
@@ -156,49 +191,87 @@ class GeneratedReader:
             yield rows, None, out
 
 
-def generate(n, m, n_folds, seed=0, density=None, haze=0.0, workers=1) -> tuple[blend.BlendPool, Generated]:
-    """The blend pool of a generated set: 4x maps in memory (classes generated on ``workers``
-    processes), full resolution streamed."""
+def generate(n, m, n_folds, seed=0, density=None, haze=0.0, workers=1,
+             budget=bpool.SELECTION_MEMORY_GIB) -> tuple[blend.BlendPool, Generated]:
+    """The blend pool of a generated set: the selection maps in memory (classes generated on
+    ``workers`` processes), full resolution streamed. Their factor is chosen as the blend's loader
+    chooses it (:func:`steel_ray.blend.pool.selection_factor` on a sample: here the first 640 images)."""
     gen = Generated(n, m, seed, density, haze)
-    ds = tune._map(lambda c: gen.class_data(c, np.arange(n), "ds"), list(range(4)), workers)
+    sample = np.arange(min(n, 5 * bpool.SAMPLE_BATCHES * 32))
+    factors = [f for f in bpool.FACTORS if H // f >= 16]
+    kept = {f: sum(gen.class_data(c, sample, "ds", f).vals.shape[1] for c in range(4)) for f in factors}
+    pixels = {f: 4 * len(sample) * -(-H // f) * -(-W // f) for f in factors}
+    pixels["images"] = len(sample)
+    choice = {**bpool.selection_factor(kept, pixels, m, n, budget), "chosen_by": "selection_memory"}
+    f = choice["factor"]
+    ds = tune._map(lambda c: gen.class_data(c, np.arange(n), "ds", f), list(range(4)), workers)
     folds = np.arange(n) % n_folds
     np.random.default_rng(seed).shuffle(folds)
     full = bpool._StreamedFull(GeneratedReader(gen))
-    pool = blend.BlendPool([f"m{j:02d}" for j in range(m)], [f"{i:09x}.jpg" for i in range(n)], folds, n_folds, (H, W), full, ds)
+    pool = blend.BlendPool([f"m{j:02d}" for j in range(m)], [f"{i:09x}.jpg" for i in range(n)], folds, n_folds, (H, W), full, ds,
+                           ds_factor=f, ds_choice=choice)
     return pool, gen
 
 
-class _ClassParts:
-    """One class's kept pixels, box by box, at one resolution (full or 4x); :meth:`finish` makes the ClassData."""
+def _block_mean(vals: np.ndarray, f: int) -> np.ndarray:
+    """(..., h, w) uint8 -> block means at ``f`` (rounded; h, w zero-padded to multiples of ``f``:
+    the box's surroundings are empty), by 4x blocks first as the OOF writer's maps, then 2x2 blocks
+    of those as the blend's 8x / 16x maps (:func:`steel_ray.blend.pool._ds_maps`)."""
+    step = min(f, 4)
+    h, w = vals.shape[-2:]
+    ph, pw = -h % step, -w % step
+    if ph or pw:
+        vals = np.pad(vals, [(0, 0)] * (vals.ndim - 2) + [(0, ph), (0, pw)])
+    h, w = vals.shape[-2:]
+    out = np.rint(vals.reshape(*vals.shape[:-2], h // step, step, w // step, step).mean((-3, -1))).astype(np.uint8)
+    return out if step == f else _block_mean(out, f // step)
 
-    def __init__(self, n, m, res):
-        self.m, self.res, self.parts = m, res, []
+
+class _ClassParts:
+    """One class's kept pixels, box by box, at one resolution (full or ds at ``factor``); :meth:`finish` makes the ClassData."""
+
+    def __init__(self, n, m, res, factor=4):
+        self.m, self.res, self.factor, self.parts = m, res, factor, []
         self.true = np.zeros(n, np.int64)
 
-    def add(self, i, vals_f, truth):
-        """Image ``i``'s box: probabilities (m, bh, bw) (clipped and quantised here) and its truth (bh, bw)."""
-        m = self.m
+    def add(self, i, vals_f, truth, ready=False):
+        """Image ``i``'s box: probabilities (m, bh, bw) (clipped and quantised here; ``ready``: uint8 at
+        this resolution already, every value at least T_MIN, no truth: a haze window, kept whole
+        and copied only into the result) and its truth (bh, bw) at full resolution."""
+        m, f = self.m, self.factor
         bh, bw = truth.shape
+        if ready:
+            self.parts.append((i, vals_f, None))
+            return
         vals = vals_f if vals_f.dtype == np.uint8 else np.rint(np.clip(vals_f, 0, 1) * 255).astype(np.uint8)
-        if self.res == "ds":  # block means, as the OOF writer's 4x maps
-            vals = np.rint(vals.reshape(m, bh // 4, 4, bw // 4, 4).mean((2, 4))).astype(np.uint8)
-            truth = truth.reshape(bh // 4, 4, bw // 4, 4).mean((1, 3)) >= 0.5
+        if self.res == "ds":  # block means, as the OOF writer's 4x maps (and the blend's 8x / 16x of those)
+            vals = _block_mean(vals, f)
+            ph, pw = -bh % f, -bw % f
+            truth = np.pad(truth, [(0, ph), (0, pw)]).reshape((bh + ph) // f, f, (bw + pw) // f, f).mean((1, 3)) >= 0.5
         vals = vals.reshape(m, -1)
         keep = vals.max(0) >= T_MIN
-        self.parts.append((np.full(int(keep.sum()), i, np.int32), vals[:, keep], truth.ravel()[keep]))
+        self.parts.append((i, vals[:, keep], truth.ravel()[keep]))
         self.true[i] += int(truth.sum())
 
-    def finish(self, cls):
+    def finish(self, cls, reuse=None):
+        """The ClassData; ``reuse`` (full resolution, read batch by batch): its arrays in buffers
+        reused from batch to batch, as the blend's reader keeps them (ClassData.from_dense)."""
         parts = self.parts
-        img = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
-        tr = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, bool)
-        vals = np.empty((self.m, img.size), np.uint8)  # filled part by part: no second full copy
+        size = [int(np.prod(p[1].shape[1:])) for p in parts]
+        k = sum(size)
+        fresh = reuse is None
+        img = np.empty(k, np.int32) if fresh else reused(reuse, "img", (k,), np.int32)
+        tr = np.empty(k, bool) if fresh else reused(reuse, "truth", (k,), bool)
+        vals = np.empty((self.m, k), np.uint8) if fresh else reused(reuse, "vals", (self.m, k), np.uint8)
         at = 0
-        while parts:
-            v = parts.pop(0)[1]
-            vals[:, at:at + v.shape[1]] = v
-            at += v.shape[1]
-        return ps.ClassData(img, vals, tr, self.true, cls, 1.0 if self.res == "full" else 16.0, T_MIN)
+        while parts:  # filled part by part: no second full copy
+            i, v, t = parts.pop(0)
+            n = size.pop(0)
+            img[at:at + n] = i
+            tr[at:at + n] = False if t is None else t
+            vals[:, at:at + n].reshape(v.shape)[...] = v
+            at += n
+        return ps.ClassData(img, vals, tr, self.true, cls, 1.0 if self.res == "full" else float(self.factor ** 2), T_MIN)
 
 
 def copied_run(run, copies, out) -> tuple[Path, list[str]]:
@@ -433,6 +506,9 @@ def main():
                     help="instead of --pool: write a run of N images at 128x800 with 3 models whose maps carry uniform "
                          "noise up to 0.35 (almost every pixel kept: the dense case) as real Parquet files in a temporary "
                          "folder, and use it as --pool")
+    ap.add_argument("--selection-memory", type=float, default=bpool.SELECTION_MEMORY_GIB, metavar="GIB",
+                    help="the blend's budget for the selection maps (blend --selection-memory): 4x maps when they fit, "
+                         "else 8x or 16x")
     ap.add_argument("--skip-ds-check", action="store_true", help="skip part 4 (one more pass over full resolution)")
     ap.add_argument("--search-only", action="store_true", help="only the post-processing search comparison (part 2)")
     a = ap.parse_args()
@@ -441,6 +517,7 @@ def main():
           + (f" --density {a.density:g}" if a.density else "") + (f" --haze {a.haze:g}" if a.haze else "")
           + (f" --planted-pool {a.planted_pool}" if a.planted_pool else f" --pool {a.pool}" if a.pool else "")
           + (f" --pool-copies {a.pool_copies}" if a.pool_copies > 1 else "")
+          + (f" --selection-memory {a.selection_memory:g}" if a.selection_memory != bpool.SELECTION_MEMORY_GIB else "")
           + (" --skip-ds-check" if a.skip_ds_check else "") + (" --search-only" if a.search_only else ""))
     t0 = time.time()
     read_cost = real = None
@@ -453,11 +530,16 @@ def main():
     if a.search_only:  # no pool: only the subset's maps are generated
         pool, gen = None, Generated(a.images, a.models, density=a.density, haze=a.haze)
     else:
-        pool, gen = generate(a.images, a.models, a.folds, density=a.density, haze=a.haze, workers=a.workers)
-        print(f"pool: {a.images} images x 4 classes x {a.models} models at {H}x{W}; 4x maps in memory: kept "
-              f"{sum(d.vals.shape[1] for d in pool.ds):,} pixels ({100 * sum(d.vals.shape[1] for d in pool.ds) / (4 * a.images * H * W / 16):.2f}%), "
-              f"{sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in pool.ds) / 2**30:.2f} GiB; full resolution generated batch "
-              f"by batch when read; generated in {time.time() - t0:.0f}s")
+        pool, gen = generate(a.images, a.models, a.folds, density=a.density, haze=a.haze, workers=a.workers,
+                             budget=a.selection_memory)
+        f, ch = pool.ds_factor, pool.ds_choice
+        print(f"pool: {a.images} images x 4 classes x {a.models} models at {H}x{W}; selection maps at {f}x "
+              f"(the finest whose estimate fits --selection-memory {a.selection_memory:g} GiB; estimated from "
+              f"{ch['sampled_images']} images: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in ch["estimate_gib"].items())
+              + f") in memory: kept {sum(d.vals.shape[1] for d in pool.ds):,} pixels "
+              f"({100 * sum(d.vals.shape[1] for d in pool.ds) / (4 * a.images * -(-H // f) * -(-W // f)):.2f}%), "
+              f"{sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in pool.ds) / 2**30:.2f} GiB; full resolution generated "
+              f"batch by batch when read; generated in {time.time() - t0:.0f}s")
 
     grid = ps.default_grid((H, W))
     # 2. exactness + speed of the post-processing search against the two baselines, on dense maps
@@ -480,7 +562,7 @@ def main():
     mem = PeakMemory()
     mem.start()
     t1 = time.time()
-    res = blend.optimize(pool, max_members=a.max_members, nested=True, selection_resolution="ds4", workers=a.workers)
+    res = blend.optimize(pool, max_members=a.max_members, nested=True, workers=a.workers)
     total = time.time() - t1
     peak = mem.stop()
     kept = gen_kept(pool)
@@ -506,7 +588,7 @@ def main():
           f"best_single {s['best_single']:.5f} baseline {s['baseline']:.5f} all_empty {s['all_empty']:.5f}")
     print(f"  members: {sum(1 for x in res.weights[0] if x > 0)} distinct models")
 
-    # 4. tuning on 4x maps vs full resolution (same weights): held-out Dice difference
+    # 4. tuning on the selection maps vs full resolution (same weights): held-out Dice difference
     if not a.skip_ds_check:
         diff_rows = []
         for c in range(4):
@@ -516,7 +598,7 @@ def main():
             td = ps.fold_tables(ps.blend_u8(pool.ds[c].vals, wc), ps.blend_cls(pool.ds[c].cls, wc), pool.ds[c], pool.folds, a.folds, grid)
             ch_full, ch_ds = ps.choose(tf, grid), ps.choose(td, grid)
             diff_rows.append((c + 1, tf.sum(0)[grid.index(ch_full)] / a.images, tf.sum(0)[grid.index(ch_ds)] / a.images))
-        print("\nper-class Dice at full resolution: parameters tuned at full res vs tuned on 4x maps")
+        print(f"\nper-class Dice at full resolution: parameters tuned at full res vs tuned on {pool.ds_factor}x maps")
         for c, f, d in diff_rows:
             print(f"  class {c}: {f:.5f} vs {d:.5f}  (diff {f - d:+.5f})")
         print(f"  mean over classes: {np.mean([f - d for _, f, d in diff_rows]):+.5f}")

@@ -773,3 +773,53 @@ def test_blocks_equal_concatenation_across_block_boundaries(monkeypatch):
         out = b.finish()
         assert out.dtype == np.dtype(dtype) and np.array_equal(out, np.concatenate(pieces, axis=-1)) and not b.blocks
     assert bpool._Blocks((2,), np.uint8).finish().shape == (2, 0)
+
+
+def test_selection_factor_takes_the_finest_maps_that_fit_the_budget():
+    """Known answers: 10 sampled images keep 1000 4x pixels and 300 8x pixels; a pool of 100 images
+    and 20 models keeps 10,000 and 3,000, at 25 bytes a kept pixel (20 maps, int32 image index,
+    truth): 250,000 B at 4x, 75,000 B at 8x."""
+    kept, pixels = {4: 1000, 8: 300}, {4: 4000, 8: 1000, "images": 10}
+    gib = 2**30
+    assert bpool.selection_factor(kept, pixels, 20, 100, 250_000 / gib)["factor"] == 4
+    ch = bpool.selection_factor(kept, pixels, 20, 100, 249_999 / gib)
+    assert ch["factor"] == 8 and ch["sampled_images"] == 10
+    assert ch["estimate_gib"] == {"ds4": round(250_000 / gib, 3), "ds8": round(75_000 / gib, 3)}
+    assert ch["kept_fraction"] == {"ds4": 0.25, "ds8": 0.3}
+    assert bpool.selection_factor(kept, pixels, 20, 100, 1_000 / gib)["factor"] == 8  # none fits: the coarsest
+
+
+def test_pool_over_the_selection_budget_selects_on_8x_maps(tmp_path, caplog):
+    """A dense pool (noise everywhere: every 4x pixel kept) whose 4x maps exceed a small
+    --selection-memory is loaded with 8x selection maps: each class's maps equal the files' 4x maps
+    block-meaned 2x2 and pruned (truth from the full-resolution masks), the area scale is 64, the
+    blend records ds8 and why, and its scores are still at full resolution (the same all-empty and
+    best single as the 4x blend's, whose full-resolution pass is the same)."""
+    rng = np.random.default_rng(5)
+    masks = make_truth(rng, n=18, shape=(128, 256), p_defect=0.7)
+    write_run(tmp_path, masks, {"a": signal_model(rng, masks, 0.5, 0.4), "n": noise_model(rng, masks)})
+    four = blend.load_blend_pool(tmp_path)
+    held4 = sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in four.ds)
+    assert four.ds_factor == 4 and four.ds_choice["estimate_gib"]["ds4"] == pytest.approx(held4 / 2**30, abs=1e-3)
+    with caplog.at_level("WARNING", logger="steel_ray.blend"):
+        eight = blend.load_blend_pool(tmp_path, selection_memory=0.5 * held4 / 2**30)
+    assert eight.ds_factor == 8 and "the selection runs on 8x maps" in caplog.text
+    truth = oof.read_truth(tmp_path)
+    ref = oof.read_pool(tmp_path, ["a", "n"], resolution="ds4", truth=truth)
+    for c in range(4):
+        d = eight.ds[c]
+        maps8 = np.stack([oof.downsample(ref.probs[m, :, c], 2) for m in range(2)])
+        t8 = np.stack([bpool._truth_ds(t, 8) for t in truth.masks(np.arange(18), [c])[:, 0]])
+        want = ps.ClassData.from_dense(maps8, t8, ref.cls[:, :, c], d.t_min, 64.0, positions=False)
+        assert d.area_scale == 64.0 and d.vals.shape[1] == want.vals.shape[1] > 0.9 * maps8[0].size
+        got = np.argsort(d.img, kind="stable")  # the pool reads fold by fold; each image's pixels in raster order
+        np.testing.assert_array_equal(d.img[got], want.img)
+        np.testing.assert_array_equal(d.vals[:, got], want.vals)
+        np.testing.assert_array_equal(d.truth[got], want.truth)
+        np.testing.assert_array_equal(d.true_area, want.true_area)
+    r8, r4 = blend.optimize(eight, max_members=3, nested=False), blend.optimize(four, max_members=3, nested=False)
+    assert r8.settings["selection_resolution"] == "ds8" and r8.settings["selection_maps"]["chosen_by"] == "selection_memory"
+    for k in ("all_empty", "best_single", "baseline"):
+        assert r8.scores[k] == r4.scores[k], k
+    with pytest.raises(ValueError, match="the pool holds ds8 maps"):
+        blend.optimize(eight, selection_resolution="ds4")

@@ -294,10 +294,14 @@ def test_run_counts_of_a_running_sum_equal_brute_force():
         idx.counts(levels[::-1], blended)
 
 
-@pytest.mark.parametrize("weights", [[0.5, 0.5, 0], [1 / 3, 1 / 3, 1 / 3], [0.1, 0.7, 0.2], [0.6, 0.0, 0.4]])
+@pytest.mark.parametrize("weights", [[0.5, 0.5, 0], [1 / 3, 1 / 3, 1 / 3], [0.1, 0.7, 0.2], [0.6, 0.0, 0.4],
+                                     [7 / 25, 0, 18 / 25], [0.123456789, 0.5, 0.376543211], [0.2, 0.3, 0.5000001]])
 def test_run_counts_weighted_are_blend_u8_bit_for_bit(weights):
     """The fused weighted blend rounds exactly like blend_u8, ties at .5 included ([0.5, 0.5] on odd
-    sums), and skips zero-weight members."""
+    sums), and skips zero-weight members: in integers for slot-count weights (the first five), in
+    float64 for the others (the last two)."""
+    w = np.asarray(weights)
+    assert (ps.counts.rational_weights(w[w > 0]) is None) == (weights[0] in (0.123456789, 0.2))
     rng, img, truth = _runs_case(5)
     n = 300
     vals = rng.integers(0, 256, (3, img.size)).astype(np.uint8)
@@ -427,3 +431,37 @@ def test_fill_holes():
     m[2, 2] = False
     assert ps.fill_holes(m).sum() == 9
     assert ps.fill_holes(np.stack([m, m])).sum() == 18
+
+
+def test_from_dense_into_reused_buffers_equals_fresh_arrays():
+    """The streamed reader's batches go into reused buffers: the same kept pixels, images, truth and
+    positions as fresh arrays, for a dense batch (every pixel kept: a plain copy), a sparse one (a
+    gather) and a smaller batch after a larger one (no stale pixels from the first)."""
+    rng = np.random.default_rng(3)
+    reuse = {}
+    dense = rng.integers(13, 200, (3, 5, 16, 24), dtype=np.uint8)
+    sparse = np.where(rng.random((3, 5, 16, 24)) < 0.15, dense, 0).astype(np.uint8)
+    for probs in (dense, sparse, sparse[:, :2], dense[:, :1]):
+        n = probs.shape[1]
+        truth = rng.random((n, 16, 24)) < 0.3
+        cls = rng.random((3, n)).astype(np.float32)
+        fresh = ps.ClassData.from_dense(probs, truth, cls, t_min=13)
+        kept = ps.ClassData.from_dense(probs, truth, cls, t_min=13, reuse=reuse)
+        assert kept.vals.shape[1] == int((probs.max(0) >= 13).sum())
+        for k in ("img", "vals", "truth", "true_area", "cls", "pix"):
+            np.testing.assert_array_equal(getattr(kept, k), getattr(fresh, k), err_msg=k)
+        assert kept.img.dtype == fresh.img.dtype and kept.vals.flags.c_contiguous
+    assert (dense.max(0) >= 13).all() and (sparse.max(0) >= 13).mean() < 0.5  # both paths really taken
+
+
+def test_rational_weights_known_answers():
+    """Slot counts over their total, and None where the integer rule could round otherwise."""
+    r = ps.counts.rational_weights
+    for w, counts, total in (([0.25, 0.75], [1, 3], 4), ([1 / 3] * 3, [1, 1, 1], 3), ([1.0], [1], 1),
+                             ([3 / 25, 22 / 25], [3, 22], 25), ([1 / 20] * 20, [1] * 20, 20)):
+        got = r(np.array(w))
+        assert got is not None and got[1] == total and got[0].tolist() == counts, w
+    assert r(np.array([0.3, 0.7000001])) is None  # near 3/10, 7/10 but not within the bound
+    assert r(np.array([0.5, 0.6])) is None  # sums to more than 1: no common total
+    assert r(np.array([-0.5, 1.5])) is None
+    assert r(np.array([1 / 4097, 4096 / 4097])) is None  # total over max_total

@@ -6,8 +6,9 @@ Usage::
         [--allow-partial] [--workers N] [--fill-holes]
 
 Greedy forward selection with replacement (Caruana et al., ICML 2004) on the 4x-downsampled
-maps, whose objective is the cross-fitted score after the per-class post-processing search;
-then the post-processing is tuned at full resolution. Scores (all at full resolution):
+maps (8x or 16x when the 4x maps would hold more than ``--selection-memory``), whose objective
+is the cross-fitted score after the per-class post-processing search; then the post-processing
+is tuned at full resolution. Scores (all at full resolution):
 ``in_sample``, ``cross_fitted`` (post-processing chosen on K-1 folds, scored on the held-out
 one), ``nested`` (the whole procedure, selection included, rerun without fold k and scored on
 fold k), ``best_single`` and ``baseline`` (plain mean, threshold 0.5, min areas
@@ -28,7 +29,7 @@ from ..config import model_ids
 from ..data import DataError
 from .document import blend_json, summary_lines, write_blend_json
 from .holdout import record_look, score_holdout
-from .pool import load_blend_pool
+from .pool import SELECTION_MEMORY_GIB, load_blend_pool
 from .report import write_report
 from .tune import optimize
 
@@ -49,9 +50,15 @@ def main(argv=None) -> int:
     ap.add_argument("--fill-holes", action="store_true", help="fill mask holes (exact, streamed image by image: slower than without)")
     ap.add_argument("--no-nested", action="store_true", help="skip the nested score (faster)")
     ap.add_argument("--workers", type=int, default=1, help="processes for the nested folds")
-    ap.add_argument("--selection-resolution", choices=["auto", "ds4", "full"], default="auto",
-                    help="maps the selection runs on (auto: ds4 when the image is at least 128 px high); "
-                         "the final tuning and the scores are always at full resolution")
+    ap.add_argument("--selection-resolution", choices=["auto", "ds4", "ds8", "ds16", "full"], default="auto",
+                    help="maps the selection runs on (auto: when the image is at least 128 px high ds4, or ds8 / ds16 when "
+                         "the 4x maps would hold more than --selection-memory); the final tuning and the scores are always "
+                         "at full resolution")
+    ap.add_argument("--selection-memory", type=float, default=SELECTION_MEMORY_GIB, metavar="GIB",
+                    help="most memory the selection maps may hold, every class and model together (default "
+                         f"{SELECTION_MEMORY_GIB:g}): they grow with the pixels where some member reaches the lowest threshold, "
+                         "up to (models + 5) bytes per 4x pixel; auto picks the finest factor that fits, estimated from a "
+                         "sample of the pool. A fixed default, not the free memory: the same pool blends the same everywhere")
     ap.add_argument("--choice", choices=list(ps.CHOICE_RULES), default="smooth",
                     help="how a post-processing point is chosen: smooth (best mean over neighbouring grid points, "
                          "default: small pools overfit less) or argmax (the best point)")
@@ -63,7 +70,7 @@ def main(argv=None) -> int:
                          "product = the soft gate, pixel probability times the classifiers' presence); segmentation always does")
     ap.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                     help="read full-resolution maps one class at a time from the Parquet files (auto: when the selection "
-                         "runs on the 4x maps); off keeps every class in memory")
+                         "runs on downsampled maps); off keeps every class in memory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", metavar="DIR",
                     help="folder for blend.json and the report (default: RUN/blend when the run has no blend yet, else the "
@@ -86,7 +93,8 @@ def main(argv=None) -> int:
         doc = blend_run(a.run, a.models, out=out, holdout_look=a.score_holdout, command=_command(argv), overlays=not a.no_overlays,
                   max_members=a.max_members, bags=a.bags, per_class_weights=a.per_class_weights,
                   init_sorted=a.init_sorted, allow_partial=a.allow_partial, fill_holes=a.fill_holes, nested=not a.no_nested,
-                  workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution, choice=a.choice,
+                  workers=a.workers, seed=a.seed, selection_resolution=a.selection_resolution,
+                  selection_memory=a.selection_memory, choice=a.choice,
                   gate_margin=a.gate_margin, gate_sources=None if a.gate_sources is None else ["segmentation", *a.gate_sources],
                   stream={"auto": "auto", "on": True, "off": False}[a.stream])
         if a.mlflow:
@@ -132,7 +140,8 @@ def search_models(run) -> list[str] | None:
 
 
 def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = False, stream="auto", out=None,
-              holdout_look: bool = True, command: str = "search (the run's own blend)", overlays: bool = True, **opts) -> dict:
+              holdout_look: bool = True, command: str = "search (the run's own blend)", overlays: bool = True,
+              selection_resolution: str = "auto", selection_memory: float = SELECTION_MEMORY_GIB, **opts) -> dict:
     """Blend a run's pool (default: the search's completed models, else the whole pool), write
     blend.json and the report into ``out`` (default: the run's own RUN/blend), print the score
     summary; returns the blend.json document.
@@ -143,10 +152,11 @@ def blend_run(run, models=None, allow_partial: bool = False, fill_holes: bool = 
         models = search_models(run)
         if models:
             log.info("blending the search's completed models %s (screening-only configs are left out)", models)
-    pool = load_blend_pool(run, model_ids=models, allow_partial=allow_partial, fill_holes=fill_holes, stream=stream)
+    pool = load_blend_pool(run, model_ids=models, allow_partial=allow_partial, fill_holes=fill_holes, stream=stream,
+                           selection=selection_resolution, selection_memory=selection_memory)
     if pool.left_out:
         log.warning("left out (missing folds): %s", pool.left_out)
-    res = optimize(pool, fill_holes=fill_holes, **opts)
+    res = optimize(pool, fill_holes=fill_holes, selection_resolution=selection_resolution, **opts)
     out = Path(out) if out is not None else layout.blend_dir(run)
     doc = blend_json(res, pool, run)
     if layout.holdout_path(run).exists():

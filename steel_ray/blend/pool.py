@@ -1,6 +1,8 @@
 """The blend's pool: every member's OOF maps per class, read from the run's Parquet files, pruned
-at the grid's lowest level, at full resolution and 4x downsampled (:class:`BlendPool`), and the
-classifiers' presence. Full-resolution maps can be streamed one class at a time."""
+at the grid's lowest level, at full resolution and downsampled for the selection (4x, or 8x / 16x
+when the 4x maps would hold more than the selection's memory budget: :func:`selection_factor`)
+(:class:`BlendPool`), and the classifiers' presence. Full-resolution maps can be streamed one
+class at a time."""
 from __future__ import annotations
 
 import logging
@@ -28,12 +30,14 @@ class BlendPool:
     n_folds: int
     shape: tuple[int, int]
     full: list[ps.ClassData]  # 4 classes, full resolution (or a _StreamedFull reading one class at a time)
-    ds: list[ps.ClassData]  # 4 classes, 4x downsampled
+    ds: list[ps.ClassData]  # 4 classes, downsampled ds_factor x (the selection maps)
     left_out: list[str] = field(default_factory=list)
     checkpoints: dict = field(default_factory=dict)  # model_id -> [best.pt per fold]
     truth: oof.Truth | None = None  # ground truth (RLE per image x class), for --fill-holes
     classifiers: list[str] = field(default_factory=list)  # task: classify models of the pool
     clf: np.ndarray | None = None  # (Mc, N, 4) float32 classifier presence (OOF), None without classifiers
+    ds_factor: int = oof.DS  # downsampling of ``ds`` (4, or 8 / 16 when 4x maps would not fit the budget)
+    ds_choice: dict = field(default_factory=dict)  # how ds_factor was chosen (:func:`selection_factor`), for the report
 
     def truth_mask(self, c: int):
         """``i -> (H, W) bool`` truth of class ``c`` (None where empty), decoded on demand."""
@@ -48,22 +52,60 @@ class BlendPool:
         return len(self.image_ids) * N_CLASSES
 
 
-def _truth_ds(mask: np.ndarray) -> np.ndarray:
-    """4x area-downsampled truth (a cell is true when at least half of it is)."""
+SELECTION_MEMORY_GIB = 8.0  # default budget of the selection maps (--selection-memory)
+FACTORS = (4, 8, 16)  # selection map downsampling, finest first (4x is what the OOF files store)
+SAMPLE_BATCHES = 4  # batches of 32 images per fold read to estimate the kept fraction at each factor
+
+
+def _truth_ds(mask: np.ndarray, factor: int = oof.DS) -> np.ndarray:
+    """Area-downsampled truth (a cell is true when at least half of it is)."""
     h, w = mask.shape
-    hh, ww = -(-h // oof.DS), -(-w // oof.DS)
+    hh, ww = -(-h // factor), -(-w // factor)
     return cv2.resize(mask.astype(np.float32), (ww, hh), interpolation=cv2.INTER_AREA) >= 0.5
 
 
-def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_holes=False, stream="auto", folds=None) -> BlendPool:
+def _ds_maps(maps4: np.ndarray, factor: int) -> np.ndarray:
+    """Maps at ``factor`` x from the files' 4x maps (block means of block means, rounded: within
+    one level of the full-resolution block mean)."""
+    return maps4 if factor == oof.DS else oof.downsample(maps4, factor // oof.DS)
+
+
+def held_bytes(kept_pixels: float, n_models: int, n_images: int) -> float:
+    """Bytes the selection maps hold per kept pixels: every model's uint8, the image index, the truth."""
+    return kept_pixels * (n_models + (4 if n_images < 2**23 else 8) + 1)
+
+
+def selection_factor(kept: dict, pixels: dict, n_models: int, n_images: int, budget_gib: float) -> dict:
+    """The finest factor of :data:`FACTORS` whose maps fit ``budget_gib`` (the coarsest when none
+    does). ``kept[f]`` / ``pixels[f]``: kept and all pixels (every class) of a sample of
+    ``pixels["images"]`` images at factor ``f``; ``n_images`` of the pool. Returns ``{"factor",
+    "budget_gib", "kept_fraction": {f: ...}, "estimate_gib": {f: ...}}`` (the sample's kept pixels
+    per image, times the pool's images)."""
+    frac = {f: kept[f] / max(pixels[f], 1) for f in kept}
+    est = {f: held_bytes(kept[f] / max(pixels["images"], 1) * n_images, n_models, n_images) / 2**30 for f in kept}
+    fits = [f for f in sorted(kept) if est[f] <= budget_gib]
+    factor = fits[0] if fits else max(kept)
+    return {"factor": int(factor), "budget_gib": float(budget_gib), "sampled_images": int(pixels["images"]),
+            "kept_fraction": {f"ds{f}": round(float(frac[f]), 4) for f in sorted(kept)},
+            "estimate_gib": {f"ds{f}": round(float(est[f]), 3) for f in sorted(kept)}}
+
+
+def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_holes=False, stream="auto", folds=None,
+                    selection: str = "auto", selection_memory: float = SELECTION_MEMORY_GIB) -> BlendPool:
     """Stream the run's OOF pool into pruned per-class arrays (memory ~ kept pixels x models).
 
     ``fill_holes`` also keeps each kept pixel's position (4 bytes a pixel) for the hole-filling search.
-    ``stream`` (``auto``: when the selection runs on the 4x maps, i.e. images at least 128 px high)
-    keeps only the 4x maps of every class in memory and reads one class at full resolution at a
+    ``stream`` (``auto``: when the selection runs on downsampled maps, i.e. images at least 128 px high)
+    keeps only the selection maps of every class in memory and reads one class at full resolution at a
     time from the Parquet files, when the blend asks for it (:class:`_StreamedFull`): peak memory
     is then about one class's kept full-resolution pixels, however many fire where. ``folds`` keeps
     only those folds' images (e.g. the screening fold of an explore stage, whose models have no other).
+
+    ``selection`` (``auto``, ``ds4``, ``ds8``, ``ds16`` or ``full``) sets the downsampling of the
+    selection maps (``pool.ds``): ``auto`` takes the finest of 4x, 8x, 16x whose maps would hold at
+    most ``selection_memory`` GiB, estimated from the kept fraction of the first
+    :data:`SAMPLE_BATCHES` batches of every fold (what the maps hold grows with the pixels where
+    some member reaches the lowest threshold: an uncalibrated member keeps almost all).
     """
     run = Path(run)
     truth = oof.read_truth(run)
@@ -92,11 +134,15 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_h
     n, h, w = len(truth.image_ids), *truth.shape
     streamed = stream is True or (stream == "auto" and min(h, w) >= 128)
     reader = _ClassReader(run, models, truth, folds_all, t_min, fill_holes)
+    choice = _choose_factor(reader, selection, selection_memory, (h, w))
+    reader.ds_factor = choice["factor"]
     if streamed:
         ds = list(reader.read(range(N_CLASSES), ("ds",))["ds"].values())
         full = _StreamedFull(reader)
-        log.info("pool: %d models x %d images, kept %.2f%% of 4x pixels (t_min %d); full resolution streamed class by class",
-                 len(models), n, 100 * sum(d.vals.shape[1] for d in ds) / (N_CLASSES * n * -(-h // oof.DS) * -(-w // oof.DS)), t_min)
+        f = reader.ds_factor
+        log.info("pool: %d models x %d images, kept %.2f%% of %dx pixels (t_min %d), %.2f GiB; full resolution streamed class by class",
+                 len(models), n, 100 * sum(d.vals.shape[1] for d in ds) / (N_CLASSES * n * -(-h // f) * -(-w // f)), f, t_min,
+                 sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in ds) / 2**30)
     else:
         both = reader.read(range(N_CLASSES), ("full", "ds"))
         full, ds = list(both["full"].values()), list(both["ds"].values())
@@ -106,7 +152,30 @@ def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_h
     if classifiers:
         log.info("pool: %d classifier(s) for the gate: %s", len(classifiers), classifiers)
     return BlendPool(models, list(truth.image_ids), truth.folds, len(folds_all), (h, w), full, ds,
-                     left_out, ckpts, truth if fill_holes else None, classifiers, clf)
+                     left_out, ckpts, truth if fill_holes else None, classifiers, clf, reader.ds_factor, choice)
+
+
+def _choose_factor(reader: "_ClassReader", selection: str, budget_gib: float, shape) -> dict:
+    """The selection maps' factor: the one ``selection`` names, else (``auto``/``full``) by the
+    budget (:func:`selection_factor`) over the factors that leave maps at least 16 px high."""
+    named = {f"ds{f}": f for f in FACTORS}
+    if selection not in (*named, "auto", "full"):
+        raise ValueError(f"selection={selection!r}; choose 'auto', {', '.join(repr(k) for k in named)} or 'full'")
+    if selection in named:
+        return {"factor": named[selection], "budget_gib": None, "chosen_by": "selection_resolution"}
+    factors = [f for f in FACTORS if min(shape) // f >= 16]
+    if len(factors) < 2:  # small images: 4x is the only choice (the selection runs at full resolution anyway)
+        return {"factor": oof.DS, "budget_gib": None, "chosen_by": "image size"}
+    kept, pixels = reader.sample(factors)
+    choice = {**selection_factor(kept, pixels, len(reader.models), len(reader.truth.image_ids), budget_gib),
+              "chosen_by": "selection_memory"}
+    if choice["factor"] != oof.DS:
+        est = choice["estimate_gib"]
+        log.warning("selection maps: 4x maps would hold ~%.1f GiB (%.1f%% of their pixels kept, sampled on %d images), over "
+                    "--selection-memory %.1f GiB: the selection runs on %dx maps (~%.1f GiB)%s", est["ds4"],
+                    100 * choice["kept_fraction"]["ds4"], choice["sampled_images"], budget_gib, choice["factor"],
+                    est[f"ds{choice['factor']}"], "" if est[f"ds{choice['factor']}"] <= budget_gib else ", still over the budget")
+    return choice
 
 
 class _ClassReader:
@@ -118,6 +187,8 @@ class _ClassReader:
         self.t_min, self.fill_holes = t_min, fill_holes
         self.passes = 0  # reads of the files (each reads only the asked-for columns)
         self.buffers = {}  # resolution -> reused batch buffer
+        self.kept = {}  # (resolution, class) -> reused buffers of a batch's kept pixels (ClassData.from_dense)
+        self.ds_factor = oof.DS  # the "ds" resolution: the files' 4x maps, downsampled further when larger
 
     def _buffer(self, res, shape) -> np.ndarray:
         """A reused uint8 array of ``shape`` per resolution (fresh pages cost as much as the copy)."""
@@ -126,12 +197,35 @@ class _ClassReader:
             self.buffers[res] = np.empty(size, np.uint8)
         return self.buffers[res][:size].reshape(shape)
 
+    def sample(self, factors) -> tuple[dict, dict]:
+        """Kept pixels at each of ``factors`` (and all pixels, ``"images"``: the images) of the first
+        :data:`SAMPLE_BATCHES` batches of every fold, every class."""
+        h, w = self.truth.shape
+        kept, pixels = dict.fromkeys(factors, 0), {f: 0 for f in factors}
+        pixels["images"] = 0
+        for f in self.folds_all:
+            for k, (rows, batches, paths) in enumerate(oof.iter_fold_batches(
+                    self.run, self.models, self.truth, f, ["image_id"] + [f"p{c + 1}_ds{oof.DS}" for c in range(N_CLASSES)])):
+                if k == SAMPLE_BATCHES:
+                    break
+                pixels["images"] += len(rows)
+                for c in range(N_CLASSES):
+                    maps4 = np.stack([oof.maps(b, f"p{c + 1}_ds{oof.DS}", (-(-h // oof.DS), -(-w // oof.DS)), p)
+                                      for b, p in zip(batches, paths)])
+                    for fac in factors:  # kept where some member reaches t_min, as ClassData.from_dense prunes
+                        top = _ds_maps(maps4, fac).max(0)
+                        kept[fac] += int(np.count_nonzero(top >= self.t_min))
+                        pixels[fac] += top.size
+        return kept, pixels
+
     def batches(self, classes, resolutions):
         """Yield ``(rows, cls, {resolution: {class: ClassData of the batch's images}})`` over the pool,
-        one batch of images at a time (``rows``: the images' indices; ``cls``: (M, B, 4) presence)."""
+        one batch of images at a time (``rows``: the images' indices; ``cls``: (M, B, 4) presence).
+        A batch's arrays live in reused buffers: use (or copy) them before asking for the next."""
         models, truth, t_min = self.models, self.truth, self.t_min
         h, w = truth.shape
         hh, ww = -(-h // oof.DS), -(-w // oof.DS)
+        factor = self.ds_factor
         classes = list(classes)
         cols = ["image_id", "cls"] + [f"p{c + 1}{'' if r == 'full' else f'_ds{oof.DS}'}" for r in resolutions for c in classes]
         self.passes += 1
@@ -149,11 +243,13 @@ class _ClassReader:
                         for mi, (b, p) in enumerate(zip(batches, paths)):
                             oof.maps(b, col, shape, p, out=probs[mi])
                         if res == "full":
-                            tm, scale = tmask, 1.0
+                            tm, scale, maps = tmask, 1.0, probs
                         else:
-                            tm, scale = np.stack([_truth_ds(t) for t in tmask]), float(oof.DS * oof.DS)
-                        out[res][c] = ps.ClassData.from_dense(probs, tm, cls[:, :, c], t_min, scale,
-                                                              positions=self.fill_holes and res == "full")
+                            tm, scale = np.stack([_truth_ds(t, factor) for t in tmask]), float(factor * factor)
+                            maps = _ds_maps(probs, factor)
+                        out[res][c] = ps.ClassData.from_dense(maps, tm, cls[:, :, c], t_min, scale,
+                                                              positions=self.fill_holes and res == "full",
+                                                              reuse=self.kept.setdefault((res, c), {}))
                 yield rows, cls, out
 
     def read(self, classes, resolutions) -> dict:
@@ -183,7 +279,7 @@ class _ClassReader:
                         p["pix"].add(d.pix)
         out = {}
         for res in resolutions:
-            scale = 1.0 if res == "full" else float(oof.DS * oof.DS)
+            scale = 1.0 if res == "full" else float(self.ds_factor ** 2)
             out[res] = {}
             for c in classes:
                 p = {k: b.finish() for k, b in parts[res].pop(c).items()}

@@ -41,7 +41,7 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _plots(doc: dict, corr: np.ndarray | None, labels: list[str]) -> dict[str, str]:
+def _plots(doc: dict, corr: np.ndarray | None, labels: list[str], factor: int = 4) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +86,7 @@ def _plots(doc: dict, corr: np.ndarray | None, labels: list[str]) -> dict[str, s
                         ax.text(j, i, f"{corr[i, j]:.2f}", ha="center", va="center", fontsize=9,
                                 color="black" if corr[i, j] > 0.6 else "white")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Pearson correlation")
-        ax.set_title("model correlation\n(OOF probabilities, kept 4x pixels)", fontsize=11, pad=10)
+        ax.set_title(f"model correlation\n(OOF probabilities, kept {factor}x pixels)", fontsize=11, pad=10)
         out["corr"] = _png(fig)
     return out
 
@@ -313,12 +313,16 @@ def write_report(doc: dict, pool, run, out_dir, overlays: bool = True) -> Path:
     "Masks" section (the blend's OOF masks drawn on the training images, :mod:`steel_ray.overlay`)."""
     run, out_dir = Path(run), Path(out_dir)
     labels = list(pool.model_ids)
-    plots = _plots(doc, _correlation(pool), labels)
+    plots = _plots(doc, _correlation(pool), labels, getattr(pool, "ds_factor", 4))
     tables = _tables(doc, run)
     if "corr" in plots:
         tables["corr_legend"] = pd.DataFrame({"#": range(1, len(labels) + 1), "model_id": labels})
     res = doc["selection"].get("selection_resolution", "full")
-    on_maps = "full-resolution maps" if res == "full" else f"{res} maps (4x downsampled), not the full-resolution scores above"
+    on_maps = "full-resolution maps" if res == "full" else f"{res} maps ({res[2:]}x downsampled), not the full-resolution scores above"
+    maps = doc["selection"].get("selection_maps") or {}
+    if res != "full" and maps.get("chosen_by") == "selection_memory" and res != "ds4":
+        on_maps += (f"; {res[2:]}x because the 4x maps would hold ~{maps['estimate_gib']['ds4']:.1f} GiB, over the "
+                    f"--selection-memory of {maps['budget_gib']:g} GiB")
     sections = [
         ("Scores", "scores", None),
         ("Chosen members and weights", "weights", None),

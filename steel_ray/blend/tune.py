@@ -50,9 +50,20 @@ def _full_counts(pool: BlendPool, c: int, vectors, fill_holes: bool, levels, eve
     batches = (((rows, out["full"][c]) for rows, _, out in pool.full.reader.batches([c], ("full",))) if streamed
                else [(np.arange(n), pool.full[c])])
     truth_mask = pool.truth_mask(c) if fill_holes else None
+    # a vector equal to an earlier one (a nested fold that selected the blend's members, a single
+    # model the blend is made of) is counted once
+    same = {}
+    for j, v in enumerate(vectors):
+        same.setdefault((v.tobytes(), j in area_all), j)
+    first = [same[(v.tobytes(), j in area_all)] for j, v in enumerate(vectors)]
     for rows, d in batches:
         true_area[rows] = d.true_area
         for j, v in enumerate(vectors):
+            if first[j] != j:
+                area[j, rows], inter[j, rows] = area[first[j], rows], inter[first[j], rows]
+                if j in area_all:
+                    area_all[j][rows], inter_all[j][rows] = area_all[first[j]][rows], inter_all[first[j]][rows]
+                continue
             single = np.count_nonzero(v) == 1  # a single model needs no arithmetic: its own map is the blend
             if fill_holes:
                 blended = d.vals[int(np.argmax(v))] if single else ps.blend_u8(d.vals, v)
@@ -138,13 +149,18 @@ def optimize(pool: BlendPool, max_members: int = 25, bags: int = 1, per_class_we
                 "gate_sources": list(gates.sources),
                 "grid": {"pixel_levels": grid.levels.tolist(), "min_areas": grid.min_areas.tolist(),
                          "cls_thresholds": grid.cls_thresholds.tolist(), "gate_sources": list(ps.GATE_SOURCES)}}
+    held = f"ds{pool.ds_factor}"  # the pool's selection maps (load_blend_pool chose their factor)
     if selection_resolution == "auto":
         # 4x maps track the full-resolution objective once they keep some detail (Severstal:
-        # 64x400); tiny images are cheap at full resolution and too coarse at 4x.
-        selection_resolution = "ds4" if min(pool.shape) >= 128 else "full"
-    if selection_resolution not in ("ds4", "full"):
-        raise ValueError(f"selection_resolution={selection_resolution!r}; choose 'auto', 'ds4' or 'full'")
+        # 64x400; 8x when the 4x maps would not fit the memory budget); tiny images are cheap at
+        # full resolution and too coarse downsampled.
+        selection_resolution = held if min(pool.shape) >= 128 else "full"
+    if selection_resolution not in (held, "full"):
+        raise ValueError(f"selection_resolution={selection_resolution!r}: the pool holds {held} maps; choose 'auto', "
+                         f"{held!r} or 'full' (or load the pool with selection={selection_resolution!r})")
     settings["selection_resolution"] = selection_resolution
+    if pool.ds_choice and selection_resolution != "full":
+        settings["selection_maps"] = pool.ds_choice
     rule = _Selection(pool.n_folds, grid, max_members, bags, per_class_weights, init_sorted, seed, gates)
     (weights, clf_w, traj, clf_traj), picks = _selections(pool, rule, selection_resolution, nested, workers)
     timings = {"selections": time.time() - t0}
@@ -165,7 +181,7 @@ def ensemble_order(run, model_ids, fold: int, inner_folds: int = 3, max_members:
     ``fold``'s OOF alone (an explore stage's screening fold), cross-fitted on an inner split of its
     images into ``inner_folds``: the members of the best step first, then the models it adds after.
     The complete stage's ``--complete-by ensemble`` completes the first ``top``."""
-    pool = load_blend_pool(run, model_ids, folds=[fold], stream=False)
+    pool = load_blend_pool(run, model_ids, folds=[fold])  # full resolution streamed (unused here) when the selection is downsampled
     inner = np.random.default_rng(seed).permutation(len(pool.image_ids)) % inner_folds
     grid = ps.default_grid(pool.shape)
     data = pool.ds if min(pool.shape) >= 128 else [pool.full[c] for c in range(N_CLASSES)]
@@ -215,7 +231,7 @@ def _selections(pool: BlendPool, rule: _Selection, resolution: str, nested: bool
     together on the worker processes (K + 1 tasks), on the selection maps. Returns the blend's
     (weights, classifier weights, trajectories) and each fold's (weights, classifier weights), or None."""
     # a streamed pool selecting at full resolution needs every class at once: read them all
-    sel_data = pool.ds if resolution == "ds4" else [pool.full[c] for c in range(N_CLASSES)]
+    sel_data = pool.ds if resolution != "full" else [pool.full[c] for c in range(N_CLASSES)]
     for d in sel_data:
         d.run_index()  # built once here, shared by the forked workers
     t0 = time.time()

@@ -18,6 +18,35 @@ SEVERSTAL_AREA = 256 * 1600
 CHOICE_RULES = ("smooth", "argmax")
 
 
+def reused(reuse: dict, key: str, shape: tuple, dtype) -> np.ndarray:
+    """A C-contiguous ``shape`` view of the reused buffer ``reuse[key]`` (grown when too small)."""
+    size = int(np.prod(shape))
+    if key not in reuse or reuse[key].size < size or reuse[key].dtype != np.dtype(dtype):
+        reuse[key] = np.empty(max(size, 1), dtype)
+    return reuse[key][:size].reshape(shape)
+
+
+def rational_weights(w: np.ndarray, max_total: int = 4096) -> tuple[np.ndarray, int] | None:
+    """``(counts, T)`` (int32 counts summing to T <= ``max_total``) when the float rule
+    ``floor(sum_j w_j v_j + 0.5 + 1e-9)`` (:func:`blend_u8`) equals ``floor(sum_j counts_j v_j / T + 1/2)``
+    for every uint8 ``v``, else None. It does when each ``w_j`` is within ``dev / T`` of ``counts_j / T``
+    with ``255 * len(w) * dev`` (plus the float sum's rounding) under half the 1e-9 nudge: the nudge
+    then absorbs the float error at exact halves, and elsewhere the exact value is at least
+    ``1 / (2T)`` from a rounding boundary."""
+    w = np.asarray(w, np.float64)
+    if w.size == 0 or np.any(w < 0):
+        return None
+    totals = np.arange(1, max_total + 1)
+    scaled = totals[:, None] * w[None, :]
+    counts = np.rint(scaled)
+    dev = np.abs(scaled - counts).max(axis=1)
+    ok = (counts.sum(axis=1) == totals) & (255 * w.size * dev + 1e-12 * w.size < 5e-10 * totals)
+    if not ok.any():
+        return None
+    t = int(np.argmax(ok))
+    return counts[t].astype(np.int32), int(totals[t])
+
+
 @dataclass(frozen=True)
 class Grid:
     """Search grid for one class: uint8 pixel levels, min areas (full-res pixels), gate thresholds.
@@ -113,19 +142,49 @@ class ClassData:
 
     @classmethod
     def from_dense(cls, probs: np.ndarray, truth: np.ndarray, cls_prob: np.ndarray, t_min: int, area_scale: float = 1.0,
-                   positions: bool = True):
+                   positions: bool = True, reuse: dict | None = None):
         """``probs`` (M, N, h, w) uint8, ``truth`` (N, h, w) bool, ``cls_prob`` (M, N); ``positions``:
-        keep each kept pixel's position (``pix``, needed for hole filling only)."""
+        keep each kept pixel's position (``pix``, needed for hole filling only).
+
+        ``reuse``: a dict the caller keeps between calls (one per stream of batches): the kept
+        pixels go into buffers it holds, grown when needed, instead of fresh arrays, so the result
+        is valid only until the next call with the same dict. On these machines the first touch
+        of fresh pages costs more than the copy itself (copying a 262 MB batch: 0.62 s into fresh
+        memory, 0.02 s into a used buffer; gathering its kept pixels: 0.75 s vs 0.25 s)."""
         m, n = probs.shape[:2]
         flat = probs.reshape(m, -1)
-        top = flat[0] if m == 1 else flat.max(axis=0)
-        idx = np.flatnonzero(top >= t_min)  # flat positions over (N, hw): one gather per array, no 2-D fancy index
         hw = flat.shape[1] // max(n, 1)
-        img = idx // hw
+        top = flat[0] if m == 1 else flat.max(axis=0)
+        keep = top >= t_min
         t = truth.reshape(-1)
-        return cls(img.astype(np.int32 if n < 2**23 else np.int64), flat[:, idx], t[idx],
-                   np.count_nonzero(truth.reshape(n, -1), axis=1).astype(np.int64), np.asarray(cls_prob, np.float32), area_scale,
-                   t_min, (idx - img * hw).astype(np.int32) if positions else None)
+        idt = np.int32 if n < 2**23 else np.int64
+        true_area = np.count_nonzero(truth.reshape(n, -1), axis=1).astype(np.int64)
+        cls_prob = np.asarray(cls_prob, np.float32)
+        if reuse is None:
+            idx = np.flatnonzero(keep)  # flat positions over (N, hw): one gather per array, no 2-D fancy index
+            img = idx // hw
+            return cls(img.astype(idt), flat[:, idx], t[idx], true_area, cls_prob, area_scale, t_min,
+                       (idx - img * hw).astype(np.int32) if positions else None)
+        per_image = np.count_nonzero(keep.reshape(n, hw), axis=1)
+        k = int(per_image.sum())
+        vals, tr, img = reused(reuse, "vals", (m, k), np.uint8), reused(reuse, "truth", (k,), bool), reused(reuse, "img", (k,), idt)
+        idx = None
+        if k == flat.shape[1]:  # every pixel kept (a dense batch): a plain copy, no gather
+            vals[...] = flat
+            tr[...] = t
+        else:
+            idx = np.flatnonzero(keep)
+            np.take(flat, idx, axis=1, out=vals, mode="clip")  # mode clip: written straight into the buffer
+            np.take(t, idx, out=tr, mode="clip")
+        at = 0
+        for i, c in enumerate(per_image.tolist()):  # kept pixels come image by image
+            img[at:at + c] = i
+            at += c
+        pix = None
+        if positions:
+            pix = (np.flatnonzero(keep) if idx is None else idx) - img.astype(np.int64) * hw
+            pix = pix.astype(np.int32)
+        return cls(img, vals, tr, true_area, cls_prob, area_scale, t_min, pix)
 
     def subset(self, image_mask: np.ndarray) -> "ClassData":
         """The same data restricted to the images where ``image_mask`` is true (renumbered)."""
@@ -161,11 +220,22 @@ class RunIndex:
         return counts_from_bins(*h)
 
     def counts_weighted(self, levels, vals: np.ndarray, weights) -> tuple[np.ndarray, np.ndarray]:
-        """(N, T) area and intersection at ascending ``levels`` of ``blend_u8(vals, weights)``."""
+        """(N, T) area and intersection at ascending ``levels`` of ``blend_u8(vals, weights)``.
+
+        Weights that are slot counts over a common total (what the greedy selection gives) are
+        summed in integers (:func:`kernels.binned_counts_rational`, 2-3x faster), others in float64."""
         w = np.asarray(weights, np.float64)
         members = np.flatnonzero(w)
-        h = kernels.binned_counts_weighted(self.starts, self.ends, self.run_img, self.truth, vals, members, w[members],
-                                           level_bins(levels), self.n, len(levels) + 1)
+        bins = level_bins(levels)
+        slots = rational_weights(w[members])
+        if slots is not None:
+            counts, total = slots
+            s = np.arange(255 * total + 1, dtype=np.int64)
+            h = kernels.binned_counts_rational(self.starts, self.ends, self.run_img, self.truth, vals, members, counts,
+                                               bins[(2 * s + total) // (2 * total)], self.n, len(levels) + 1)
+        else:
+            h = kernels.binned_counts_weighted(self.starts, self.ends, self.run_img, self.truth, vals, members, w[members],
+                                               bins, self.n, len(levels) + 1)
         return counts_from_bins(*h)
 
     def histograms(self, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -111,3 +111,38 @@ def binned_counts_weighted(starts, ends, run_img, truth, vals, members, weights,
             h_all[g, b] += loc[0, b] + loc[1, b] + loc[2, b] + loc[3, b]
             h_true[g, b] += loc_true[b]
     return h_all, h_true
+
+
+@numba.njit(cache=True, nogil=True)
+def binned_counts_rational(starts, ends, run_img, truth, vals, members, counts, lut, n, n_bins):
+    """:func:`binned_counts_weighted` for weights ``counts[j] / T`` (a greedy selection's slot
+    counts): the sums are int32 (``sum_j counts[j] * vals[members[j], i]``, eight lanes a vector
+    where float64 has four, and no conversion to float) and ``lut[S]`` is the bin of the rounded
+    blend ``floor(S / T + 1/2)``, which :meth:`steel_ray.postprocess.RunIndex.counts_weighted`
+    uses only where that equals the float rule bit for bit."""
+    h_all = np.zeros((n, n_bins), np.int64)
+    h_true = np.zeros((n, n_bins), np.int64)
+    acc = np.empty(CHUNK, np.int32)
+    loc = np.zeros((4, n_bins), np.int64)
+    loc_true = np.zeros(n_bins, np.int64)
+    for r in range(starts.size):
+        g = run_img[r]
+        loc[:] = 0
+        loc_true[:] = 0
+        for a in range(starts[r], ends[r], CHUNK):
+            size = min(CHUNK, ends[r] - a)
+            acc[:size] = 0
+            for j in range(members.size):
+                cj = counts[j]
+                row = vals[members[j], a:a + size]
+                for k in range(size):
+                    acc[k] += cj * np.int32(row[k])
+            for k in range(size):
+                b = lut[acc[k]]
+                loc[k & 3, b] += 1
+                if truth[a + k]:
+                    loc_true[b] += 1
+        for b in range(n_bins):
+            h_all[g, b] += loc[0, b] + loc[1, b] + loc[2, b] + loc[3, b]
+            h_true[g, b] += loc_true[b]
+    return h_all, h_true
