@@ -784,7 +784,7 @@ def test_selection_factor_takes_the_finest_maps_that_fit_the_budget():
     assert bpool.selection_factor(kept, pixels, 20, 100, 250_000 / gib)["factor"] == 4
     ch = bpool.selection_factor(kept, pixels, 20, 100, 249_999 / gib)
     assert ch["factor"] == 8 and ch["sampled_images"] == 10
-    assert ch["estimate_gib"] == {"ds4": round(250_000 / gib, 3), "ds8": round(75_000 / gib, 3)}
+    assert ch["estimate_gib"] == pytest.approx({"ds4": 250_000 / gib, "ds8": 75_000 / gib}, rel=1e-3)
     assert ch["kept_fraction"] == {"ds4": 0.25, "ds8": 0.3}
     assert bpool.selection_factor(kept, pixels, 20, 100, 1_000 / gib)["factor"] == 8  # none fits: the coarsest
 
@@ -800,7 +800,7 @@ def test_pool_over_the_selection_budget_selects_on_8x_maps(tmp_path, caplog):
     write_run(tmp_path, masks, {"a": signal_model(rng, masks, 0.5, 0.4), "n": noise_model(rng, masks)})
     four = blend.load_blend_pool(tmp_path)
     held4 = sum(d.vals.nbytes + d.img.nbytes + d.truth.nbytes for d in four.ds)
-    assert four.ds_factor == 4 and four.ds_choice["estimate_gib"]["ds4"] == pytest.approx(held4 / 2**30, abs=1e-3)
+    assert four.ds_factor == 4 and four.ds_choice["estimate_gib"]["ds4"] == pytest.approx(held4 / 2**30, rel=1e-3)
     with caplog.at_level("WARNING", logger="steel_ray.blend"):
         eight = blend.load_blend_pool(tmp_path, selection_memory=0.5 * held4 / 2**30)
     assert eight.ds_factor == 8 and "the selection runs on 8x maps" in caplog.text

@@ -87,7 +87,7 @@ def selection_factor(kept: dict, pixels: dict, n_models: int, n_images: int, bud
     factor = fits[0] if fits else max(kept)
     return {"factor": int(factor), "budget_gib": float(budget_gib), "sampled_images": int(pixels["images"]),
             "kept_fraction": {f"ds{f}": round(float(frac[f]), 4) for f in sorted(kept)},
-            "estimate_gib": {f"ds{f}": round(float(est[f]), 3) for f in sorted(kept)}}
+            "estimate_gib": {f"ds{f}": float(f"{est[f]:.4g}") for f in sorted(kept)}}
 
 
 def load_blend_pool(run, model_ids=None, allow_partial=False, t_min=None, fill_holes=False, stream="auto", folds=None,
@@ -171,8 +171,8 @@ def _choose_factor(reader: "_ClassReader", selection: str, budget_gib: float, sh
               "chosen_by": "selection_memory"}
     if choice["factor"] != oof.DS:
         est = choice["estimate_gib"]
-        log.warning("selection maps: 4x maps would hold ~%.1f GiB (%.1f%% of their pixels kept, sampled on %d images), over "
-                    "--selection-memory %.1f GiB: the selection runs on %dx maps (~%.1f GiB)%s", est["ds4"],
+        log.warning("selection maps: 4x maps would hold ~%.3g GiB (%.1f%% of their pixels kept, sampled on %d images), over "
+                    "--selection-memory %g GiB: the selection runs on %dx maps (~%.3g GiB)%s", est["ds4"],
                     100 * choice["kept_fraction"]["ds4"], choice["sampled_images"], budget_gib, choice["factor"],
                     est[f"ds{choice['factor']}"], "" if est[f"ds{choice['factor']}"] <= budget_gib else ", still over the budget")
     return choice

@@ -321,7 +321,7 @@ def write_report(doc: dict, pool, run, out_dir, overlays: bool = True) -> Path:
     on_maps = "full-resolution maps" if res == "full" else f"{res} maps ({res[2:]}x downsampled), not the full-resolution scores above"
     maps = doc["selection"].get("selection_maps") or {}
     if res != "full" and maps.get("chosen_by") == "selection_memory" and res != "ds4":
-        on_maps += (f"; {res[2:]}x because the 4x maps would hold ~{maps['estimate_gib']['ds4']:.1f} GiB, over the "
+        on_maps += (f"; {res[2:]}x because the 4x maps would hold ~{maps['estimate_gib']['ds4']:.3g} GiB, over the "
                     f"--selection-memory of {maps['budget_gib']:g} GiB")
     sections = [
         ("Scores", "scores", None),
