@@ -223,7 +223,8 @@ class RunIndex:
         """(N, T) area and intersection at ascending ``levels`` of ``blend_u8(vals, weights)``.
 
         Weights that are slot counts over a common total (what the greedy selection gives) are
-        summed in integers (:func:`kernels.binned_counts_rational`, 2-3x faster), others in float64."""
+        summed in integers (:func:`kernels.binned_counts_weighted` with int32 weights, 2-3x faster),
+        others in float64."""
         w = np.asarray(weights, np.float64)
         members = np.flatnonzero(w)
         bins = level_bins(levels)
@@ -231,12 +232,11 @@ class RunIndex:
         if slots is not None:
             counts, total = slots
             s = np.arange(255 * total + 1, dtype=np.int64)
-            h = kernels.binned_counts_rational(self.starts, self.ends, self.run_img, self.truth, vals, members, counts,
-                                               bins[(2 * s + total) // (2 * total)], self.n, len(levels) + 1)
+            weights, lut = counts, bins[(2 * s + total) // (2 * total)]
         else:
-            h = kernels.binned_counts_weighted(self.starts, self.ends, self.run_img, self.truth, vals, members, w[members],
-                                               bins, self.n, len(levels) + 1)
-        return counts_from_bins(*h)
+            weights, lut = w[members], bins
+        return counts_from_bins(*kernels.binned_counts_weighted(self.starts, self.ends, self.run_img, self.truth, vals, members,
+                                                                weights, lut, self.n, len(levels) + 1))
 
     def histograms(self, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, 256) per-image histograms of the uint8 ``vals``, over all pixels and over true ones."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 
 @numba.njit(cache=True, nogil=True)
@@ -76,54 +78,37 @@ def binned_counts(starts, ends, run_img, skip, truth, lut, sums, add, n, n_bins)
     return h_all, h_true
 
 
-CHUNK = 2048  # pixels blended at a time: the float64 sums stay in L1 and each member's row streams
+CHUNK = 2048  # pixels blended at a time: the sums stay in L1 and each member's row streams
+
+
+def _round(x):
+    """The blend rule's rounding of a chunk sum to the index of the caller's lookup table."""
+    raise NotImplementedError  # only its compiled overloads below are called
+
+
+@overload(_round, inline="always")
+def _round_typed(x):
+    if isinstance(x, types.Integer):  # slot-count sums: the table maps each sum to its rounded bin
+        return lambda x: np.int64(x)
+    return lambda x: np.int64(np.floor(x + 0.5 + 1e-9))  # float64 sums: blend_u8's rounding
 
 
 @numba.njit(cache=True, nogil=True)
-def binned_counts_weighted(starts, ends, run_img, truth, vals, members, weights, bins, n, n_bins):
-    """Like :func:`binned_counts` for the blend rule of :func:`steel_ray.postprocess.blend_u8`,
-    ``floor(sum_j weights[j] * vals[members[j], i] + 0.5 + 1e-9)``, summed in the same order with
-    the same float64 operations (so bit-identical), then ``bins[value]``. The sums are built a
-    chunk of pixels at a time, member by member (contiguous rows: the loop vectorises)."""
+def binned_counts_weighted(starts, ends, run_img, truth, vals, members, weights, lut, n, n_bins):
+    """Like :func:`binned_counts` for the blend rule of :func:`steel_ray.postprocess.blend_u8`.
+
+    Float64 ``weights``: ``floor(sum_j weights[j] * vals[members[j], i] + 0.5 + 1e-9)``, summed in
+    the same order with the same float64 operations (so bit-identical), then ``lut[value]`` (the
+    level bins). Int32 ``weights`` (a greedy selection's slot counts over their total T): the
+    sums ``S`` are int32 (eight lanes a vector where float64 has four, no conversion to float)
+    and ``lut[S]`` is the bin of ``floor(S / T + 1/2)``, which
+    :meth:`steel_ray.postprocess.RunIndex.counts_weighted` uses only where that equals the float
+    rule bit for bit. The sums are built a chunk of pixels at a time, member by member
+    (contiguous rows: the loop vectorises); numba compiles one version per weight type."""
     h_all = np.zeros((n, n_bins), np.int64)
     h_true = np.zeros((n, n_bins), np.int64)
-    acc = np.empty(CHUNK, np.float64)
+    acc = np.empty(CHUNK, weights.dtype)
     loc = np.zeros((4, n_bins), np.int64)  # interleaved local counts, as in binned_counts
-    loc_true = np.zeros(n_bins, np.int64)
-    for r in range(starts.size):
-        g = run_img[r]
-        loc[:] = 0
-        loc_true[:] = 0
-        for a in range(starts[r], ends[r], CHUNK):
-            size = min(CHUNK, ends[r] - a)
-            acc[:size] = 0.0
-            for j in range(members.size):
-                wj = weights[j]
-                row = vals[members[j], a:a + size]
-                for k in range(size):
-                    acc[k] += wj * np.float64(row[k])
-            for k in range(size):
-                b = bins[np.int64(np.floor(acc[k] + 0.5 + 1e-9))]
-                loc[k & 3, b] += 1
-                if truth[a + k]:
-                    loc_true[b] += 1
-        for b in range(n_bins):
-            h_all[g, b] += loc[0, b] + loc[1, b] + loc[2, b] + loc[3, b]
-            h_true[g, b] += loc_true[b]
-    return h_all, h_true
-
-
-@numba.njit(cache=True, nogil=True)
-def binned_counts_rational(starts, ends, run_img, truth, vals, members, counts, lut, n, n_bins):
-    """:func:`binned_counts_weighted` for weights ``counts[j] / T`` (a greedy selection's slot
-    counts): the sums are int32 (``sum_j counts[j] * vals[members[j], i]``, eight lanes a vector
-    where float64 has four, and no conversion to float) and ``lut[S]`` is the bin of the rounded
-    blend ``floor(S / T + 1/2)``, which :meth:`steel_ray.postprocess.RunIndex.counts_weighted`
-    uses only where that equals the float rule bit for bit."""
-    h_all = np.zeros((n, n_bins), np.int64)
-    h_true = np.zeros((n, n_bins), np.int64)
-    acc = np.empty(CHUNK, np.int32)
-    loc = np.zeros((4, n_bins), np.int64)
     loc_true = np.zeros(n_bins, np.int64)
     for r in range(starts.size):
         g = run_img[r]
@@ -133,12 +118,12 @@ def binned_counts_rational(starts, ends, run_img, truth, vals, members, counts, 
             size = min(CHUNK, ends[r] - a)
             acc[:size] = 0
             for j in range(members.size):
-                cj = counts[j]
+                wj = weights[j]
                 row = vals[members[j], a:a + size]
                 for k in range(size):
-                    acc[k] += cj * np.int32(row[k])
+                    acc[k] += wj * row[k]
             for k in range(size):
-                b = lut[acc[k]]
+                b = lut[_round(acc[k])]
                 loc[k & 3, b] += 1
                 if truth[a + k]:
                     loc_true[b] += 1
