@@ -16,6 +16,7 @@ from .. import oof, rle
 from .. import postprocess as ps
 from .. import run as layout
 from ..data import N_CLASSES, DataError
+from ..postprocess.counts import reused
 
 log = logging.getLogger("steel_ray.blend")
 
@@ -186,16 +187,9 @@ class _ClassReader:
         self.run, self.models, self.truth, self.folds_all = run, models, truth, folds_all
         self.t_min, self.fill_holes = t_min, fill_holes
         self.passes = 0  # reads of the files (each reads only the asked-for columns)
-        self.buffers = {}  # resolution -> reused batch buffer
+        self.buffers = {}  # resolution -> reused batch buffer of the dense maps (fresh pages cost more than the copy)
         self.kept = {}  # (resolution, class) -> reused buffers of a batch's kept pixels (ClassData.from_dense)
         self.ds_factor = oof.DS  # the "ds" resolution: the files' 4x maps, downsampled further when larger
-
-    def _buffer(self, res, shape) -> np.ndarray:
-        """A reused uint8 array of ``shape`` per resolution (fresh pages cost as much as the copy)."""
-        size = int(np.prod(shape))
-        if res not in self.buffers or self.buffers[res].size < size:
-            self.buffers[res] = np.empty(size, np.uint8)
-        return self.buffers[res][:size].reshape(shape)
 
     def sample(self, factors) -> tuple[dict, dict]:
         """Kept pixels at each of ``factors`` (and all pixels, ``"images"``: the images) of the first
@@ -239,7 +233,7 @@ class _ClassReader:
                     for res in resolutions:
                         col, shape = (f"p{c + 1}", (h, w)) if res == "full" else (f"p{c + 1}_ds{oof.DS}", (hh, ww))
                         # every model's maps copied once into one reused (M, B, h, w) buffer
-                        probs = self._buffer(res, (len(models), len(rows), *shape))
+                        probs = reused(self.buffers, res, (len(models), len(rows), *shape), np.uint8)
                         for mi, (b, p) in enumerate(zip(batches, paths)):
                             oof.maps(b, col, shape, p, out=probs[mi])
                         if res == "full":
